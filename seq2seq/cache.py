@@ -1,0 +1,57 @@
+"""Key/value cache for incremental decoding (the fairseq incremental-decoding protocol).
+
+Per decoder layer:
+- self-attention keys/values grow by one position per decoding step;
+- cross-attention keys/values are projected from the encoder memory once per sentence.
+
+`reorder(index)` reselects batch rows: beam search uses it to follow the surviving beams,
+and to drop finished sentences so they stop costing compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LayerCache:
+    """One decoder layer's cached keys and values, each (B, H, T or S, Dh)."""
+
+    self_k: Tensor | None = None
+    self_v: Tensor | None = None
+    cross_k: Tensor | None = None
+    cross_v: Tensor | None = None
+
+    def append_self(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add this step's self-attention keys/values; return all keys/values so far."""
+        if self.self_k is not None:
+            k = torch.cat([self.self_k, k], dim=2)  # (B, H, T_past + T_new, Dh)
+            v = torch.cat([self.self_v, v], dim=2)
+        self.self_k, self.self_v = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.index_select(0, index))
+
+
+@dataclass
+class DecoderCache:
+    """All decoder layers' caches plus how many target positions have been decoded."""
+
+    layers: list[LayerCache] = field(default_factory=list)
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layers: int) -> DecoderCache:
+        return cls(layers=[LayerCache() for _ in range(n_layers)])
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep batch rows `index` (B_new,), in that order; B_new may be smaller than B."""
+        for layer in self.layers:
+            layer.reorder(index)

@@ -1,0 +1,262 @@
+"""Typed configuration: every knob has one default here, with a one-line docstring.
+
+A YAML recipe maps onto `Recipe` through jsonargparse (see `seq2seq/recipe.py`): its
+top-level sections are `model`, `data`, `optim`, `trainer` and `decode`. Unknown keys
+and wrong types fail with the key and the file named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the Transformer (Vaswani et al., 2017). Defaults are the paper's base model."""
+
+    d_model: int = 512
+    """Width of every residual-stream vector (paper: d_model)."""
+    n_heads: int = 8
+    """Attention heads per multi-head attention (paper: h); must divide d_model."""
+    d_ff: int = 2048
+    """Inner width of the position-wise feed-forward network (paper: d_ff)."""
+    n_encoder_layers: int = 6
+    """Encoder layers (paper: N)."""
+    n_decoder_layers: int = 6
+    """Decoder layers (paper: N)."""
+    dropout: float = 0.1
+    """Residual dropout on every sub-layer output and on embeddings + positions (paper: P_drop)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention weights (not in the paper; tensor2tensor's option). Off by default."""
+    activation_dropout: float = 0.0
+    """Dropout after the FFN's ReLU (not in the paper). Off by default."""
+    max_positions: int = 1024
+    """Longest sequence (in pieces, BOS/EOS included) the position table covers."""
+    pre_norm: bool = False
+    """LayerNorm before each sub-layer (+ final LayerNorms) instead of the paper's post-norm."""
+    share_embeddings: bool = True
+    """With a joint vocabulary, one matrix for source, target and output embeddings (paper 3.4)."""
+    tie_output: bool = True
+    """With separate vocabularies, tie the output projection to the target embedding."""
+    output_bias: bool = False
+    """A bias on the pre-softmax projection (the paper has none)."""
+    src_vocab_size: int = 0
+    """Source vocabulary size; 0 means 'take it from the tokenizer'."""
+    tgt_vocab_size: int = 0
+    """Target vocabulary size; 0 means 'take it from the tokenizer'."""
+    pad_id: int = 0
+    """Padding id (fixed by the tokenizer: pad 0, unk 1, bos 2, eos 3)."""
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
+            )
+
+    @property
+    def joint_vocab(self) -> bool:
+        """One vocabulary for both sides: then all three embeddings can be one matrix."""
+        return self.share_embeddings and self.src_vocab_size == self.tgt_vocab_size
+
+
+#: Named shapes. `small` is the CPU speed-comparison shape; `tiny` is for tests.
+PRESETS: dict[str, ModelConfig] = {
+    "base": ModelConfig(),
+    "big": ModelConfig(d_model=1024, n_heads=16, d_ff=4096, dropout=0.3),
+    "small": ModelConfig(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=3, n_decoder_layers=3),
+    "iwslt": ModelConfig(d_model=512, n_heads=4, d_ff=1024, dropout=0.3),
+    "tiny": ModelConfig(d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2),
+}
+
+
+def preset(name: str, **overrides: object) -> ModelConfig:
+    """A copy of preset `name` with `overrides` applied (e.g. vocabulary sizes)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass
+class CorpusConfig:
+    """One split of parallel data. Give exactly one of: src+tgt files, a TSV, or a dataset.
+
+    Paths are relative to `data.root` unless absolute.
+    """
+
+    src: str | None = None
+    """Source-side file: plain text, .gz/.xz/.bz2, or a WMT .sgm file."""
+    tgt: str | None = None
+    """Target-side file, line-aligned with `src`."""
+    tsv: str | None = None
+    """A tab-separated file with source and target columns."""
+    tsv_columns: tuple[int, int] = (0, 1)
+    """Which TSV columns hold source and target."""
+    dataset: str | None = None
+    """A `datasets` name on the hub (e.g. 'wmt14') or a local `save_to_disk` directory."""
+    dataset_config: str | None = None
+    """The dataset's configuration name (e.g. 'de-en')."""
+    split: str = "train"
+    """The dataset's split name."""
+    max_pairs: int | None = None
+    """Keep only the first N pairs (for smoke runs)."""
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece, trained inside the tool on the training data."""
+
+    joint: bool = True
+    """One model for both languages (needed for shared embeddings)."""
+    model_type: str = "unigram"
+    """'unigram' or 'bpe'."""
+    vocab_size: int = 8000
+    """Pieces per model, special pieces included."""
+    character_coverage: float = 1.0
+    """Share of characters covered by the vocabulary (0.9995 for large alphabets)."""
+    input_sentence_size: int = 2_000_000
+    """Sample at most this many sentences to train SentencePiece (big corpora)."""
+
+
+@dataclass
+class CleanConfig:
+    """Filters applied to training pairs; each dropped pair is counted by reason."""
+
+    max_length: int = 250
+    """Drop pairs where either side has more pieces than this."""
+    max_ratio: float = 3.0
+    """Drop pairs whose length ratio (pieces, longer/shorter) exceeds this; 0 disables."""
+    dedup: bool = False
+    """Drop exact duplicate pairs."""
+    drop_identical: bool = True
+    """Drop pairs whose source equals their target."""
+
+
+@dataclass
+class DataConfig:
+    """Where the corpora are, how they are cleaned and tokenized, and how batches are made."""
+
+    src_lang: str = "en"
+    """Source language code."""
+    tgt_lang: str = "de"
+    """Target language code."""
+    root: str = "data/multi30k"
+    """Folder the corpus files live in (and where a known corpus is downloaded)."""
+    download: str | None = None
+    """Fetch a known corpus into `root` when missing: 'multi30k' or none."""
+    train: CorpusConfig = field(default_factory=CorpusConfig)
+    """Training split."""
+    valid: CorpusConfig = field(default_factory=CorpusConfig)
+    """Validation split (checkpoint selection)."""
+    test: CorpusConfig | None = None
+    """Test split, scored once at the end of training."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """SentencePiece settings."""
+    clean: CleanConfig = field(default_factory=CleanConfig)
+    """Training-pair filters."""
+    max_tokens: int = 4096
+    """Token budget of one batch, padding included, bounding both source and target."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    num_proc: int = 1
+    """Processes for `datasets.map` when tokenizing."""
+    seed: int = 1
+    """Seed of the per-epoch batch shuffle."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam with the paper's inverse-square-root warm-up (eq. 3)."""
+
+    lr: float | None = None
+    """Peak learning rate; None means the paper's d_model^-0.5 * warmup^-0.5 (times lr_scale)."""
+    lr_scale: float = 1.0
+    """Multiplier on the paper's schedule when `lr` is None."""
+    warmup_steps: int = 4000
+    """Linear warm-up steps, then decay proportional to step^-0.5."""
+    betas: tuple[float, float] = (0.9, 0.98)
+    """Adam betas (paper section 5.3)."""
+    eps: float = 1e-9
+    """Adam epsilon (paper section 5.3)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW); 0 is plain Adam as in the paper."""
+    label_smoothing: float = 0.1
+    """Label-smoothing epsilon (paper section 5.4)."""
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets, plus checkpointing and validation choices."""
+
+    max_steps: int = 100_000
+    """Optimizer updates to train for."""
+    max_epochs: int | None = None
+    """Stop after this many epochs (None: only max_steps)."""
+    max_time_minutes: float | None = None
+    """Stop after this much wall time (None: no limit)."""
+    accelerator: str = "auto"
+    """'cpu', 'gpu' or 'auto'."""
+    devices: int | str = "auto"
+    """Devices per node."""
+    num_nodes: int = 1
+    """Machines."""
+    strategy: str = "auto"
+    """'auto', 'ddp', 'fsdp', 'ddp_spawn'."""
+    precision: str = "32-true"
+    """'32-true', 'bf16-mixed' or '16-mixed'."""
+    accumulate_grad_batches: int = 1
+    """Batches per optimizer update."""
+    gradient_clip_val: float | None = None
+    """Clip the gradient norm to this (None: no clipping)."""
+    val_check_interval: int = 1000
+    """Validate every this many optimizer updates."""
+    log_every_n_steps: int = 50
+    """Log training metrics every this many updates."""
+    save_top_k: int = 5
+    """Keep the best k checkpoints by validation BLEU (plus last.ckpt)."""
+    average_last: int = 0
+    """At the end, average the last N kept checkpoints into averaged.ckpt (0: off)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validations without BLEU improvement (None: never)."""
+    compile: bool = False
+    """torch.compile the model."""
+    seed: int = 1
+    """Seed for weights, dropout and data order."""
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default)."""
+
+
+@dataclass
+class DecodeConfig:
+    """Search settings, used for validation BLEU and saved as the model's decoding defaults."""
+
+    beam: int = 5
+    """Beam size; 1 is greedy search."""
+    nbest: int = 1
+    """Hypotheses returned per sentence."""
+    lenpen: float = 1.0
+    """GNMT length penalty alpha: score / ((5 + |y|) / 6) ** alpha; 0 disables."""
+    max_len_a: float = 1.2
+    """Maximum output length a * source_length + b."""
+    max_len_b: int = 10
+    """Maximum output length a * source_length + b."""
+    min_len: int = 1
+    """Minimum output length (EOS is forbidden before it)."""
+    max_tokens: int = 4096
+    """Token budget of one decoding batch."""
+
+
+@dataclass
+class Recipe:
+    """A whole experiment: what a YAML file in recipes/ describes."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Transformer shape."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Corpora, tokenizer, cleaning and batching."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Training loop."""
+    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam=1))
+    """Decoding for validation (greedy by default: fast) and the saved decoding defaults."""

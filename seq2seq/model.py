@@ -1,0 +1,288 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017), in the paper's order.
+
+Read next to the paper: 3.4 embeddings, 3.5 positional encoding, 3.2 attention, 3.3
+feed-forward network, 3.1 encoder and decoder stacks. Deviations are options, off by default:
+pre-norm (LayerNorm before each sub-layer, plus a final LayerNorm per stack), attention and
+activation dropout, an output bias, untied embeddings.
+
+Conventions: B batch, S source length, T target length, D d_model, H heads, Dh = D / H.
+Masks are boolean with True = "may attend", as `F.scaled_dot_product_attention` takes them.
+Padding is always on the right, so the causal mask alone keeps every real target position
+from seeing padding (padding sits only after it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seq2seq.cache import DecoderCache, LayerCache
+from seq2seq.config import ModelConfig
+
+
+# --- 3.5 Positional encoding ----------------------------------------------------------------
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d_model)), PE(pos, 2i+1) = cos(same).
+
+    Layout: interleaved, exactly as the paper writes it (even dimensions sine, odd cosine);
+    fairseq and tensor2tensor concatenate the sine half and the cosine half instead.
+    """
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]  # (P, 1)
+    two_i = torch.arange(0, d_model, 2, dtype=torch.float64)  # (D/2,)
+    angle = pos / torch.pow(10000.0, two_i / d_model)  # (P, D/2)
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(angle)
+    table[:, 1::2] = torch.cos(angle)[:, : d_model // 2]
+    return table.float()
+
+
+class Embedding(nn.Module):
+    """3.4 + 3.5: token embedding * sqrt(d_model) + positional encoding, then dropout."""
+
+    def __init__(self, tokens: nn.Embedding, cfg: ModelConfig):
+        super().__init__()
+        self.tokens = tokens
+        self.scale = math.sqrt(cfg.d_model)
+        self.register_buffer(
+            "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
+        )
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+        """ids (B, L) -> (B, L, D); `offset` is the position of ids[:, 0] (incremental decoding)."""
+        L = ids.size(1)
+        if offset + L > self.positions.size(0):
+            raise ValueError(
+                f"sequence of {offset + L} positions exceeds model.max_positions={self.positions.size(0)}"
+            )
+        x = self.tokens(ids) * self.scale + self.positions[offset : offset + L].to(
+            self.tokens.weight.dtype
+        )
+        return self.dropout(x)
+
+
+# --- 3.2 Attention ----------------------------------------------------------------------------
+def split_heads(x: Tensor, n_heads: int) -> Tensor:
+    B, L, D = x.shape
+    return x.view(B, L, n_heads, D // n_heads).transpose(1, 2)  # (B, H, L, Dh)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    B, H, L, Dh = x.shape
+    return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
+
+
+def _xavier_per_projection(linear: nn.Linear, n_parts: int) -> None:
+    """Xavier-uniform init of each d_model x d_model block of a fused projection, zero bias."""
+    for w in linear.weight.chunk(n_parts, dim=0):
+        nn.init.xavier_uniform_(w)
+    nn.init.zeros_(linear.bias)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with one fused Q/K/V projection (3.2.2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.attention_dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        _xavier_per_projection(self.qkv, 3)
+        _xavier_per_projection(self.out, 1)
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, causal: bool, cache: LayerCache | None = None
+    ) -> Tensor:
+        """x (B, L, D); mask (B, 1, 1, L) key-padding mask or None; causal for the decoder."""
+        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        past = 0
+        if cache is not None:
+            past = 0 if cache.self_k is None else cache.self_k.size(2)
+            k, v = cache.append_self(k, v)  # (B, H, past + L, Dh)
+        if causal and past > 0 and q.size(2) > 1:
+            # New queries see all cached positions and the causal part of the new ones.
+            L, total = q.size(2), k.size(2)
+            mask = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(past)
+        is_causal = causal and past == 0 and q.size(2) > 1
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+        )
+        return self.out(merge_heads(y))
+
+
+class CrossAttention(nn.Module):
+    """Encoder-decoder attention (3.2.3): queries from the decoder, keys/values from memory."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.dropout = cfg.n_heads, cfg.attention_dropout
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        for proj, parts in ((self.q, 1), (self.kv, 2), (self.out, 1)):
+            _xavier_per_projection(proj, parts)
+
+    def forward(self, x: Tensor, memory: Memory, cache: LayerCache | None = None) -> Tensor:
+        """x (B, T, D) attends over memory.states (B, S, D); K/V are projected once per sentence."""
+        if cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v
+        else:
+            k, v = (split_heads(t, self.n_heads) for t in self.kv(memory.states).chunk(2, dim=-1))
+            if cache is not None:
+                cache.cross_k, cache.cross_v = k, v
+        q = split_heads(self.q(x), self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=memory.mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.out(merge_heads(y))
+
+
+# --- 3.3 Position-wise feed-forward network --------------------------------------------------
+class FeedForward(nn.Module):
+    """FFN(x) = max(0, x W1 + b1) W2 + b2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.activation_dropout)
+        for w in (self.w1, self.w2):
+            _xavier_per_projection(w, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.dropout(F.relu(self.w1(x))))
+
+
+# --- 3.1 Residual connection + layer normalisation -------------------------------------------
+class Residual(nn.Module):
+    """Post-norm (paper): LayerNorm(x + Dropout(f(x))). Pre-norm option: x + Dropout(f(LayerNorm(x)))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.pre_norm = cfg.pre_norm
+
+    def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.self_attn_res = SelfAttention(cfg), Residual(cfg)
+        self.ffn, self.ffn_res = FeedForward(cfg), Residual(cfg)
+
+    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
+        x = self.self_attn_res(x, lambda h: self.self_attn(h, src_mask, causal=False))
+        return self.ffn_res(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn, self.self_attn_res = SelfAttention(cfg), Residual(cfg)
+        self.cross_attn, self.cross_attn_res = CrossAttention(cfg), Residual(cfg)
+        self.ffn, self.ffn_res = FeedForward(cfg), Residual(cfg)
+
+    def forward(self, x: Tensor, memory: Memory, cache: LayerCache | None) -> Tensor:
+        x = self.self_attn_res(x, lambda h: self.self_attn(h, None, causal=True, cache=cache))
+        x = self.cross_attn_res(x, lambda h: self.cross_attn(h, memory, cache))
+        return self.ffn_res(x, self.ffn)
+
+
+@dataclass
+class Memory:
+    """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens."""
+
+    states: Tensor
+    mask: Tensor
+
+    def select(self, index: Tensor) -> Memory:
+        """Rows `index` (beam search: repeat per beam; drop finished sentences)."""
+        return Memory(self.states.index_select(0, index), self.mask.index_select(0, index))
+
+
+# --- The encoder-decoder ----------------------------------------------------------------------
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer. `forward` gives decoder states; `project` gives logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+            raise ValueError("model.src_vocab_size and model.tgt_vocab_size must be set (> 0)")
+        self.cfg = cfg
+        src_tokens = self._token_embedding(cfg.src_vocab_size, cfg)
+        tgt_tokens = (
+            src_tokens if cfg.joint_vocab else self._token_embedding(cfg.tgt_vocab_size, cfg)
+        )
+        self.src_embed = Embedding(src_tokens, cfg)
+        self.tgt_embed = self.src_embed if cfg.joint_vocab else Embedding(tgt_tokens, cfg)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # Pre-norm leaves the last sub-layer's output un-normalised: add a final LayerNorm.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        tie = cfg.joint_vocab or cfg.tie_output
+        self.output_weight = (
+            None if tie else nn.Parameter(torch.empty(cfg.tgt_vocab_size, cfg.d_model))
+        )
+        if self.output_weight is not None:
+            nn.init.normal_(self.output_weight, std=cfg.d_model**-0.5)
+        self.output_bias = (
+            nn.Parameter(torch.zeros(cfg.tgt_vocab_size)) if cfg.output_bias else None
+        )
+
+    @staticmethod
+    def _token_embedding(vocab_size: int, cfg: ModelConfig) -> nn.Embedding:
+        emb = nn.Embedding(vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        nn.init.normal_(emb.weight, std=cfg.d_model**-0.5)  # unit variance after * sqrt(d_model)
+        with torch.no_grad():
+            emb.weight[cfg.pad_id].zero_()
+        return emb
+
+    def encode(self, src: Tensor) -> Memory:
+        """src (B, S) ids, right-padded -> Memory with states (B, S, D)."""
+        mask = (src != self.cfg.pad_id)[:, None, None, :]  # (B, 1, 1, S)
+        x = self.src_embed(src)
+        for layer in self.encoder_layers:
+            x = layer(x, mask)
+        return Memory(self.encoder_norm(x), mask)
+
+    def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache | None = None) -> Tensor:
+        """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D)."""
+        offset = 0 if cache is None else cache.length
+        x = self.tgt_embed(tgt_in, offset)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += tgt_in.size(1)
+        return self.decoder_norm(x)
+
+    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder states (B, T, D)."""
+        return self.decode(tgt_in, self.encode(src))
+
+    def project(self, states: Tensor) -> Tensor:
+        """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""
+        weight = self.tgt_embed.tokens.weight if self.output_weight is None else self.output_weight
+        return F.linear(states, weight, self.output_bias)
+
+    def new_cache(self) -> DecoderCache:
+        return DecoderCache.empty(len(self.decoder_layers))
+
+    def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
+        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt)."""
+        return self.project(self.decode(tgt_in, memory, cache))

@@ -1,0 +1,81 @@
+"""Label-smoothed cross-entropy: the convention, the padding, the reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.config import preset
+from seq2seq.loss import label_smoothed_cross_entropy, translation_loss
+from seq2seq.model import Transformer
+
+PAD = 0
+
+
+def logits_and_targets(N=12, V=9):
+    torch.manual_seed(0)
+    logits = torch.randn(N, V, dtype=torch.float64)
+    target = torch.randint(1, V, (N,))
+    target[[2, 7]] = PAD
+    return logits, target
+
+
+def test_epsilon_zero_equals_cross_entropy_ignoring_padding():
+    logits, target = logits_and_targets()
+    out = label_smoothed_cross_entropy(logits, target, epsilon=0.0, ignore_index=PAD)
+    expected = F.cross_entropy(logits, target, ignore_index=PAD)
+    torch.testing.assert_close(out.loss.double(), expected)
+    torch.testing.assert_close(out.nll.double(), expected)
+    assert out.n_tokens == 10
+
+
+def test_padded_positions_contribute_nothing():
+    logits, target = logits_and_targets()
+    base = label_smoothed_cross_entropy(logits, target, epsilon=0.1, ignore_index=PAD)
+    scrambled = logits.clone()
+    scrambled[target == PAD] = 1000.0 * torch.randn(2, logits.size(1), dtype=torch.float64)
+    again = label_smoothed_cross_entropy(scrambled, target, epsilon=0.1, ignore_index=PAD)
+    assert again.loss.item() == base.loss.item()
+
+
+def test_smoothed_loss_matches_a_hand_written_reference():
+    logits, target = logits_and_targets()
+    eps, V = 0.1, logits.size(1)
+    out = label_smoothed_cross_entropy(logits, target, epsilon=eps, ignore_index=PAD)
+    total, n = 0.0, 0
+    for row, t in zip(logits.tolist(), target.tolist(), strict=True):
+        if t == PAD:
+            continue
+        z = max(row)
+        log_norm = z + torch.tensor([r - z for r in row]).exp().sum().log().item()
+        log_p = [r - log_norm for r in row]
+        q = [eps / V + (1 - eps if v == t else 0.0) for v in range(V)]  # smoothed target
+        total += -sum(qv * lp for qv, lp in zip(q, log_p, strict=True))
+        n += 1
+    assert out.loss.item() == pytest.approx(total / n, rel=1e-6)
+    # The same convention as torch's own label smoothing.
+    keep = target != PAD
+    torch_ls = F.cross_entropy(logits[keep], target[keep], label_smoothing=eps)
+    assert out.loss.item() == pytest.approx(torch_ls.item(), rel=1e-6)
+
+
+def test_nll_is_reported_unsmoothed():
+    logits, target = logits_and_targets()
+    out = label_smoothed_cross_entropy(logits, target, epsilon=0.3, ignore_index=PAD)
+    plain = F.cross_entropy(logits, target, ignore_index=PAD)
+    assert out.nll.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert out.loss.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).double().eval()
+    src = torch.randint(4, 30, (3, 6))
+    tgt_out = torch.randint(4, 30, (3, 5))
+    tgt_out[0, 3:] = PAD
+    tgt_in = torch.cat([torch.full((3, 1), 2), tgt_out[:, :-1]], dim=1)
+    tgt_in[0, 4:] = PAD
+    out = translation_loss(model, src, tgt_in, tgt_out, epsilon=0.1)
+    full_logits = model.project(model(src, tgt_in))
+    expected = label_smoothed_cross_entropy(full_logits, tgt_out, 0.1, ignore_index=PAD)
+    torch.testing.assert_close(out.loss, expected.loss)
+    assert out.n_tokens == 13

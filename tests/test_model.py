@@ -1,0 +1,182 @@
+"""The Transformer is the paper's: parameter counts, masks, padding, caching, positions."""
+
+import math
+
+import pytest
+import torch
+
+from seq2seq.config import ModelConfig, preset
+from seq2seq.model import Transformer, sinusoidal_positions
+
+PAD = 0
+
+
+def closed_form_parameters(V: int, d: int, d_ff: int, n_enc: int, n_dec: int) -> int:
+    """Tied joint embedding, post-norm, biases on every projection, no output bias."""
+    attention = 4 * (d * d + d)  # W_Q, W_K, W_V, W_O with biases
+    ffn = d * d_ff + d_ff + d_ff * d + d
+    layer_norm = 2 * d
+    encoder_layer = attention + ffn + 2 * layer_norm
+    decoder_layer = 2 * attention + ffn + 3 * layer_norm
+    return V * d + n_enc * encoder_layer + n_dec * decoder_layer
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize(("name", "expected"), [("base", 63_082_496), ("big", 214_245_376)])
+def test_base_and_big_have_the_paper_parameter_count(name, expected):
+    cfg = preset(name, src_vocab_size=37000, tgt_vocab_size=37000)
+    model = Transformer(cfg)
+    closed = closed_form_parameters(
+        37000, cfg.d_model, cfg.d_ff, cfg.n_encoder_layers, cfg.n_decoder_layers
+    )
+    assert closed == expected
+    assert n_params(model) == expected
+
+
+def test_separate_vocabularies_get_separate_embeddings_and_tied_output():
+    cfg = preset("tiny", src_vocab_size=40, tgt_vocab_size=30)
+    model = Transformer(cfg)
+    assert model.src_embed.tokens is not model.tgt_embed.tokens
+    assert model.output_weight is None  # tied to the target embedding
+    shared = closed_form_parameters(40, 32, 64, 2, 2)
+    assert n_params(model) == shared + 30 * 32
+    untied = Transformer(preset("tiny", src_vocab_size=40, tgt_vocab_size=30, tie_output=False))
+    assert n_params(untied) == shared + 2 * 30 * 32
+
+
+def test_pre_norm_adds_one_final_layernorm_per_stack():
+    post = Transformer(preset("tiny", src_vocab_size=50, tgt_vocab_size=50))
+    pre = Transformer(preset("tiny", src_vocab_size=50, tgt_vocab_size=50, pre_norm=True))
+    assert n_params(pre) - n_params(post) == 2 * 2 * 32
+
+
+def test_heads_must_divide_d_model():
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(d_model=30, n_heads=4)
+
+
+def test_position_encodings_equal_the_formula():
+    d, P = 16, 50
+    table = sinusoidal_positions(P, d)
+    for pos in (0, 1, 7, 49):
+        for i in range(d // 2):
+            angle = pos / 10000 ** (2 * i / d)
+            assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
+            assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+def tiny_model(dtype=torch.float32, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = preset("tiny", src_vocab_size=50, tgt_vocab_size=50, **overrides)
+    return Transformer(cfg).to(dtype).eval()
+
+
+def random_ids(B: int, L: int) -> torch.Tensor:
+    return torch.randint(4, 50, (B, L))
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_changing_future_target_tokens_never_changes_earlier_outputs(pre_norm):
+    model = tiny_model(pre_norm=pre_norm)
+    src, tgt = random_ids(2, 9), random_ids(2, 8)
+    changed = tgt.clone()
+    changed[:, 5:] = random_ids(2, 3)
+    with torch.no_grad():
+        a, b = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_outputs_are_the_same_alone_and_inside_a_padded_batch():
+    model = tiny_model(torch.float64)
+    src_a, tgt_a = random_ids(1, 5), random_ids(1, 4)
+    src_b, tgt_b = random_ids(1, 9), random_ids(1, 7)
+    src = torch.full((2, 9), PAD)
+    tgt = torch.full((2, 7), PAD)
+    src[0, :5], src[1] = src_a[0], src_b[0]
+    tgt[0, :4], tgt[1] = tgt_a[0], tgt_b[0]
+    with torch.no_grad():
+        batched = model(src, tgt)
+        alone_a, alone_b = model(src_a, tgt_a), model(src_b, tgt_b)
+    torch.testing.assert_close(batched[0, :4], alone_a[0], rtol=0, atol=1e-10)
+    torch.testing.assert_close(batched[1], alone_b[0], rtol=0, atol=1e-10)
+
+
+def full_and_incremental_logits(model, src, tgt, reorder=None):
+    """Logits of the full forward pass and of token-by-token decoding with the cache."""
+    with torch.no_grad():
+        memory = model.encode(src)
+        full = model.project(model.decode(tgt, memory))
+        cache, steps = model.new_cache(), []
+        for t in range(tgt.size(1)):
+            if reorder is not None and t == reorder[0]:
+                index = reorder[1]
+                cache.reorder(index)
+                memory, src, tgt, full = memory.select(index), src[index], tgt[index], full[index]
+                steps = [s[index] for s in steps]
+            steps.append(model.decode_step(tgt[:, t : t + 1], memory, cache)[:, 0])
+    return full, torch.stack(steps, dim=1)
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_incremental_decoding_equals_full_forward_in_float64(pre_norm):
+    model = tiny_model(torch.float64, pre_norm=pre_norm)
+    src, tgt = random_ids(3, 6), random_ids(3, 7)
+    src[0, 4:] = PAD
+    full, steps = full_and_incremental_logits(model, src, tgt)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
+
+
+def test_incremental_decoding_equals_full_forward_in_float32():
+    model = tiny_model(torch.float32)
+    src, tgt = random_ids(3, 6), random_ids(3, 7)
+    full, steps = full_and_incremental_logits(model, src, tgt)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
+
+
+def test_incremental_decoding_equals_full_forward_after_reorder():
+    model = tiny_model(torch.float64)
+    src, tgt = random_ids(4, 6), random_ids(4, 7)
+    index = torch.tensor([2, 2, 0])  # beams follow rows 2, 2, 0; rows 1 and 3 are dropped
+    full, steps = full_and_incremental_logits(model, src, tgt, reorder=(3, index))
+    assert steps.shape == (3, 7, 50)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
+
+
+def test_several_new_tokens_at_once_after_a_cached_prefix_match_full_forward():
+    model = tiny_model(torch.float64)
+    src, tgt = random_ids(2, 6), random_ids(2, 7)
+    with torch.no_grad():
+        memory = model.encode(src)
+        full = model.project(model.decode(tgt, memory))
+        cache = model.new_cache()
+        first = model.decode_step(tgt[:, :3], memory, cache)
+        rest = model.decode_step(tgt[:, 3:], memory, cache)
+    torch.testing.assert_close(torch.cat([first, rest], dim=1), full, rtol=0, atol=1e-10)
+
+
+def test_cross_attention_keys_and_values_are_computed_once_per_sentence():
+    model = tiny_model()
+    calls = []
+    model.decoder_layers[0].cross_attn.kv.register_forward_hook(lambda *a: calls.append(1))
+    src, tgt = random_ids(2, 6), random_ids(2, 5)
+    with torch.no_grad():
+        memory, cache = model.encode(src), model.new_cache()
+        for t in range(5):
+            model.decode_step(tgt[:, t : t + 1], memory, cache)
+    assert len(calls) == 1
+    assert cache.length == 5 and cache.layers[0].self_k.shape == (2, 4, 5, 8)
+
+
+def test_too_long_input_names_max_positions():
+    model = tiny_model(max_positions=8)
+    with pytest.raises(ValueError, match="max_positions=8"):
+        model.encode(random_ids(1, 9))
+
+
+def test_padding_embedding_row_is_zero():
+    model = tiny_model()
+    assert torch.count_nonzero(model.src_embed.tokens.weight[PAD]) == 0
