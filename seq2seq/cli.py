@@ -1,0 +1,175 @@
+"""The `seq2seq` command: subcommands, each handler calling one library function; no logic.
+
+Errors a user can cause (bad recipe, bad data, bad checkpoint, bad input file) surface as
+one line on stderr and a non-zero exit; set SEQ2SEQ_DEBUG=1 to see the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+
+def _add_model_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="a recipe YAML (its model section)")
+    p.add_argument("--preset", help="a named shape: base, big, small, iwslt, tiny")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        help="joint vocabulary size (default: the recipe's tokenizer size)",
+    )
+
+
+def _cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.info import describe, format_breakdown
+    from seq2seq.recipe import model_config_for
+
+    cfg = model_config_for(args.recipe, args.preset, args.vocab_size, overrides)
+    tree, breakdown = describe(cfg)
+    if args.json:
+        print(json.dumps(breakdown, indent=2))
+    else:
+        print(tree)
+        print(format_breakdown(breakdown))
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.prepare import format_report, prepare
+    from seq2seq.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, overrides)
+    report = prepare(recipe.data, args.run_dir or _default_run_dir(args.recipe))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.recipe import dump_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, overrides)
+    if args.print_config:
+        print(dump_recipe(recipe), end="")
+        return 0
+    from seq2seq.train import train
+
+    results = train(
+        recipe,
+        args.run_dir or _default_run_dir(args.recipe),
+        init_from=args.init_from,
+        recipe_path=args.recipe,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.plot import plot_run
+
+    print(plot_run(args.run_dir))
+    return 0
+
+
+def _cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.translate import translate_cli
+
+    return translate_cli(args)
+
+
+def _cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.average import average_cli
+
+    return average_cli(args)
+
+
+def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.bench import bench_cli
+
+    return bench_cli(args, overrides)
+
+
+def _default_run_dir(recipe: str | None) -> str:
+    name = os.path.splitext(os.path.basename(recipe or "run"))[0]
+    return os.path.join("runs", name)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seq2seq", description="Train Transformer translation models, translate, evaluate."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="module tree and parameter breakdown of a preset or recipe")
+    _add_model_choice(p)
+    p.add_argument("--json", action="store_true", help="print the breakdown as JSON")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser("prepare", help="run the data path of a recipe and report on it")
+    p.add_argument("recipe", help="a recipe YAML")
+    p.add_argument("--run-dir", help="where the tokenizer and caches go (default runs/<recipe>)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model from a recipe (resumes an existing run)")
+    p.add_argument(
+        "recipe", help="a recipe YAML; dotted overrides follow, e.g. --trainer.max_steps 100"
+    )
+    p.add_argument("--run-dir", help="run directory (default runs/<recipe name>)")
+    p.add_argument(
+        "--init-from", help="fine-tune: start from this checkpoint's weights and tokenizer"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="start a finished run's directory afresh"
+    )
+    p.add_argument(
+        "--print_config", "--print-config", action="store_true", help="print the resolved recipe"
+    )
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("plot", help="draw curves.png of a run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(handler=_cmd_plot)
+
+    from seq2seq.cli_decode import add_average, add_bench, add_evaluate, add_translate
+
+    add_translate(sub, _cmd_translate)
+    add_evaluate(sub, _cmd_evaluate)
+    add_average(sub, _cmd_average)
+    add_bench(sub, _cmd_bench)
+    return parser
+
+
+#: Commands whose extra `--section.key value` arguments are recipe overrides.
+_TAKES_OVERRIDES = {"info", "prepare", "train", "bench"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in _TAKES_OVERRIDES:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.handler(args, extra)
+    except KeyboardInterrupt:
+        print("seq2seq: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        if os.environ.get("SEQ2SEQ_DEBUG"):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"seq2seq {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Arguments of the decoding-side subcommands: translate, evaluate, average, bench."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+Handler = Callable[[argparse.Namespace, list[str]], int]
+
+
+def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
+    p = sub.add_parser("translate", help="translate raw text (stdin to stdout by default)")
+    p.add_argument("-m", "--model", required=True, help="a run directory or a checkpoint file")
+    p.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
+    p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
+    p.add_argument("--beam", type=int, help="beam size (default: the model's saved default)")
+    p.add_argument("--nbest", type=int, help="hypotheses per sentence: 'index ||| score ||| text'")
+    p.add_argument("--lenpen", type=float, help="length penalty alpha (GNMT formula)")
+    p.add_argument("--max-tokens", type=int, help="source tokens per decoding batch")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
+    p.add_argument(
+        "--errors",
+        default="strict",
+        choices=["strict", "replace"],
+        help="undecodable input bytes: stop with the line number, or replace them",
+    )
+    p.add_argument(
+        "--attention", metavar="DIR", help="write a cross-attention heatmap PNG per sentence"
+    )
+    p.set_defaults(handler=handler)
+
+
+def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
+    p = sub.add_parser("evaluate", help="score a translation with sacreBLEU (BLEU, chrF, TER)")
+    p.add_argument("--hyp", help="hypothesis file (or translate --src with -m)")
+    p.add_argument("--ref", required=True, help="reference file")
+    p.add_argument("-m", "--model", help="translate --src with this model, then score")
+    p.add_argument("--src", help="source file to translate with -m")
+    p.add_argument(
+        "--metrics", nargs="+", default=["bleu", "chrf"], choices=["bleu", "chrf", "ter"]
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=handler)
+
+
+def add_average(sub: argparse._SubParsersAction, handler: Handler) -> None:
+    p = sub.add_parser("average", help="average the parameters of several checkpoints")
+    p.add_argument("checkpoints", nargs="*", help="checkpoint files to average")
+    p.add_argument("--run-dir", help="take checkpoints from this run directory")
+    p.add_argument("--last", type=int, help="with --run-dir: the last N checkpoints by step")
+    p.add_argument("-o", "--output", required=True, help="the averaged checkpoint file")
+    p.set_defaults(handler=handler)
+
+
+def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
+    p = sub.add_parser("bench", help="measure training and decoding speed on real Multi30k batches")
+    p.add_argument("recipe", nargs="?", help="a recipe whose model shape to measure")
+    p.add_argument("--preset", help="a named shape instead of a recipe (default: small)")
+    p.add_argument("-m", "--model", help="a trained model: also measure decoding")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
+    p.add_argument("--max-tokens", type=int, default=4000, help="target tokens per training batch")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up steps")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=handler)

@@ -1,0 +1,74 @@
+"""YAML recipes onto the typed `Recipe` dataclass, through jsonargparse (strict, typed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from seq2seq.config import ModelConfig, Recipe, preset
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be loaded: the message is one line naming the file and the key."""
+
+
+def recipe_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="seq2seq", exit_on_error=False, allow_abbrev=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_class_arguments(Recipe, fail_untyped=True)
+    return parser
+
+
+def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> Recipe:
+    """Read recipe `path` (or only defaults when None), then apply dotted `overrides`
+    such as ["--trainer.max_steps", "100", "--data.root", "DIR"]."""
+    if path is not None and not os.path.isfile(path):
+        raise RecipeError(f"{path}: no such recipe file")
+    argv = (["--config", path] if path else []) + list(overrides)
+    parser = recipe_parser()
+    try:
+        return parser.instantiate(parser.parse_args(argv))
+    except Exception as err:  # jsonargparse raises ArgumentError, dataclasses raise ValueError
+        detail = " ".join(str(err).split())
+        raise RecipeError(f"{path or 'recipe'}: {detail}") from err
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain, YAML-able dict (tuples become lists)."""
+    return yaml.safe_load(dump_recipe(recipe))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML, loadable again by `load_recipe`."""
+    return yaml.safe_dump(_plain(dataclasses.asdict(recipe)), sort_keys=False)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def model_config_for(
+    recipe: str | None,
+    preset_name: str | None,
+    vocab_size: int | None,
+    overrides: Sequence[str] = (),
+) -> ModelConfig:
+    """The model shape of a recipe or a preset, with a joint vocabulary of `vocab_size`
+    (default: the recipe's tokenizer size)."""
+    if (recipe is None) == (preset_name is None):
+        raise RecipeError("give either a recipe file or --preset NAME")
+    if preset_name is not None:
+        cfg = preset(preset_name)
+        vocab = vocab_size or Recipe().data.tokenizer.vocab_size
+    else:
+        loaded = load_recipe(recipe, overrides)
+        cfg, vocab = loaded.model, vocab_size or loaded.data.tokenizer.vocab_size
+    return dataclasses.replace(cfg, src_vocab_size=vocab, tgt_vocab_size=vocab)
