@@ -1,0 +1,290 @@
+"""Greedy and beam search over the two-method decoding interface: `encode` and `decode_step`.
+
+Both searches are batched: every sentence of a batch advances together, one decoder step per
+output position, with the key/value cache. A sentence that is done leaves the batch at once
+(`memory.select` / `cache.reorder` with a shorter index), so it stops costing compute.
+
+Conventions. B sentences, K beam size, V target vocabulary. Token ids are fixed: pad 0, unk 1,
+bos 2, eos 3. Pad and bos are never emitted. A hypothesis is scored by the sum of its tokens'
+log-probabilities, the final EOS included, divided by the GNMT length penalty (Wu et al., 2016)
+
+    score(y) = log P(y | x) / ((5 + |y|) / 6) ** alpha,    |y| = tokens + 1 (the EOS),
+
+with alpha = `DecodeConfig.lenpen` (0 turns it off). At most `max_len = floor(a * |x| + b)`
+tokens are generated, |x| the source length with its EOS (after that, EOS is forced), and EOS
+is forbidden before `min_len` tokens. Beam search ranks its candidates by raw log-probability
+(as fairseq does), applies the length penalty to finished hypotheses, and stops a sentence
+once `K` hypotheses have finished (the "early stopping" of fairseq and Hugging Face).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from seq2seq.cache import DecoderCache
+from seq2seq.config import DecodeConfig
+from seq2seq.model import Memory
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+class Decoder(Protocol):
+    """What search needs from a model (seq2seq.model.Transformer is one)."""
+
+    def encode(self, src: Tensor) -> Memory: ...
+
+    def new_cache(self) -> DecoderCache: ...
+
+    def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor: ...
+
+
+@dataclass
+class Hypothesis:
+    """One translation: target ids without BOS/EOS, its score and raw log-probability."""
+
+    tokens: list[int]
+    score: float
+    """log_prob divided by the length penalty: what hypotheses are ranked by."""
+    log_prob: float
+    """Sum of the log-probabilities of the tokens and the final EOS."""
+    attention: Tensor | None = field(default=None, repr=False)
+    """Cross-attention (len(tokens) + 1, S), filled only on request (seq2seq.attention_plot)."""
+
+
+def length_penalty(length: int, alpha: float) -> float:
+    """GNMT length penalty ((5 + |y|) / 6) ** alpha for a length |y| (EOS included)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def max_output_lengths(src: Tensor, cfg: DecodeConfig, max_positions: int | None) -> Tensor:
+    """Per sentence, floor(a * |x| + b) tokens, at least min_len and at most max_positions - 1.
+
+    The cap leaves room for BOS: generating M tokens and EOS feeds M + 1 decoder positions.
+    """
+    src_len = (src != PAD).sum(dim=1)  # (B,) source pieces + EOS
+    max_len = torch.floor(cfg.max_len_a * src_len.double() + cfg.max_len_b).long()
+    max_len = max_len.clamp(min=max(cfg.min_len, 1))
+    if max_positions is not None:
+        max_len = max_len.clamp(max=max_positions - 1)
+    return max_len
+
+
+def search(
+    model: Decoder, src: Tensor, cfg: DecodeConfig, max_positions: int | None = None
+) -> list[list[Hypothesis]]:
+    """Greedy search when cfg.beam == 1, else beam search.
+
+    Args:
+        model: a Decoder, in eval mode.
+        src: (B, S) source ids, right-padded with 0.
+        cfg: beam, nbest, lenpen, max_len_a, max_len_b, min_len.
+        max_positions: the model's position limit (`model.cfg.max_positions`), or None.
+
+    Returns:
+        Per sentence, in input order, up to cfg.nbest hypotheses, best score first.
+    """
+    if cfg.beam == 1:
+        return greedy_search(model, src, cfg, max_positions)
+    return beam_search(model, src, cfg, max_positions)
+
+
+def _next_log_probs(
+    model: Decoder,
+    last: Tensor,
+    memory: Memory,
+    cache: DecoderCache,
+    step: int,
+    min_len: int,
+    force_eos: Tensor,
+) -> Tensor:
+    """Log-probabilities (R, V) of the next token for R rows, with the search's rules applied.
+
+    last: (R, 1) newest tokens; force_eos: (R,) rows that must end now (reached max_len).
+    """
+    logits = model.decode_step(last, memory, cache)[:, -1]  # (R, V)
+    # Scores in at least float32 (bf16/fp16 models), float64 models keep float64.
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    log_probs[:, PAD] = -math.inf
+    log_probs[:, BOS] = -math.inf
+    if step < min_len:
+        log_probs[:, EOS] = -math.inf
+    if bool(force_eos.any()):
+        eos = log_probs[:, EOS].clone()
+        log_probs[force_eos] = -math.inf
+        log_probs[force_eos, EOS] = eos[force_eos]
+    return log_probs
+
+
+@dataclass
+class _Finished:
+    """Hypotheses that ended at one step: sentence ids (n,), tokens (n, t), log-probs (n,)."""
+
+    sentence: Tensor
+    tokens: Tensor
+    log_prob: Tensor
+
+
+def _collect(finished: list[_Finished], n_sentences: int, nbest: int, alpha: float):
+    """Group finished hypotheses by sentence, apply the length penalty, keep the n best."""
+    out: list[list[Hypothesis]] = [[] for _ in range(n_sentences)]
+    for chunk in finished:
+        penalty = length_penalty(chunk.tokens.size(1) + 1, alpha)
+        for s, toks, lp in zip(
+            chunk.sentence.tolist(), chunk.tokens.tolist(), chunk.log_prob.tolist(), strict=True
+        ):
+            out[s].append(Hypothesis(toks, lp / penalty, lp))
+    for hyps in out:
+        hyps.sort(key=lambda h: h.score, reverse=True)
+        del hyps[nbest:]
+    return out
+
+
+@torch.inference_mode()
+def greedy_search(
+    model: Decoder, src: Tensor, cfg: DecodeConfig, max_positions: int | None = None
+) -> list[list[Hypothesis]]:
+    """The most probable next token at every step; arguments as for `search` (one hypothesis)."""
+    max_len = max_output_lengths(src, cfg, max_positions)  # (B,)
+    memory, cache = model.encode(src), model.new_cache()
+    sentence = torch.arange(src.size(0), device=src.device)  # row -> input sentence
+    tokens = src.new_full((src.size(0), 1), BOS)  # (R, 1 + step): BOS + output so far
+    log_prob = torch.zeros(src.size(0), device=src.device)
+    max_len = max_len.to(src.device)
+    finished: list[_Finished] = []
+    for step in range(int(max_len.max()) + 1):
+        log_probs = _next_log_probs(
+            model, tokens[:, -1:], memory, cache, step, cfg.min_len, step >= max_len
+        )
+        best_log_prob, best = log_probs.max(dim=-1)  # (R,)
+        log_prob = log_prob + best_log_prob
+        ended = best == EOS
+        if bool(ended.any()):
+            finished.append(_Finished(sentence[ended], tokens[ended, 1:], log_prob[ended]))
+            keep = (~ended).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            sentence, max_len, log_prob = sentence[keep], max_len[keep], log_prob[keep]
+            tokens, best = tokens[keep], best[keep]
+            memory = memory.select(keep)
+            cache.reorder(keep)
+        tokens = torch.cat([tokens, best[:, None]], dim=1)
+    return _collect(finished, src.size(0), 1, cfg.lenpen)
+
+
+@dataclass
+class _Beams:
+    """The live part of a beam search: N sentences still searching, k beams each (rows N * k)."""
+
+    tokens: Tensor  # (N * k, 1 + step) BOS + tokens so far
+    log_prob: Tensor  # (N, k) cumulative log-probability of each beam
+    sentence: Tensor  # (N,) input index of each sentence
+    max_len: Tensor  # (N,)
+    n_finished: Tensor  # (N,) hypotheses finished so far
+
+
+@dataclass
+class _Candidates:
+    """The best 2K extensions of every sentence's beams, best first: each (N, 2K)."""
+
+    log_prob: Tensor
+    beam: Tensor
+    token: Tensor
+
+
+def _top_candidates(log_probs: Tensor, beams: _Beams, K: int) -> _Candidates:
+    """Top 2K (beam, token) pairs per sentence over all k * V extensions, in one topk."""
+    N, k = beams.log_prob.shape
+    V = log_probs.size(-1)
+    total = (beams.log_prob[:, :, None] + log_probs.view(N, k, V)).view(N, k * V)
+    n_cand = min(2 * K, k * V)
+    log_prob, flat = total.topk(n_cand, dim=1)  # (N, n_cand), sorted
+    if n_cand < 2 * K:  # a tiny vocabulary: pad with dead candidates so K non-EOS exist
+        pad = 2 * K - n_cand
+        log_prob = F.pad(log_prob, (0, pad), value=-math.inf)
+        flat = F.pad(flat, (0, pad), value=PAD)  # beam 0, token PAD: never finishes
+    return _Candidates(log_prob, torch.div(flat, V, rounding_mode="floor"), flat % V)
+
+
+def _finish(cand: _Candidates, beams: _Beams, K: int) -> _Finished | None:
+    """EOS candidates among each sentence's best K become finished hypotheses (fairseq's rule).
+
+    Also counts them in `beams.n_finished`.
+    """
+    ended = (cand.token[:, :K] == EOS) & torch.isfinite(cand.log_prob[:, :K])  # (N, K)
+    if not bool(ended.any()):
+        return None
+    beams.n_finished += ended.sum(dim=1)
+    n, j = ended.nonzero(as_tuple=True)
+    k = beams.log_prob.size(1)
+    rows = n * k + cand.beam[n, j]
+    return _Finished(beams.sentence[n], beams.tokens[rows, 1:], cand.log_prob[n, j])
+
+
+def _advance(cand: _Candidates, beams: _Beams, K: int, step: int) -> tuple[_Beams, Tensor, Tensor]:
+    """Next beams: each sentence's best K non-EOS candidates; sentences that are done leave.
+
+    Returns the new beams, the cache rows to keep (N' * K,) and the sentences kept (N',).
+    """
+    N, k = beams.log_prob.shape
+    rank = torch.arange(2 * K, device=cand.token.device)
+    order = (cand.token == EOS).long() * (2 * K) + rank  # non-EOS first, best first
+    pick = order.topk(K, dim=1, largest=False).indices  # (N, K)
+    beam = cand.beam.gather(1, pick)
+    rows = torch.arange(N, device=beam.device)[:, None] * k + beam  # (N, K)
+    done = (beams.n_finished >= K) | (step >= beams.max_len)
+    keep = (~done).nonzero().squeeze(1)  # (N',)
+    rows = rows[keep].view(-1)
+    tokens = torch.cat([beams.tokens[rows], cand.token.gather(1, pick)[keep].view(-1, 1)], dim=1)
+    new = _Beams(
+        tokens,
+        cand.log_prob.gather(1, pick)[keep],
+        beams.sentence[keep],
+        beams.max_len[keep],
+        beams.n_finished[keep],
+    )
+    return new, rows, keep
+
+
+@torch.inference_mode()
+def beam_search(
+    model: Decoder, src: Tensor, cfg: DecodeConfig, max_positions: int | None = None
+) -> list[list[Hypothesis]]:
+    """Beam search with cfg.beam beams; arguments as for `search`.
+
+    The first step runs on one row per sentence (so cross-attention K/V are computed once per
+    sentence), then the cache is expanded to K rows per sentence.
+    """
+    B, K = src.size(0), cfg.beam
+    memory, cache = model.encode(src), model.new_cache()
+    beams = _Beams(
+        tokens=src.new_full((B, 1), BOS),
+        log_prob=torch.zeros(B, 1, device=src.device),
+        sentence=torch.arange(B, device=src.device),
+        max_len=max_output_lengths(src, cfg, max_positions).to(src.device),
+        n_finished=torch.zeros(B, dtype=torch.long, device=src.device),
+    )
+    finished: list[_Finished] = []
+    for step in range(int(beams.max_len.max()) + 1):
+        k = beams.log_prob.size(1)
+        force = (step >= beams.max_len).repeat_interleave(k)
+        log_probs = _next_log_probs(
+            model, beams.tokens[:, -1:], memory, cache, step, cfg.min_len, force
+        )
+        cand = _top_candidates(log_probs, beams, K)
+        ended = _finish(cand, beams, K)
+        if ended is not None:
+            finished.append(ended)
+        new, rows, keep = _advance(cand, beams, K, step)
+        if keep.numel() == 0:
+            break
+        if k != K or keep.numel() < beams.sentence.numel():
+            memory = memory.select((keep * k).repeat_interleave(K))
+        cache.reorder(rows)
+        beams = new
+    return _collect(finished, B, cfg.nbest, cfg.lenpen)

@@ -1,0 +1,197 @@
+"""Greedy and beam search: hand-worked cases, equivalences and the exhaustive optimum."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from seq2seq.config import DecodeConfig, preset
+from seq2seq.model import Memory, Transformer
+from seq2seq.search import BOS, EOS, PAD, beam_search, greedy_search, search
+
+A, B = 4, 5  # the two ordinary tokens of the scripted vocabulary {pad, unk, bos, eos, A, B}
+
+
+class PrefixCache:
+    """Remembers each row's prefix and follows reorders, like DecoderCache."""
+
+    def __init__(self) -> None:
+        self.prefixes: torch.Tensor | None = None
+        self.length = 0
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.prefixes = self.prefixes.index_select(0, index)
+
+
+class ScriptedDecoder:
+    """Next-token probabilities fixed per prefix; a prefix not in the script gets `default`."""
+
+    def __init__(self, script: dict[tuple[int, ...], dict[int, float]], default=None):
+        self.script, self.default, self.vocab = script, default or {EOS: 1.0}, 6
+        self.rows_per_step: list[int] = []
+
+    def encode(self, src: torch.Tensor) -> Memory:
+        return Memory(src[:, :, None].double(), (src != PAD)[:, None, None, :])
+
+    def new_cache(self) -> PrefixCache:
+        return PrefixCache()
+
+    def decode_step(self, tgt_in, memory, cache):
+        old = cache.prefixes
+        cache.prefixes = tgt_in if old is None else torch.cat([old, tgt_in], dim=1)
+        cache.length += tgt_in.size(1)
+        self.rows_per_step.append(tgt_in.size(0))
+        rows = []
+        for prefix in cache.prefixes.tolist():
+            probs = torch.full((self.vocab,), 1e-30, dtype=torch.float64)
+            for token, p in self.script.get(tuple(prefix[1:]), self.default).items():
+                probs[token] = p
+            rows.append(probs.log())
+        return torch.stack(rows)[:, None, :]  # (R, 1, V): log-probs are valid logits
+
+
+def lp(length: int, alpha: float) -> float:
+    return ((5 + length) / 6) ** alpha
+
+
+SRC = torch.tensor([[7, 8, EOS]])
+# Greedy takes A (0.6) then EOS: 0.24. Beam 2 also keeps B, whose EOS gives 0.4 * 0.9 = 0.36.
+GREEDY_TRAP = {(): {A: 0.6, B: 0.4}, (A,): {EOS: 0.4, A: 0.3, B: 0.3}, (B,): {EOS: 0.9, A: 0.1}}
+# Without length penalty [A] (0.55 * 0.6 = 0.33) wins over [B, A] (0.45 * 0.9 * 0.7 = 0.2835);
+# with alpha = 1 the longer one wins: log(0.2835) / (8/6) = -0.9454 > log(0.33) / (7/6) = -0.9503.
+LENGTH_TRADE = {
+    (): {A: 0.55, B: 0.45},
+    (A,): {EOS: 0.6, B: 0.4},
+    (B,): {A: 0.9, EOS: 0.1},
+    (A, B): {EOS: 1.0},
+    (B, A): {EOS: 0.7, A: 0.3},
+}
+
+
+def cfg(**kw) -> DecodeConfig:
+    kw = {"lenpen": 0.0, "max_len_a": 0.0, "max_len_b": 10, **kw}
+    return DecodeConfig(**kw)
+
+
+def test_beam_search_finds_the_hand_worked_best_that_greedy_misses():
+    greedy = greedy_search(ScriptedDecoder(GREEDY_TRAP), SRC, cfg(beam=1))[0]
+    assert [h.tokens for h in greedy] == [[A]]
+    assert greedy[0].score == pytest.approx(math.log(0.24), abs=1e-6)
+    beam = beam_search(ScriptedDecoder(GREEDY_TRAP), SRC, cfg(beam=2, nbest=2))[0]
+    assert [h.tokens for h in beam] == [[B], [A]]
+    assert [h.score for h in beam] == pytest.approx([math.log(0.36), math.log(0.24)], abs=1e-6)
+
+
+def test_length_penalty_changes_the_winner_as_worked_out_by_hand():
+    plain = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=3))[0]
+    assert [h.tokens for h in plain] == [[A], [B, A], [A, B]]
+    assert [h.score for h in plain] == pytest.approx(
+        [math.log(0.33), math.log(0.2835), math.log(0.22)], abs=1e-6
+    )
+    penalized = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=3, lenpen=1.0))
+    best, second = penalized[0][:2]
+    assert (best.tokens, second.tokens) == ([B, A], [A])
+    assert best.score == pytest.approx(math.log(0.2835) / lp(3, 1.0), abs=1e-6)
+    assert second.score == pytest.approx(math.log(0.33) / lp(2, 1.0), abs=1e-6)
+    assert best.log_prob == pytest.approx(math.log(0.2835), abs=1e-6)
+
+
+def test_nbest_is_sorted_by_score():
+    hyps = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=3, nbest=3, lenpen=0.6))[0]
+    scores = [h.score for h in hyps]
+    assert len(hyps) == 3 and scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_pad_and_bos_are_never_emitted_even_when_most_probable(beam):
+    script = {(): {PAD: 0.5, BOS: 0.3, A: 0.2}, (A,): {BOS: 0.9, EOS: 0.1}}
+    hyps = search(ScriptedDecoder(script), SRC, cfg(beam=beam))[0]
+    assert hyps[0].tokens == [A]
+
+
+@pytest.mark.parametrize("beam", [1, 2])
+def test_min_len_forbids_early_eos_and_max_len_forces_it(beam):
+    wants_to_stop = {(): {EOS: 0.9, A: 0.1}}
+    hyps = search(ScriptedDecoder(wants_to_stop), SRC, cfg(beam=beam, min_len=2))[0]
+    assert len(hyps[0].tokens) == 2  # A, then EOS is forbidden once more, then the script ends
+    never_stops = ScriptedDecoder({}, default={A: 0.9, B: 0.1})
+    hyps = search(never_stops, SRC, cfg(beam=beam, max_len_a=1.0, max_len_b=1))[0]
+    assert hyps[0].tokens == [A] * 4  # floor(1.0 * 3 + 1) tokens, then EOS is forced
+
+
+@pytest.mark.parametrize(("beam", "rows"), [(1, [2, 2, 2, 1, 1, 1]), (2, [2, 4, 4, 2, 2, 2])])
+def test_finished_sentences_leave_the_batch(beam, rows):
+    model = ScriptedDecoder({}, default={A: 0.9, B: 0.1})
+    src = torch.tensor([[7, EOS, PAD, PAD, PAD], [7, 7, 7, 7, EOS]])  # max_len 2 and 5
+    hyps = search(model, src, cfg(beam=beam, max_len_a=1.0, max_len_b=0))
+    assert model.rows_per_step == rows
+    assert [len(h[0].tokens) for h in hyps] == [2, 5]
+
+
+def tiny_model(vocab: int = 20, dtype=torch.float64, seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(preset("tiny", src_vocab_size=vocab, tgt_vocab_size=vocab, dropout=0.0))
+    return model.to(dtype).eval()
+
+
+def random_batch(lengths: list[int], vocab: int = 20, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    src = torch.zeros(len(lengths), max(lengths) + 1, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+        src[i, n] = EOS
+    return src
+
+
+def test_beam_1_equals_greedy_in_tokens_and_scores():
+    model, src = tiny_model(dtype=torch.float32), random_batch([5, 2, 9, 7])
+    settings = cfg(max_len_a=1.5, max_len_b=2, lenpen=0.6)
+    greedy = greedy_search(model, src, settings)
+    beam1 = beam_search(model, src, DecodeConfig(**{**vars(settings), "beam": 1}))
+    assert [h[0].tokens for h in beam1] == [h[0].tokens for h in greedy]
+    assert [h[0].score for h in beam1] == [h[0].score for h in greedy]
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_batched_search_equals_one_sentence_at_a_time(beam):
+    model, src = tiny_model(), random_batch([6, 3, 8, 1, 5])
+    settings = cfg(beam=beam, nbest=beam, max_len_a=1.0, max_len_b=3, lenpen=1.0)
+    batched = search(model, src, settings)
+    for i, hyps in enumerate(batched):
+        n = int((src[i] != PAD).sum())
+        alone = search(model, src[i : i + 1, :n], settings)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-9)
+
+
+def exhaustive(model: Transformer, src: torch.Tensor, max_len: int, alpha: float):
+    """Every output of 1..max_len tokens from {unk, A, B}, scored by a full forward pass."""
+    outputs = [
+        list(y) for n in range(1, max_len + 1) for y in itertools.product([1, A, B], repeat=n)
+    ]
+    scored = []
+    for y in outputs:
+        tgt_in = torch.tensor([[BOS, *y]])
+        log_probs = F.log_softmax(model.project(model(src, tgt_in)), dim=-1)[0]
+        total = sum(log_probs[t, tok].item() for t, tok in enumerate([*y, EOS]))
+        scored.append((total / lp(len(y) + 1, alpha), y))
+    return sorted(scored, reverse=True)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_a_wide_beam_finds_the_exhaustive_optimum_and_ranking(alpha):
+    model, src = tiny_model(vocab=6, seed=3), random_batch([4], vocab=6)
+    settings = cfg(beam=64, nbest=39, max_len_a=0.0, max_len_b=3, lenpen=alpha)
+    hyps = beam_search(model, src, settings)[0]
+    expected = exhaustive(model, src, 3, alpha)
+    assert len(expected) == 39
+    assert [h.tokens for h in hyps] == [y for _, y in expected]
+    assert [h.score for h in hyps] == pytest.approx([s for s, _ in expected], abs=1e-9)
+
+
+def test_output_never_exceeds_the_model_position_limit():
+    model, src = tiny_model(), random_batch([12])
+    hyps = search(model, src, cfg(beam=2, max_len_a=5.0), max_positions=6)
+    assert len(hyps[0][0].tokens) <= 5
