@@ -116,6 +116,8 @@ class TokenizerConfig:
     """Share of characters covered by the vocabulary (0.9995 for large alphabets)."""
     input_sentence_size: int = 2_000_000
     """Sample at most this many sentences to train SentencePiece (big corpora)."""
+    normalization: str = "nmt_nfkc"
+    """SentencePiece normalization rule: 'nmt_nfkc', 'nfkc', or 'identity' (exact round trip)."""
 
 
 @dataclass
@@ -144,6 +146,10 @@ class DataConfig:
     """Folder the corpus files live in (and where a known corpus is downloaded)."""
     download: str | None = None
     """Fetch a known corpus into `root` when missing: 'multi30k' or none."""
+    download_url: str | None = None
+    """Base URL to fetch the known corpus from (None: its public home, e.g. GitHub)."""
+    cache_dir: str | None = None
+    """Folder for the Arrow caches of read and tokenized splits (None: <run_dir>/cache)."""
     train: CorpusConfig = field(default_factory=CorpusConfig)
     """Training split."""
     valid: CorpusConfig = field(default_factory=CorpusConfig)

@@ -1,0 +1,67 @@
+"""Shared fixtures for the data tests: small slices of Multi30k and a tokenizer trained on them."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+# The hub is unreachable here: `datasets` must never try it (set before `datasets` is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
+if not MULTI30K.is_dir():
+    MULTI30K = Path("/work/shared/data/multi30k")
+SLICE_LINES = 2000
+
+
+def read_gz_lines(path: Path, n: int | None = None) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines[:n] if n is not None else lines
+
+
+@pytest.fixture(scope="session")
+def multi30k_dir() -> Path:
+    """The shared, read-only Multi30k folder (never write into it)."""
+    if not MULTI30K.is_dir():
+        pytest.skip(f"Multi30k not found at {MULTI30K}")
+    return MULTI30K
+
+
+@pytest.fixture(scope="session")
+def multi30k_slice(multi30k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with the first 2000 train pairs and 200 val/test pairs (en, de), gzipped."""
+    out = tmp_path_factory.mktemp("multi30k-slice")
+    for split, n in (("train", SLICE_LINES), ("val", 200), ("test_2016_flickr", 200)):
+        for lang in ("en", "de"):
+            lines = read_gz_lines(multi30k_dir / f"{split}.{lang}.gz", n)
+            with gzip.open(out / f"{split}.{lang}.gz", "wt", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def slice_lines(multi30k_slice: Path) -> tuple[list[str], list[str]]:
+    """The 2000 (en, de) training lines of the slice."""
+    return (
+        read_gz_lines(multi30k_slice / "train.en.gz"),
+        read_gz_lines(multi30k_slice / "train.de.gz"),
+    )
+
+
+@pytest.fixture(scope="session")
+def joint_tokenizer(slice_lines, tmp_path_factory: pytest.TempPathFactory):
+    """A joint unigram model (vocab 1000, coverage 1.0) trained on the slice."""
+    from seq2seq.config import TokenizerConfig
+    from seq2seq.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("joint-spm")
+    return Tokenizer.train(
+        iter(slice_lines[0]), iter(slice_lines[1]), TokenizerConfig(vocab_size=1000), out
+    )
