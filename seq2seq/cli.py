@@ -149,13 +149,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: Commands whose extra `--section.key value` arguments are recipe overrides.
+#: Commands whose `--section.key value` arguments are recipe overrides.
 _TAKES_OVERRIDES = {"info", "prepare", "train", "bench"}
+_SECTIONS = ("--model.", "--data.", "--optim.", "--trainer.", "--decode.")
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate recipe overrides (`--trainer.max_steps 100` or `--trainer.max_steps=100`)
+    from the command's own arguments, so an override's value is never taken for a positional."""
+    own, overrides, i = [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith(_SECTIONS):
+            takes_value = "=" not in token and i + 1 < len(argv)
+            overrides += argv[i : i + 1 + takes_value]
+            i += 1 + takes_value
+        else:
+            own.append(token)
+            i += 1
+    return own, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    own, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(own)
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:

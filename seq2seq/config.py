@@ -222,6 +222,8 @@ class TrainerConfig:
     """Keep the best k checkpoints by validation BLEU (plus last.ckpt)."""
     average_last: int = 0
     """At the end, average the last N kept checkpoints into averaged.ckpt (0: off)."""
+    val_beam: int = 1
+    """Beam for validation BLEU (1: greedy, fast); final scores use the `decode` section."""
     early_stopping_patience: int | None = None
     """Stop after this many validations without BLEU improvement (None: never)."""
     compile: bool = False
@@ -264,5 +266,5 @@ class Recipe:
     """Optimizer and schedule."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     """Training loop."""
-    decode: DecodeConfig = field(default_factory=lambda: DecodeConfig(beam=1))
-    """Decoding for validation (greedy by default: fast) and the saved decoding defaults."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """The model's decoding defaults (saved in checkpoints; used for the final test scores)."""

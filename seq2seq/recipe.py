@@ -28,13 +28,19 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> Recipe:
     such as ["--trainer.max_steps", "100", "--data.root", "DIR"]."""
     if path is not None and not os.path.isfile(path):
         raise RecipeError(f"{path}: no such recipe file")
-    argv = (["--config", path] if path else []) + list(overrides)
+    return _parse(path, overrides, path or "recipe")
+
+
+def _parse(config: str | None, overrides: Sequence[str], name: str) -> Recipe:
+    """`config` is a recipe path or YAML text; errors are one line starting with `name`."""
+    argv = (["--config", config] if config else []) + list(overrides)
     parser = recipe_parser()
     try:
-        return parser.instantiate(parser.parse_args(argv))
+        sections = parser.instantiate(parser.parse_args(argv))
+        return Recipe(**{f.name: sections[f.name] for f in dataclasses.fields(Recipe)})
     except Exception as err:  # jsonargparse raises ArgumentError, dataclasses raise ValueError
         detail = " ".join(str(err).split())
-        raise RecipeError(f"{path or 'recipe'}: {detail}") from err
+        raise RecipeError(f"{name}: {detail}") from err
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:
@@ -66,9 +72,10 @@ def model_config_for(
     if (recipe is None) == (preset_name is None):
         raise RecipeError("give either a recipe file or --preset NAME")
     if preset_name is not None:
-        cfg = preset(preset_name)
-        vocab = vocab_size or Recipe().data.tokenizer.vocab_size
+        # The preset as an in-memory recipe (jsonargparse takes YAML text for --config).
+        base = yaml.safe_dump({"model": _plain(dataclasses.asdict(preset(preset_name)))})
+        loaded = _parse(base, overrides, f"--preset {preset_name}")
     else:
         loaded = load_recipe(recipe, overrides)
-        cfg, vocab = loaded.model, vocab_size or loaded.data.tokenizer.vocab_size
-    return dataclasses.replace(cfg, src_vocab_size=vocab, tgt_vocab_size=vocab)
+    vocab = vocab_size or loaded.data.tokenizer.vocab_size
+    return dataclasses.replace(loaded.model, src_vocab_size=vocab, tgt_vocab_size=vocab)

@@ -1,0 +1,103 @@
+"""Every shipped recipe loads strictly; bad keys and types are one line naming key and file."""
+
+from pathlib import Path
+
+import pytest
+
+from seq2seq.cli import main
+from seq2seq.recipe import RecipeError, dump_recipe, load_recipe
+
+RECIPES = sorted(Path(__file__).parents[1].joinpath("recipes").glob("*.yaml"))
+
+
+def test_the_five_shipped_recipes_are_found():
+    names = {p.name for p in RECIPES}
+    assert {
+        "multi30k_en_de.yaml",
+        "multi30k_en_de_base.yaml",
+        "wmt14_en_de_base.yaml",
+        "wmt14_en_de_big.yaml",
+        "iwslt14_de_en.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads_and_round_trips(path, tmp_path):
+    recipe = load_recipe(str(path))
+    assert recipe.model.d_model % recipe.model.n_heads == 0
+    assert recipe.data.train.src or recipe.data.train.dataset
+    again = tmp_path / "resolved.yaml"
+    again.write_text(dump_recipe(recipe))
+    assert load_recipe(str(again)) == recipe
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_key_is_commented(path):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
+            assert "#" in line or _continues_previous(path, number), (
+                f"{path.name}:{number} has no comment"
+            )
+
+
+def _continues_previous(path: Path, number: int) -> bool:
+    """A key right after a commented sibling of the same pair (tgt after src, max_len_b after a)."""
+    previous = path.read_text().splitlines()[number - 2]
+    return "#" in previous
+
+
+def test_wmt_recipes_are_the_papers_setups():
+    base = load_recipe("recipes/wmt14_en_de_base.yaml")
+    big = load_recipe("recipes/wmt14_en_de_big.yaml")
+    assert (base.model.d_model, base.model.d_ff, base.model.n_heads) == (512, 2048, 8)
+    assert (big.model.d_model, big.model.d_ff, big.model.n_heads, big.model.dropout) == (
+        1024,
+        4096,
+        16,
+        0.3,
+    )
+    for r in (base, big):
+        assert (r.decode.beam, r.decode.lenpen) == (4, 0.6)
+        assert r.data.max_tokens * r.trainer.accumulate_grad_batches == 25_000
+        assert r.trainer.average_last > 1
+    assert (base.trainer.max_steps, big.trainer.max_steps) == (100_000, 300_000)
+
+
+def test_dotted_overrides_are_applied_and_type_checked():
+    recipe = load_recipe(
+        "recipes/multi30k_en_de.yaml", ["--trainer.max_steps", "100", "--data.root", "/x"]
+    )
+    assert recipe.trainer.max_steps == 100 and recipe.data.root == "/x"
+    with pytest.raises(RecipeError, match=r"multi30k_en_de.yaml.*trainer.max_steps.*int"):
+        load_recipe("recipes/multi30k_en_de.yaml", ["--trainer.max_steps", "many"])
+
+
+def test_unknown_key_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  d_modle: 256\n")
+    assert main(["train", str(bad), "--print_config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "bad.yaml" in err and "d_modle" in err
+
+
+def test_wrong_type_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: lots\n")
+    assert main(["train", str(bad), "--print_config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "bad.yaml" in err and "trainer.max_steps" in err
+
+
+def test_missing_recipe_file_is_one_clear_line(capsys):
+    assert main(["train", "no/such.yaml", "--print_config"]) == 1
+    assert "no/such.yaml: no such recipe file" in capsys.readouterr().err
+
+
+def test_print_config_prints_the_resolved_recipe(capsys):
+    assert (
+        main(["train", "recipes/multi30k_en_de.yaml", "--print_config", "--model.d_ff", "512"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "d_ff: 512" in out and "label_smoothing: 0.1" in out
