@@ -1,0 +1,254 @@
+"""Token-budget batches: bucketed by length, shuffled per epoch, sharded across DDP ranks.
+
+A batch holds as many pairs as fit `max_tokens` COUNTING PADDING: n_pairs * longest <= max_tokens
+on the source side (pieces + EOS) and on the target side (BOS + pieces) alike. Pairs are sorted
+by (target, source) length with ties broken at random, cut greedily into batches, and the
+batches are shuffled; all of it is a function of (seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import Dataset
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from seq2seq.data import id_lengths
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+
+def batch_lengths(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the tokens it adds to a batch: len(src_ids) and len(tgt_ids) + 1 (BOS or EOS)."""
+    src_len, tgt_len = id_lengths(ds)
+    return src_len, tgt_len + 1
+
+
+def pack(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int) -> list[int]:
+    """Greedy cut points of rows, in the given order, into batches within the budget.
+
+    A row longer than `max_tokens` on its own gets a batch by itself (it is never dropped:
+    cleaning's `max_length` is the place to drop long pairs).
+
+    Returns:
+        The end offset of every batch (the last one equals len(src_len)).
+    """
+    ends: list[int] = []
+    n, longest_src, longest_tgt = 0, 0, 0
+    for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist(), strict=True)):
+        s_max, t_max = max(longest_src, s), max(longest_tgt, t)
+        if n and (n + 1) * max(s_max, t_max) > max_tokens:
+            ends.append(i)
+            n, s_max, t_max = 0, s, t
+        n, longest_src, longest_tgt = n + 1, s_max, t_max
+    if n:
+        ends.append(len(src_len))
+    return ends
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Yields lists of row indices: this rank's token-budget batches of one epoch.
+
+    Every pair is in exactly one batch of the epoch. Across `num_replicas` ranks the epoch's
+    batches are dealt round-robin; when their number does not divide evenly, the first batches
+    of the epoch's order are repeated so that every rank gets the same number (a few pairs
+    are then seen twice in that epoch; none is ever skipped).
+
+    Args:
+        src_lengths: per row, source tokens (pieces + EOS).
+        tgt_lengths: per row, target tokens (pieces + 1), see `batch_lengths`.
+        max_tokens: the budget, padding included, for each side.
+        shuffle: shuffle ties and batch order per epoch (training); False keeps length order.
+        seed: with the epoch, fixes the order.
+        num_replicas: ranks sharing the epoch (default: the torch.distributed world size, or 1).
+        rank: this rank (default: the torch.distributed rank, or 0).
+    """
+
+    def __init__(
+        self,
+        src_lengths: np.ndarray,
+        tgt_lengths: np.ndarray,
+        max_tokens: int,
+        shuffle: bool = True,
+        seed: int = 1,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        super().__init__()
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = num_replicas or (
+            torch.distributed.get_world_size() if distributed else 1
+        )
+        self.rank = (
+            rank if rank is not None else (torch.distributed.get_rank() if distributed else 0)
+        )
+        if not 0 <= self.rank < self.num_replicas:
+            raise ValueError(f"rank {self.rank} is outside 0..{self.num_replicas - 1}")
+        self.src_lengths = np.asarray(src_lengths, dtype=np.int64)
+        self.tgt_lengths = np.asarray(tgt_lengths, dtype=np.int64)
+        self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
+        # Lightning calls `batch_sampler.sampler.set_epoch(epoch)` at every epoch start.
+        self.sampler = self
+        self._epoch, self._start, self._position = 0, 0, 0
+        # The sorted (tgt, src) length sequence is the same whatever the tie order, so the
+        # cut points are computed once and hold for every epoch.
+        order = np.lexsort((self.src_lengths, self.tgt_lengths))
+        self._ends = pack(self.src_lengths[order], self.tgt_lengths[order], max_tokens)
+        if n_long := int(np.sum(np.maximum(self.src_lengths, self.tgt_lengths) > max_tokens)):
+            log.warning(
+                "%d pairs exceed max_tokens=%d alone; each gets a batch by itself",
+                n_long,
+                max_tokens,
+            )
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose batches `__iter__` yields."""
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch; a position restored by `load_state_dict` for it is kept."""
+        if epoch != self._epoch:
+            self._epoch, self._start, self._position = epoch, 0, 0
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """All ranks' batches of `epoch` in order, padded to a multiple of num_replicas."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.src_lengths)
+        ties = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = ties[np.lexsort((self.src_lengths[ties], self.tgt_lengths[ties]))]
+        batches = np.split(order, self._ends[:-1])
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        n_padded = len(self) * self.num_replicas
+        return [batches[i % len(batches)] for i in range(n_padded)]
+
+    def __len__(self) -> int:
+        """Batches per rank per epoch (the full epoch, even when resuming mid-epoch)."""
+        return math.ceil(len(self._ends) / self.num_replicas)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self.epoch_batches(self._epoch)[self.rank :: self.num_replicas]
+        start, self._start = self._start, 0
+        for position in range(start, len(mine)):
+            self._position = position + 1
+            yield mine[position].tolist()
+
+    def state_dict(self) -> dict[str, int]:
+        """Epoch and batches yielded so far in it (DataLoader prefetching runs ahead of training)."""
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "num_replicas": self.num_replicas,
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue `state["epoch"]` after `state["position"]` batches of this rank."""
+        position = state["position"]
+        if state["num_replicas"] != self.num_replicas:
+            # The global order is the same; resume after the same number of global batches.
+            position = position * state["num_replicas"] // self.num_replicas
+            log.warning(
+                "resuming with %d ranks instead of %d: the epoch continues approximately",
+                self.num_replicas,
+                state["num_replicas"],
+            )
+        if state["seed"] != self.seed:
+            log.warning(
+                "resuming with data seed %d instead of %d: the epoch order changes",
+                self.seed,
+                state["seed"],
+            )
+        self._epoch, self._start, self._position = state["epoch"], position, position
+
+
+@dataclass
+class Batch:
+    """Padded id tensors of one batch (pad = 0). `.to(device)` lets Lightning move it."""
+
+    src: Tensor
+    """(B, S) source ids, each row ending in EOS."""
+    tgt_in: Tensor
+    """(B, T) decoder input: BOS + target pieces."""
+    tgt_out: Tensor
+    """(B, T) decoder targets: target pieces + EOS."""
+    index: Tensor
+    """(B,) dataset row of each pair (for references, attention plots)."""
+    n_src_tokens: int
+    """Real (non-pad) source tokens."""
+    n_tgt_tokens: int
+    """Real (non-pad) tokens in `tgt_out`: the loss's token count."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **move)
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True)."""
+        pinned = {
+            f.name: getattr(self, f.name).pin_memory()
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **pinned)
+
+    def __len__(self) -> int:
+        return self.src.shape[0]
+
+
+def collate(items: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> Batch:
+    """Pad (row index, src_ids, tgt_ids) triples into a `Batch`; adds BOS/EOS to the target."""
+    B = len(items)
+    S = max(len(src) for _, src, _ in items)
+    T = max(len(tgt) for _, _, tgt in items) + 1
+    src = np.full((B, S), PAD_ID, dtype=np.int64)
+    tgt_in = np.full((B, T), PAD_ID, dtype=np.int64)
+    tgt_out = np.full((B, T), PAD_ID, dtype=np.int64)
+    for row, (_, s, t) in enumerate(items):
+        src[row, : len(s)] = s
+        tgt_in[row, 0] = BOS_ID
+        tgt_in[row, 1 : len(t) + 1] = t
+        tgt_out[row, : len(t)] = t
+        tgt_out[row, len(t)] = EOS_ID
+    return Batch(
+        src=torch.from_numpy(src),
+        tgt_in=torch.from_numpy(tgt_in),
+        tgt_out=torch.from_numpy(tgt_out),
+        index=torch.tensor([i for i, _, _ in items], dtype=torch.long),
+        n_src_tokens=sum(len(s) for _, s, _ in items),
+        n_tgt_tokens=sum(len(t) + 1 for _, _, t in items),
+    )
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """A tokenized `datasets.Dataset` as a torch Dataset of (row, src_ids, tgt_ids) triples.
+
+    `__getitems__` fetches a whole batch with one Arrow read (the DataLoader uses it).
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds.select_columns(["src_ids", "tgt_ids"])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> tuple[int, list[int], list[int]]:
+        row = self.ds[int(i)]
+        return int(i), row["src_ids"], row["tgt_ids"]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[int, list[int], list[int]]]:
+        rows = self.ds[indices]
+        return list(zip(indices, rows["src_ids"], rows["tgt_ids"], strict=True))
