@@ -28,10 +28,10 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> Recipe:
     such as ["--trainer.max_steps", "100", "--data.root", "DIR"]."""
     if path is not None and not os.path.isfile(path):
         raise RecipeError(f"{path}: no such recipe file")
-    return _parse(path, overrides, path or "recipe")
+    return parse_recipe(path, overrides, path or "recipe")
 
 
-def _parse(config: str | None, overrides: Sequence[str], name: str) -> Recipe:
+def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Recipe:
     """`config` is a recipe path or YAML text; errors are one line starting with `name`."""
     argv = (["--config", config] if config else []) + list(overrides)
     parser = recipe_parser()
@@ -74,7 +74,7 @@ def model_config_for(
     if preset_name is not None:
         # The preset as an in-memory recipe (jsonargparse takes YAML text for --config).
         base = yaml.safe_dump({"model": _plain(dataclasses.asdict(preset(preset_name)))})
-        loaded = _parse(base, overrides, f"--preset {preset_name}")
+        loaded = parse_recipe(base, overrides, f"--preset {preset_name}")
     else:
         loaded = load_recipe(recipe, overrides)
     vocab = vocab_size or loaded.data.tokenizer.vocab_size
