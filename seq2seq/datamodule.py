@@ -1,0 +1,160 @@
+"""The LightningDataModule: data path in, token-budget DataLoaders out, resumable mid-epoch.
+
+The trainer must be built with `use_distributed_sampler=False`: the batch sampler shards
+across ranks itself (Lightning would otherwise try to wrap it in a DistributedSampler).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
+from seq2seq.config import DataConfig
+from seq2seq.data import PreparedData, load_splits
+from seq2seq.download import ensure_downloaded
+from seq2seq.tokenizer import Tokenizer
+
+
+class TranslationDataModule(L.LightningDataModule):
+    """Tokenizer, tokenized splits and DataLoaders of one run.
+
+    Its `state_dict()` (saved by Lightning in every checkpoint) holds the epoch and the number
+    of training batches the model has actually received in it; restoring it makes the next
+    `train_dataloader()` continue at exactly the following batch.
+
+    Args:
+        cfg: the recipe's data section.
+        run_dir: the run folder (tokenizer model(s), Arrow caches by default).
+    """
+
+    def __init__(self, cfg: DataConfig, run_dir: str | os.PathLike) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.data: PreparedData | None = None
+        self._train_sampler: TokenBudgetBatchSampler | None = None
+        self._epoch, self._consumed = 0, 0
+        self._resume: dict[str, int] | None = None
+
+    # ---- preparing ------------------------------------------------------------------------
+
+    def prepare_data(self) -> None:
+        """Download (if configured), train the tokenizer and tokenize: once, on local rank 0."""
+        ensure_downloaded(self.cfg)
+        load_splits(self.cfg, self.run_dir)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the prepared splits (memory-mapped caches) on every rank."""
+        if self.data is None:
+            self.data = load_splits(self.cfg, self.run_dir)
+
+    @property
+    def prepared(self) -> PreparedData:
+        if self.data is None:
+            self.setup()
+        assert self.data is not None
+        return self.data
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.prepared.tokenizer
+
+    @property
+    def valid_sources(self) -> list[str]:
+        """Raw validation source lines, by dataset row (`Batch.index`)."""
+        return list(self.prepared.valid["src"])
+
+    @property
+    def valid_references(self) -> list[str]:
+        """Raw validation reference lines, by dataset row (`Batch.index`), for BLEU."""
+        return list(self.prepared.valid["tgt"])
+
+    @property
+    def test_sources(self) -> list[str]:
+        return [] if self.prepared.test is None else list(self.prepared.test["src"])
+
+    @property
+    def test_references(self) -> list[str]:
+        return [] if self.prepared.test is None else list(self.prepared.test["tgt"])
+
+    # ---- loaders --------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled token-budget batches of this rank; resumes where `load_state_dict` says."""
+        train = self.prepared.train
+        world, rank = self._world()
+        sampler = TokenBudgetBatchSampler(
+            *batch_lengths(train),
+            self.cfg.max_tokens,
+            shuffle=True,
+            seed=self.cfg.seed,
+            num_replicas=world,
+            rank=rank,
+        )
+        if self._resume is not None:
+            sampler.load_state_dict(self._resume)
+            self._resume = None
+        self._train_sampler = sampler
+        self._epoch, self._consumed = sampler.epoch, sampler.state_dict()["position"]
+        return self._loader(train, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches sorted by length (fast decoding), every pair on every rank."""
+        return self._eval_loader(self.prepared.valid)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.prepared.test is None:
+            raise ValueError("data.test is not set: there is no test split")
+        return self._eval_loader(self.prepared.test)
+
+    def _eval_loader(self, ds: Any) -> DataLoader:
+        sampler = TokenBudgetBatchSampler(
+            *batch_lengths(ds), self.cfg.max_tokens, shuffle=False, num_replicas=1, rank=0
+        )
+        return self._loader(ds, sampler)
+
+    def _loader(self, ds: Any, sampler: TokenBudgetBatchSampler) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            PairDataset(ds),
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=False,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    # ---- exact resume ---------------------------------------------------------------------
+
+    def on_before_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Count training batches as the model receives them (the sampler runs ahead)."""
+        trainer = self.trainer
+        if trainer is not None and trainer.training and self._train_sampler is not None:
+            if self._train_sampler.epoch != self._epoch:
+                self._epoch, self._consumed = self._train_sampler.epoch, 0
+            self._consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data: epoch and training batches consumed in it (this rank)."""
+        if self._train_sampler is None:
+            return {}
+        state = self._train_sampler.state_dict()
+        return {**state, "epoch": self._epoch, "position": self._consumed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Make the next `train_dataloader()` continue after the consumed batches."""
+        if state_dict:
+            self._resume = dict(state_dict)
+            self._epoch, self._consumed = state_dict["epoch"], state_dict["position"]
+            if self._train_sampler is not None:  # the loader exists already: rewind it in place
+                self._train_sampler.load_state_dict(self._resume)
+                self._resume = None

@@ -1,0 +1,135 @@
+"""TranslationDataModule: loaders, raw references, and exact mid-epoch resume through Lightning."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from seq2seq.batching import Batch
+from seq2seq.config import CorpusConfig, DataConfig, TokenizerConfig
+from seq2seq.datamodule import TranslationDataModule
+
+
+@pytest.fixture(scope="module")
+def cfg(multi30k_slice: Path) -> DataConfig:
+    return DataConfig(
+        root=str(multi30k_slice),
+        train=CorpusConfig(src="train.en.gz", tgt="train.de.gz", max_pairs=400),
+        valid=CorpusConfig(src="val.en.gz", tgt="val.de.gz"),
+        test=CorpusConfig(src="test_2016_flickr.en.gz", tgt="test_2016_flickr.de.gz"),
+        tokenizer=TokenizerConfig(vocab_size=500),
+        max_tokens=300,
+        seed=5,
+    )
+
+
+@pytest.fixture(scope="module")
+def run_dir(cfg: DataConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("dm-run")
+    TranslationDataModule(cfg, run).prepare_data()
+    return run
+
+
+def _fake_trainer() -> SimpleNamespace:
+    return SimpleNamespace(training=True, world_size=1, global_rank=0)
+
+
+def _indices(loader, n: int | None = None) -> list[list[int]]:
+    out = []
+    for batch in loader:
+        out.append(batch.index.tolist())
+        if n is not None and len(out) == n:
+            break
+    return out
+
+
+def test_eval_loaders_are_length_sorted_and_cover_the_raw_references(
+    cfg: DataConfig, run_dir: Path
+) -> None:
+    dm = TranslationDataModule(cfg, run_dir)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    assert all(isinstance(b, Batch) for b in batches)
+    assert sorted(i for b in batches for i in b.index.tolist()) == list(range(200))
+    assert [b.tgt_out.shape[1] for b in batches] == sorted(b.tgt_out.shape[1] for b in batches)
+    assert (
+        len(dm.valid_references) == len(dm.valid_sources) == 200 and len(dm.test_references) == 200
+    )
+    assert dm.tokenizer.joint and dm.tokenizer.src_vocab_size == 500
+
+
+def test_state_round_trip_resumes_at_the_batch_after_the_consumed_ones(
+    cfg: DataConfig, run_dir: Path
+) -> None:
+    dm = TranslationDataModule(cfg, run_dir)
+    dm.trainer = _fake_trainer()
+    loader = dm.train_dataloader()
+    full = _indices(loader)
+    it = iter(loader)
+    fetched = [next(it) for _ in range(4)]  # the loader runs one batch ahead of training
+    for batch in fetched[:3]:
+        dm.on_before_batch_transfer(batch, 0)
+    state = dm.state_dict()
+    assert state["position"] == 3 and state["epoch"] == 0
+
+    resumed = TranslationDataModule(cfg, run_dir)
+    resumed.trainer = _fake_trainer()
+    resumed.load_state_dict(state)
+    assert _indices(resumed.train_dataloader()) == full[3:]
+
+
+class _Recorder(L.LightningModule):
+    """Trains an embedding on nothing useful; records which rows each step received."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = torch.nn.Embedding(500, 4)
+        self.seen: list[list[int]] = []
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch.index.tolist())
+        return self.embedding(batch.src).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _trainer(max_steps: int, callbacks: list | None = None) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        use_distributed_sampler=False,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def test_lightning_resume_from_a_mid_epoch_checkpoint_continues_at_the_exact_next_batch(
+    cfg: DataConfig, run_dir: Path, tmp_path: Path
+) -> None:
+    # A worker process makes the DataLoader draw batches from the sampler ahead of training.
+    cfg = dataclasses.replace(cfg, num_workers=1)
+    dm = TranslationDataModule(cfg, run_dir)
+    dm.setup("fit")
+    per_epoch = len(dm.train_dataloader())
+    stop, total = per_epoch + 3, per_epoch + 8  # resume in the middle of the second epoch
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
+    straight = _Recorder()
+    _trainer(total, [checkpoints]).fit(straight, datamodule=dm)
+    assert len(straight.seen) == total
+
+    resumed = _Recorder()
+    ckpt = next(tmp_path.glob(f"*step={stop}.ckpt"))
+    _trainer(total).fit(resumed, datamodule=TranslationDataModule(cfg, run_dir), ckpt_path=ckpt)
+    assert resumed.seen == straight.seen[stop:]
