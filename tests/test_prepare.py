@@ -1,0 +1,50 @@
+"""prepare(): the whole data path once, with a report for humans and for --json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from seq2seq.config import CorpusConfig, DataConfig, TokenizerConfig
+from seq2seq.prepare import format_report, prepare
+
+
+@pytest.fixture(scope="module")
+def report(multi30k_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    cfg = DataConfig(
+        root=str(multi30k_slice),
+        train=CorpusConfig(src="train.en.gz", tgt="train.de.gz"),
+        # The first training pairs again, so the overlap warning must fire.
+        valid=CorpusConfig(src="train.en.gz", tgt="train.de.gz", max_pairs=5),
+        test=CorpusConfig(src="test_2016_flickr.en.gz", tgt="test_2016_flickr.de.gz"),
+        tokenizer=TokenizerConfig(vocab_size=800),
+    )
+    return prepare(cfg, tmp_path_factory.mktemp("prepare-run"))
+
+
+def test_report_counts_pairs_vocab_tokens_and_lengths(report: dict) -> None:
+    train = report["train"]
+    assert train["read"] == 2000 and train["kept"] + sum(train["dropped"].values()) == 2000
+    assert report["vocab"] == {"joint": True, "src": 800, "tgt": 800}
+    assert set(report["splits"]) == {"train", "valid", "test"}
+    stats = report["splits"]["train"]
+    assert stats["pairs"] == train["kept"] and stats["src_pieces"] > stats["pairs"]
+    lengths = stats["tgt_length"]
+    assert list(lengths) == ["p50", "p90", "p99", "max"]
+    assert lengths["p50"] <= lengths["p90"] <= lengths["p99"] <= lengths["max"]
+    json.dumps(report)  # --json prints it as is
+
+
+def test_valid_sentences_seen_in_training_are_warned_about(report: dict) -> None:
+    (warning,) = [w for w in report["warnings"] if w.startswith("valid:")]
+    assert "5 of 5 source sentences also occur in the training data (5 as whole pairs)" in warning
+    assert not any(w.startswith("test:") for w in report["warnings"])
+
+
+def test_format_report_shows_counts_splits_and_warnings(report: dict) -> None:
+    text = format_report(report)
+    assert f"2000 read, {report['train']['kept']} kept" in text
+    assert "joint 800" in text and "warning: valid: 5 of 5" in text
+    assert any(line.startswith("test ") for line in text.splitlines())
