@@ -482,7 +482,9 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     if report.kept < report.read:
         fingerprint = _fingerprint("clean", tokenized._fingerprint, asdict(cfg.clean))
         tokenized = tokenized.select(keep, keep_in_memory=True).flatten_indices(
-            cache_file_name=str(cache / f"clean-{fingerprint}.arrow"), new_fingerprint=fingerprint
+            cache_file_name=str(cache / f"clean-{fingerprint}.arrow"),
+            new_fingerprint=fingerprint,
+            num_proc=_num_proc(cfg.num_proc, report.kept),
         )
     valid = tokenize(raw_valid, tokenizer, keep_text=True, cache_dir=cache, num_proc=cfg.num_proc)
     test = (

@@ -40,6 +40,7 @@ class TranslationDataModule(L.LightningDataModule):
         self._train_sampler: TokenBudgetBatchSampler | None = None
         self._epoch, self._consumed = 0, 0
         self._resume: dict[str, int] | None = None
+        self._texts: dict[tuple[str, str], list[str]] = {}
 
     # ---- preparing ------------------------------------------------------------------------
 
@@ -52,6 +53,7 @@ class TranslationDataModule(L.LightningDataModule):
         """Load the prepared splits (memory-mapped caches) on every rank."""
         if self.data is None:
             self.data = load_splits(self.cfg, self.run_dir)
+            self._texts.clear()
 
     @property
     def prepared(self) -> PreparedData:
@@ -67,20 +69,28 @@ class TranslationDataModule(L.LightningDataModule):
     @property
     def valid_sources(self) -> list[str]:
         """Raw validation source lines, by dataset row (`Batch.index`)."""
-        return list(self.prepared.valid["src"])
+        return self._text("valid", "src")
 
     @property
     def valid_references(self) -> list[str]:
         """Raw validation reference lines, by dataset row (`Batch.index`), for BLEU."""
-        return list(self.prepared.valid["tgt"])
+        return self._text("valid", "tgt")
 
     @property
     def test_sources(self) -> list[str]:
-        return [] if self.prepared.test is None else list(self.prepared.test["src"])
+        """Raw test source lines, by dataset row (empty without a test split)."""
+        return self._text("test", "src")
 
     @property
     def test_references(self) -> list[str]:
-        return [] if self.prepared.test is None else list(self.prepared.test["tgt"])
+        """Raw test reference lines, by dataset row (empty without a test split)."""
+        return self._text("test", "tgt")
+
+    def _text(self, split: str, column: str) -> list[str]:
+        if (split, column) not in self._texts:
+            ds = getattr(self.prepared, split)
+            self._texts[split, column] = [] if ds is None else list(ds[column])
+        return self._texts[split, column]
 
     # ---- loaders --------------------------------------------------------------------------
 
