@@ -178,8 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args, extra)
-    except KeyboardInterrupt:
-        print("seq2seq: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("SEQ2SEQ_DEBUG"):

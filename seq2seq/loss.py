@@ -7,7 +7,9 @@ spreads eps over the V - 1 other classes instead, a difference of eps / V on the
 
     loss = (1 - eps) * NLL + eps * mean_v(-log p_v)
 
-Both terms come from one logsumexp over the vocabulary (no (N, V) log-prob tensor is kept).
+Both terms come from one fused log_softmax over the vocabulary, and the backward pass writes the
+closed-form gradient (softmax - q) * g into one (N, V) buffer: a few sweeps over the
+vocabulary instead of the dozen that autograd's composition of logsumexp/gather/mean takes.
 """
 
 from __future__ import annotations
@@ -40,14 +42,41 @@ def label_smoothed_cross_entropy(
     if ignore_index is not None:
         keep = target != ignore_index
         logits, target = logits[keep], target[keep]
-    logits = logits.float()  # the loss is always computed in float32, whatever the precision
-    lse = torch.logsumexp(logits, dim=-1)  # (N,)
-    nll = lse - logits.gather(-1, target[:, None]).squeeze(-1)  # -log p(reference)
-    smooth = lse - logits.mean(dim=-1)  # mean over v of -log p(v)
     n = target.numel()
     denom = max(n, 1)
-    loss = ((1.0 - epsilon) * nll + epsilon * smooth).sum() / denom
-    return LossOutput(loss=loss, nll=nll.sum() / denom, n_tokens=n)
+    per_token, nll = _SmoothedCrossEntropy.apply(logits, target, epsilon)
+    return LossOutput(loss=per_token.sum() / denom, nll=nll.sum() / denom, n_tokens=n)
+
+
+class _SmoothedCrossEntropy(torch.autograd.Function):
+    """Per-token smoothed loss and NLL of logits (N, V), computed in float32.
+
+    d loss_i / d logits_iv = softmax(logits_i)_v - q_iv, with q = (1 - eps) onehot + eps / V.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, target: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+        ctx.in_dtype = logits.dtype
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss is computed in float32 (or float64), never lower
+        log_probs = torch.log_softmax(logits, dim=-1)  # (N, V), one fused kernel
+        nll = -log_probs.gather(-1, target[:, None]).squeeze(-1)  # -log p(reference)
+        smooth = -log_probs.mean(dim=-1)  # mean over v of -log p(v)
+        ctx.save_for_backward(log_probs, target)
+        ctx.epsilon = epsilon
+        ctx.mark_non_differentiable(nll)
+        return (1.0 - epsilon) * nll + epsilon * smooth, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor, None, None]:
+        log_probs, target = ctx.saved_tensors
+        eps, V = ctx.epsilon, log_probs.size(-1)
+        grad = log_probs.exp()  # softmax, (N, V)
+        grad.sub_(eps / V)
+        rows = torch.arange(grad.size(0), device=grad.device)
+        grad[rows, target] -= 1.0 - eps
+        grad.mul_(grad_loss[:, None])
+        return grad.to(ctx.in_dtype), None, None
 
 
 def translation_loss(

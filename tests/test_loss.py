@@ -79,3 +79,36 @@ def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
     expected = label_smoothed_cross_entropy(full_logits, tgt_out, 0.1, ignore_index=PAD)
     torch.testing.assert_close(out.loss, expected.loss)
     assert out.n_tokens == 13
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.4])
+def test_fused_gradient_equals_autograd_of_the_textbook_formula(epsilon):
+    logits, target = logits_and_targets(N=10, V=7)
+    fused = logits.clone().requires_grad_()
+    label_smoothed_cross_entropy(fused, target, epsilon, ignore_index=PAD).loss.backward()
+    plain = logits.clone().requires_grad_()
+    keep = target != PAD
+    log_p = torch.log_softmax(plain[keep], dim=-1)
+    q = torch.full_like(log_p, epsilon / 7)
+    q[torch.arange(int(keep.sum())), target[keep]] += 1 - epsilon
+    (-(q * log_p).sum(-1).mean()).backward()
+    torch.testing.assert_close(fused.grad, plain.grad, rtol=1e-6, atol=1e-12)
+
+
+def test_fused_loss_passes_gradcheck():
+    torch.manual_seed(1)
+    logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([1, 2, 3, 4, 5])
+    from seq2seq.loss import _SmoothedCrossEntropy
+
+    assert torch.autograd.gradcheck(
+        lambda x: _SmoothedCrossEntropy.apply(x, target, 0.2)[0], (logits,)
+    )
+
+
+def test_bfloat16_logits_get_a_bfloat16_gradient_and_a_float32_loss():
+    logits, target = logits_and_targets()
+    low = logits.to(torch.bfloat16).requires_grad_()
+    out = label_smoothed_cross_entropy(low, target, 0.1, ignore_index=PAD)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32 and low.grad.dtype == torch.bfloat16
