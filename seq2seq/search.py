@@ -94,31 +94,47 @@ def search(
     return beam_search(model, src, cfg, max_positions)
 
 
-def _next_log_probs(
+@dataclass
+class _StepRules:
+    """What may be emitted at one step: never pad or bos; no EOS before min_len; only EOS at
+    max_len (rows in force_eos, (R,))."""
+
+    step: int
+    min_len: int
+    force_eos: Tensor
+
+    def apply(self, logits: Tensor) -> None:
+        """Set the forbidden tokens' logits (R, V) to -inf, in place."""
+        logits[:, PAD] = -math.inf
+        logits[:, BOS] = -math.inf
+        if self.step < self.min_len:
+            logits[:, EOS] = -math.inf
+        if bool(self.force_eos.any()):
+            eos = logits[:, EOS].clone()
+            logits[self.force_eos] = -math.inf
+            logits[self.force_eos, EOS] = eos[self.force_eos]
+
+
+def _next_tokens(
     model: Decoder,
     last: Tensor,
     memory: Memory,
     cache: DecoderCache,
-    step: int,
-    min_len: int,
-    force_eos: Tensor,
-) -> Tensor:
-    """Log-probabilities (R, V) of the next token for R rows, with the search's rules applied.
+    rules: _StepRules,
+    n: int,
+) -> tuple[Tensor, Tensor]:
+    """The n most probable next tokens of R rows: log-probabilities and ids, (R, min(n, V)).
 
-    last: (R, 1) newest tokens; force_eos: (R,) rows that must end now (reached max_len).
+    last: (R, 1) newest tokens. A log-probability is logit - logsumexp(logits): a log-softmax
+    that never writes an (R, V) result; the per-row ranking of logits is the same.
     """
     logits = model.decode_step(last, memory, cache)[:, -1]  # (R, V)
-    # Scores in at least float32 (bf16/fp16 models), float64 models keep float64.
-    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    log_probs[:, PAD] = -math.inf
-    log_probs[:, BOS] = -math.inf
-    if step < min_len:
-        log_probs[:, EOS] = -math.inf
-    if bool(force_eos.any()):
-        eos = log_probs[:, EOS].clone()
-        log_probs[force_eos] = -math.inf
-        log_probs[force_eos, EOS] = eos[force_eos]
-    return log_probs
+    # At least float32 (bf16/fp16 models); float64 models keep float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    log_norm = logits.logsumexp(dim=-1, keepdim=True)  # (R, 1)
+    rules.apply(logits)
+    top, token = logits.topk(min(n, logits.size(-1)), dim=-1)
+    return top - log_norm, token
 
 
 @dataclass
@@ -158,10 +174,9 @@ def greedy_search(
     max_len = max_len.to(src.device)
     finished: list[_Finished] = []
     for step in range(int(max_len.max()) + 1):
-        log_probs = _next_log_probs(
-            model, tokens[:, -1:], memory, cache, step, cfg.min_len, step >= max_len
-        )
-        best_log_prob, best = log_probs.max(dim=-1)  # (R,)
+        rules = _StepRules(step, cfg.min_len, step >= max_len)
+        top, token = _next_tokens(model, tokens[:, -1:], memory, cache, rules, n=1)
+        best_log_prob, best = top[:, 0], token[:, 0]  # (R,)
         log_prob = log_prob + best_log_prob
         ended = best == EOS
         if bool(ended.any()):
@@ -197,18 +212,24 @@ class _Candidates:
     token: Tensor
 
 
-def _top_candidates(log_probs: Tensor, beams: _Beams, K: int) -> _Candidates:
-    """Top 2K (beam, token) pairs per sentence over all k * V extensions, in one topk."""
+def _top_candidates(top: Tensor, token: Tensor, beams: _Beams, K: int) -> _Candidates:
+    """Each sentence's best 2K extensions out of its k beams' own best n, in one topk.
+
+    top, token: (N * k, n) each beam's n best next tokens (n = 2K suffices: no beam can
+    contribute more than 2K of the sentence's best 2K).
+    """
     N, k = beams.log_prob.shape
-    V = log_probs.size(-1)
-    total = (beams.log_prob[:, :, None] + log_probs.view(N, k, V)).view(N, k * V)
-    n_cand = min(2 * K, k * V)
-    log_prob, flat = total.topk(n_cand, dim=1)  # (N, n_cand), sorted
+    n = top.size(1)
+    total = (beams.log_prob[:, :, None] + top.view(N, k, n)).view(N, k * n)
+    n_cand = min(2 * K, k * n)
+    log_prob, flat = total.topk(n_cand, dim=1)  # (N, n_cand), best first
+    cand_token = token.view(N, k * n).gather(1, flat)
     if n_cand < 2 * K:  # a tiny vocabulary: pad with dead candidates so K non-EOS exist
         pad = 2 * K - n_cand
         log_prob = F.pad(log_prob, (0, pad), value=-math.inf)
-        flat = F.pad(flat, (0, pad), value=PAD)  # beam 0, token PAD: never finishes
-    return _Candidates(log_prob, torch.div(flat, V, rounding_mode="floor"), flat % V)
+        flat = F.pad(flat, (0, pad), value=0)  # beam 0 ...
+        cand_token = F.pad(cand_token, (0, pad), value=PAD)  # ... token PAD: never finishes
+    return _Candidates(log_prob, torch.div(flat, n, rounding_mode="floor"), cand_token)
 
 
 def _finish(cand: _Candidates, beams: _Beams, K: int) -> _Finished | None:
@@ -272,11 +293,9 @@ def beam_search(
     finished: list[_Finished] = []
     for step in range(int(beams.max_len.max()) + 1):
         k = beams.log_prob.size(1)
-        force = (step >= beams.max_len).repeat_interleave(k)
-        log_probs = _next_log_probs(
-            model, beams.tokens[:, -1:], memory, cache, step, cfg.min_len, force
-        )
-        cand = _top_candidates(log_probs, beams, K)
+        rules = _StepRules(step, cfg.min_len, (step >= beams.max_len).repeat_interleave(k))
+        top, token = _next_tokens(model, beams.tokens[:, -1:], memory, cache, rules, 2 * K)
+        cand = _top_candidates(top, token, beams, K)
         ended = _finish(cand, beams, K)
         if ended is not None:
             finished.append(ended)
