@@ -9,16 +9,29 @@ Handler = Callable[[argparse.Namespace, list[str]], int]
 
 
 def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
-    p = sub.add_parser("translate", help="translate raw text (stdin to stdout by default)")
+    p = sub.add_parser(
+        "translate",
+        help="translate raw text (stdin to stdout by default)",
+        description="Translate raw text, one output line per input line (blank in, blank out). "
+        "Decoding defaults come from the checkpoint. With --nbest N each input line gives up to "
+        "N lines 'index ||| score ||| hypothesis' (index: 0-based input line).",
+    )
     p.add_argument("-m", "--model", required=True, help="a run directory or a checkpoint file")
-    p.add_argument("-i", "--input", default="-", help="input file (default: stdin)")
+    p.add_argument("-i", "--input", default="-", help="input file, plain or .gz (default: stdin)")
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
-    p.add_argument("--beam", type=int, help="beam size (default: the model's saved default)")
+    p.add_argument("--beam", type=int, help="beam size; 1 is greedy (default: the model's)")
     p.add_argument("--nbest", type=int, help="hypotheses per sentence: 'index ||| score ||| text'")
-    p.add_argument("--lenpen", type=float, help="length penalty alpha (GNMT formula)")
-    p.add_argument("--max-tokens", type=int, help="source tokens per decoding batch")
+    p.add_argument("--lenpen", type=float, help="GNMT length penalty alpha; 0 disables")
+    p.add_argument(
+        "--max-tokens", type=int, help="source tokens per decoding batch, padding included"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"])
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "int8"],
+        help="int8: dynamic quantization of the linear layers (CPU only)",
+    )
     p.add_argument(
         "--errors",
         default="strict",
@@ -26,30 +39,47 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="undecodable input bytes: stop with the line number, or replace them",
     )
     p.add_argument(
-        "--attention", metavar="DIR", help="write a cross-attention heatmap PNG per sentence"
+        "--attention",
+        metavar="DIR",
+        help="write a cross-attention heatmap PNG per sentence (mean over layers and heads)",
     )
     p.set_defaults(handler=handler)
 
 
 def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
-    p = sub.add_parser("evaluate", help="score a translation with sacreBLEU (BLEU, chrF, TER)")
-    p.add_argument("--hyp", help="hypothesis file (or translate --src with -m)")
-    p.add_argument("--ref", required=True, help="reference file")
+    p = sub.add_parser(
+        "evaluate",
+        help="score a translation with sacreBLEU (BLEU, chrF, TER)",
+        description="Score --hyp against --ref, or translate --src with -m first. "
+        "Scores equal `sacrebleu REF -i HYP -m ...`; each is printed with its signature.",
+    )
+    p.add_argument("--hyp", help="hypothesis file, plain or .gz (or translate --src with -m)")
+    p.add_argument("--ref", required=True, help="reference file, plain or .gz")
     p.add_argument("-m", "--model", help="translate --src with this model, then score")
     p.add_argument("--src", help="source file to translate with -m")
     p.add_argument(
         "--metrics", nargs="+", default=["bleu", "chrf"], choices=["bleu", "chrf", "ter"]
     )
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with -m")
+    p.add_argument("--json", action="store_true", help="print scores and signatures as JSON")
     p.set_defaults(handler=handler)
 
 
 def add_average(sub: argparse._SubParsersAction, handler: Handler) -> None:
-    p = sub.add_parser("average", help="average the parameters of several checkpoints")
+    p = sub.add_parser(
+        "average",
+        help="average the parameters of several checkpoints",
+        description="Average checkpoint files, or the last N by step of a run directory's "
+        "checkpoints/step*-bleu*.ckpt, into one checkpoint that translates.",
+    )
     p.add_argument("checkpoints", nargs="*", help="checkpoint files to average")
     p.add_argument("--run-dir", help="take checkpoints from this run directory")
     p.add_argument("--last", type=int, help="with --run-dir: the last N checkpoints by step")
-    p.add_argument("-o", "--output", required=True, help="the averaged checkpoint file")
+    p.add_argument(
+        "-o",
+        "--output",
+        help="the averaged file (default with --run-dir: checkpoints/averaged.ckpt)",
+    )
     p.set_defaults(handler=handler)
 
 

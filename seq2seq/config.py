@@ -251,7 +251,17 @@ class DecodeConfig:
     min_len: int = 1
     """Minimum output length (EOS is forbidden before it)."""
     max_tokens: int = 4096
-    """Token budget of one decoding batch."""
+    """Source tokens in one decoding batch, padding included (a longer sentence goes alone)."""
+
+    def __post_init__(self) -> None:
+        if self.beam < 1:
+            raise ValueError(f"decode.beam={self.beam} must be at least 1")
+        if not 1 <= self.nbest <= self.beam:
+            raise ValueError(
+                f"decode.nbest={self.nbest} must be between 1 and decode.beam={self.beam}"
+            )
+        if self.max_tokens < 1:
+            raise ValueError(f"decode.max_tokens={self.max_tokens} must be positive")
 
 
 @dataclass

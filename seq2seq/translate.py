@@ -1,0 +1,274 @@
+"""`seq2seq translate`: raw text in, raw text out, one output line per input line, always.
+
+The input streams: it is read in chunks of `CHUNK_LINES` lines; each chunk is encoded with
+SentencePiece, sorted by length into token-budget batches, decoded, and written back in input
+order before the next chunk is read, so a file of any size never sits in memory whole.
+
+Line rules. Lines are split on "\\n" only (a trailing "\\r" is dropped), as sacreBLEU reads
+them. A blank or whitespace-only line gives a blank line. A line longer than the model's
+`max_positions` pieces (EOS included) is truncated, with a warning naming the line. Bytes that
+are not UTF-8 stop the run with the line number, unless `errors="replace"`.
+
+n-best output (`--nbest N`): for every input line, up to N lines
+
+    index ||| score ||| hypothesis
+
+best first, where index is the 0-based input line and score the length-penalized
+log-probability (see seq2seq.search). A blank input line gives one line `index ||| 0.0000 ||| `.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import logging
+import sys
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import Tensor, nn
+
+from seq2seq.config import DecodeConfig
+from seq2seq.model import Transformer
+from seq2seq.search import EOS, PAD, Hypothesis, search
+
+log = logging.getLogger(__name__)
+
+CHUNK_LINES = 10_000
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class InputError(ValueError):
+    """An input line that cannot be read; the message names the file and the line."""
+
+
+# --- Reading and writing lines ---------------------------------------------------------------
+def open_binary(path: str, mode: str, stack: ExitStack) -> BinaryIO:
+    """'-' is stdin/stdout; a name ending in .gz is gzip; else a plain file."""
+    if path == "-":
+        return sys.stdin.buffer if "r" in mode else sys.stdout.buffer
+    opener = gzip.open if path.endswith(".gz") else open
+    return stack.enter_context(opener(path, mode))
+
+
+def read_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> Iterator[str]:
+    """Decode UTF-8 lines split on b"\\n", without the line ending.
+
+    Raises:
+        InputError: invalid UTF-8 with errors="strict", naming `name` and the 1-based line.
+    """
+    for lineno, raw in enumerate(stream, start=1):
+        raw = raw.rstrip(b"\n").rstrip(b"\r")
+        try:
+            yield raw.decode("utf-8", errors=errors)
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{name}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start}); "
+                "use --errors replace to substitute U+FFFD"
+            ) from None
+
+
+def chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def one_line(text: str) -> str:
+    """Whatever the model writes stays on one line (no newline-like characters)."""
+    return " ".join(text.splitlines())
+
+
+# --- Encoding and batching ------------------------------------------------------------------
+def encode_lines(
+    tokenizer, lines: list[str], max_positions: int, name: str = "<input>", first: int = 1
+) -> list[list[int]]:
+    """Source ids (pieces + EOS) per line; [] for a blank line; over-long lines truncated.
+
+    `first` is the 1-based number of lines[0] in the input, for the warnings.
+    """
+    blank = [not line.strip() for line in lines]
+    ids = tokenizer.encode_src([line for line, b in zip(lines, blank, strict=True) if not b])
+    out, it = [], iter(ids)
+    for i, is_blank in enumerate(blank):
+        seq = [] if is_blank else next(it)
+        if len(seq) > max_positions:
+            log.warning(
+                "%s:%d: %d pieces exceed the model's max_positions=%d; truncated",
+                name,
+                first + i,
+                len(seq),
+                max_positions,
+            )
+            seq = seq[: max_positions - 1] + [EOS]
+        out.append(seq)
+    return out
+
+
+def make_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, grouped so that sentences x longest <= max_tokens (padding
+    included); zero lengths (blank lines) are left out; a longer sentence gets a batch alone."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pad_batch(seqs: list[list[int]], device: torch.device) -> Tensor:
+    """Right-pad with 0 into a (B, S) long tensor."""
+    out = torch.full((len(seqs), max(map(len, seqs))), PAD, dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        out[row, : len(seq)] = torch.tensor(seq)
+    return out.to(device)
+
+
+@dataclass
+class Translation:
+    """One input line and its hypotheses (none for a blank line)."""
+
+    index: int
+    """0-based input line."""
+    line: str
+    src_ids: list[int]
+    hypotheses: list[Hypothesis]
+
+
+# --- Translating ------------------------------------------------------------------------------
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def translate_ids(
+    model: Transformer, src_ids: list[list[int]], cfg: DecodeConfig, progress=None
+) -> list[list[Hypothesis]]:
+    """Hypotheses per source (in the given order); [] for an empty source (a blank line)."""
+    results: list[list[Hypothesis]] = [[] for _ in src_ids]
+    device = model_device(model)
+    for batch in make_batches([len(s) for s in src_ids], cfg.max_tokens):
+        src = pad_batch([src_ids[i] for i in batch], device)
+        for i, hyps in zip(batch, search(model, src, cfg, model.cfg.max_positions), strict=True):
+            results[i] = hyps
+        if progress is not None:
+            progress.update(len(batch))
+    return results
+
+
+def translate_texts(
+    model: Transformer, tokenizer, lines: list[str], cfg: DecodeConfig
+) -> list[str]:
+    """Translate raw sentences with the best hypothesis each (validation BLEU, evaluate -m)."""
+    src_ids = encode_lines(tokenizer, lines, model.cfg.max_positions)
+    hyps = translate_ids(model, src_ids, cfg)
+    return [one_line(tokenizer.decode_tgt(h[0].tokens)) if h else "" for h in hyps]
+
+
+def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) -> list[str]:
+    """The output line(s) of input line `index` (0-based): the best text, or n-best lines."""
+    texts = [one_line(tokenizer.decode_tgt(h.tokens)) for h in hyps]
+    if not nbest:
+        return [texts[0] if texts else ""]
+    if not hyps:
+        return [f"{index} ||| {0.0:.4f} ||| "]
+    return [f"{index} ||| {h.score:.4f} ||| {t}" for h, t in zip(hyps, texts, strict=True)]
+
+
+def prepare_model(model: Transformer, device: str, precision: str) -> Transformer:
+    """Move to `device` ('auto': cuda when available) and cast or quantize to `precision`.
+
+    int8 is torch's dynamic quantization of the nn.Linear layers (CPU only); the embedding and
+    the tied output projection (F.linear on the embedding weight) stay in float32.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    model = model.to(device).eval()
+    if precision == "int8":
+        if device != "cpu":
+            raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
+        with warnings.catch_warnings():  # torch.ao's deprecation notices: stderr stays quiet
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    return model.to(PRECISIONS[precision])
+
+
+def decode_settings(saved: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+    """The checkpoint's decoding defaults, with the options given on the command line."""
+    given = {
+        "beam": args.beam,
+        "nbest": args.nbest,
+        "lenpen": args.lenpen,
+        "max_tokens": args.max_tokens,
+    }
+    return dataclasses.replace(saved, **{k: v for k, v in given.items() if v is not None})
+
+
+def translate_stream(
+    model: Transformer,
+    tokenizer,
+    lines: Iterable[str],
+    cfg: DecodeConfig,
+    name: str = "<input>",
+    progress=None,
+) -> Iterator[list[Translation]]:
+    """Every input line's translation, in order, one chunk of `CHUNK_LINES` lines at a time."""
+    start = 0
+    for chunk in chunked(lines, CHUNK_LINES):
+        src_ids = encode_lines(tokenizer, chunk, model.cfg.max_positions, name, start + 1)
+        hyps = translate_ids(model, src_ids, cfg, progress)
+        yield [
+            Translation(start + i, *parts)
+            for i, parts in enumerate(zip(chunk, src_ids, hyps, strict=True))
+        ]
+        start += len(chunk)
+
+
+def translate_cli(args: argparse.Namespace) -> int:
+    """The `seq2seq translate` command (arguments: seq2seq.cli_decode.add_translate)."""
+    from tqdm import tqdm
+
+    from seq2seq.checkpoint import load_model
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    loaded = load_model(args.model)
+    cfg = decode_settings(loaded.decode, args)
+    model = prepare_model(loaded.model, args.device, args.precision)
+    name = "<stdin>" if args.input == "-" else args.input
+    log.info("%s: beam %d, nbest %d, lenpen %g", loaded.path, cfg.beam, cfg.nbest, cfg.lenpen)
+    with ExitStack() as stack:
+        source = open_binary(args.input, "rb", stack)
+        out = open_binary(args.output, "wb", stack)
+        progress = stack.enter_context(tqdm(unit=" sent", file=sys.stderr, disable=None))
+        lines = read_lines(source, name, args.errors)
+        for chunk in translate_stream(model, loaded.tokenizer, lines, cfg, name, progress):
+            for t in chunk:
+                text = format_output(loaded.tokenizer, t.hypotheses, t.index, cfg.nbest > 1)
+                out.write(("\n".join(text) + "\n").encode("utf-8"))
+            out.flush()
+            if args.attention:
+                _write_attention(model, loaded.tokenizer, chunk, Path(args.attention))
+    return 0
+
+
+def _write_attention(model, tokenizer, chunk: list[Translation], folder: Path) -> None:
+    from seq2seq.attention_plot import save_heatmap
+
+    for t in chunk:
+        if t.hypotheses:
+            path = folder / f"line{t.index + 1:07d}.png"
+            save_heatmap(model, tokenizer, t.line, t.src_ids, t.hypotheses[0].tokens, path)

@@ -1,0 +1,205 @@
+"""`seq2seq translate`: one output line per input line, order, streaming, n-best, errors."""
+
+import gzip
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import seq2seq.translate as translate
+from seq2seq.checkpoint import inference_state, load_model
+from seq2seq.cli import main
+from seq2seq.config import DecodeConfig, TokenizerConfig, preset
+from seq2seq.model import Transformer
+from seq2seq.tokenizer import Tokenizer
+
+MULTI30K = Path("/work/shared/data/multi30k")
+MAX_POSITIONS = 48
+
+
+def read_gz(path: Path, n: int) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read().split("\n")[:n]
+
+
+@pytest.fixture(scope="module")
+def sentences() -> list[str]:
+    if not MULTI30K.is_dir():
+        pytest.skip(f"Multi30k not found at {MULTI30K}")
+    return read_gz(MULTI30K / "test_2016_flickr.en.gz", 12)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random Transformer with a SentencePiece model trained on 300 Multi30k pairs."""
+    if not MULTI30K.is_dir():
+        pytest.skip(f"Multi30k not found at {MULTI30K}")
+    out = tmp_path_factory.mktemp("tiny-model")
+    en, de = read_gz(MULTI30K / "train.en.gz", 300), read_gz(MULTI30K / "train.de.gz", 300)
+    tok = Tokenizer.train(en, de, TokenizerConfig(vocab_size=250), out / "tokenizer")
+    cfg = preset(
+        "tiny",
+        src_vocab_size=tok.src_vocab_size,
+        tgt_vocab_size=tok.tgt_vocab_size,
+        max_positions=MAX_POSITIONS,
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
+    path = out / "tiny.ckpt"
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+            "seq2seq": inference_state(cfg, tok.to_state(), decode, {}),
+        },
+        path,
+    )
+    return path
+
+
+def run_translate(tmp_path: Path, ckpt: Path, data: bytes, *options: str) -> tuple[int, list[str]]:
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_bytes(data)
+    code = main(["translate", "-m", str(ckpt), "-i", str(src), "-o", str(out), *options])
+    return code, out.read_text(encoding="utf-8").split("\n")[:-1] if out.exists() else []
+
+
+def test_one_output_line_per_input_line_and_blank_lines_stay_blank(tmp_path, checkpoint):
+    lines = ["A dog runs.", "", "   \t ", "Two men are talking.", "A girl"]
+    code, out = run_translate(tmp_path, checkpoint, ("\n".join(lines) + "\n").encode())
+    assert code == 0
+    assert len(out) == len(lines)
+    assert out[1] == "" and out[2] == ""
+    assert all(out[i] for i in (0, 3, 4))  # a random model still says something
+
+
+def test_a_last_line_without_newline_and_crlf_endings_count_as_lines(tmp_path, checkpoint):
+    code, out = run_translate(tmp_path, checkpoint, b"A dog.\r\nA cat.\r\nA man.")
+    assert code == 0 and len(out) == 3
+
+
+def test_over_long_line_is_truncated_with_a_warning_naming_it(tmp_path, checkpoint, caplog):
+    long = " ".join(["A man in a red shirt."] * 20)  # far more than 48 pieces
+    with caplog.at_level(logging.WARNING, logger="seq2seq.translate"):
+        code, out = run_translate(tmp_path, checkpoint, f"A dog.\n{long}\nA cat.\n".encode())
+    assert code == 0 and len(out) == 3
+    assert any("in.txt:2:" in r.message and "truncated" in r.message for r in caplog.records)
+
+
+def test_undecodable_bytes_stop_with_the_line_number(tmp_path, checkpoint, capsys):
+    code, _ = run_translate(tmp_path, checkpoint, b"A dog.\nA cat.\nA \xff man.\n")
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "in.txt:3: invalid UTF-8" in err and len(err.strip().splitlines()) == 1
+
+
+def test_errors_replace_translates_undecodable_lines(tmp_path, checkpoint):
+    code, out = run_translate(tmp_path, checkpoint, b"A dog.\nA \xff man.\n", "--errors", "replace")
+    assert code == 0 and len(out) == 2
+
+
+def test_order_is_kept_for_inputs_of_shuffled_lengths(checkpoint, sentences):
+    loaded = load_model(checkpoint)
+    model = loaded.model.double()  # float64: batched and alone give the same argmax
+    lines = sorted(sentences, key=lambda s: (hash(s) % 7, len(s)))  # lengths out of order
+    cfg = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=4, max_tokens=60)
+    together = translate.translate_texts(model, loaded.tokenizer, lines, cfg)
+    alone = [translate.translate_texts(model, loaded.tokenizer, [s], cfg)[0] for s in lines]
+    assert together == alone
+    assert len(translate.make_batches([len(s) for s in lines], 60)) > 1
+
+
+def test_streaming_in_chunks_gives_the_same_output(tmp_path, checkpoint, sentences, monkeypatch):
+    data = ("\n".join(sentences) + "\n").encode()
+    _, whole = run_translate(tmp_path, checkpoint, data, "--beam", "1")
+    monkeypatch.setattr(translate, "CHUNK_LINES", 5)
+    _, chunked = run_translate(tmp_path, checkpoint, data, "--beam", "1")
+    assert chunked == whole and len(whole) == len(sentences)
+
+
+def test_nbest_lines_are_indexed_by_input_line_and_sorted_by_score(tmp_path, checkpoint):
+    data = b"A dog runs.\n\nTwo men are talking.\n"
+    code, out = run_translate(tmp_path, checkpoint, data, "--beam", "3", "--nbest", "3")
+    assert code == 0
+    rows = [line.split(" ||| ") for line in out]
+    assert all(len(r) == 3 for r in rows)
+    assert [r for r in rows if r[0] == "1"] == [["1", "0.0000", ""]]
+    for index in ("0", "2"):
+        scores = [float(r[1]) for r in rows if r[0] == index]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+
+
+def test_nbest_larger_than_beam_is_one_clear_error(tmp_path, checkpoint, capsys):
+    code, _ = run_translate(tmp_path, checkpoint, b"A dog.\n", "--beam", "2", "--nbest", "3")
+    assert code == 1 and "decode.nbest=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_reduced_precisions_translate_every_line(tmp_path, checkpoint, precision):
+    code, out = run_translate(tmp_path, checkpoint, b"A dog.\nA cat.\n", "--precision", precision)
+    assert code == 0 and len(out) == 2 and all(out)
+
+
+def test_int8_quantizes_only_linear_layers_and_keeps_the_tied_output(checkpoint):
+    model = translate.prepare_model(load_model(checkpoint).model, "cpu", "int8")
+    names = {type(m).__name__ for m in model.modules()}
+    assert "Linear" in names  # the dynamically quantized linear (torch.ao...dynamic.Linear)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert model.tgt_embed.tokens.weight.dtype == torch.float32  # the tied output matrix
+
+
+def test_attention_heatmaps_are_written_one_per_translated_line(tmp_path, checkpoint):
+    heatmaps = tmp_path / "attention"
+    code, out = run_translate(
+        tmp_path, checkpoint, b"A dog.\n\nA red car.\n", "--attention", str(heatmaps)
+    )
+    assert code == 0 and len(out) == 3
+    assert sorted(p.name for p in heatmaps.iterdir()) == ["line0000001.png", "line0000003.png"]
+
+
+def test_cross_attention_rows_are_distributions_over_real_source_tokens(checkpoint):
+    from seq2seq.attention_plot import cross_attention
+
+    model = load_model(checkpoint).model
+    src = torch.tensor([[20, 21, 3, 0, 0], [20, 21, 22, 23, 3]])
+    weights = cross_attention(model, src, torch.tensor([[2, 30, 31], [2, 30, 31]]))
+    assert weights.shape == (2, 3, 5)
+    assert torch.allclose(weights.sum(-1), torch.ones(2, 3))
+    assert weights[0, :, 3:].abs().max() == 0  # padding gets no attention
+
+
+def test_stdin_to_stdout_pipes_translations_only(checkpoint):
+    result = subprocess.run(
+        [sys.executable, "-m", "seq2seq", "translate", "-m", str(checkpoint), "--beam", "1"],
+        input=b"A dog runs.\n\nA man.\n",
+        capture_output=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode().split("\n")
+    assert len(out) == 4 and out[1] == "" and out[3] == ""  # 3 lines, each ended by "\n"
+    assert b"beam 1" in result.stderr  # the log goes to stderr
+
+
+def test_evaluate_with_a_model_translates_then_scores(tmp_path, checkpoint, capsys):
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src.write_text("A dog runs.\nA man.\n", encoding="utf-8")
+    ref.write_text("Ein Hund rennt.\nEin Mann.\n", encoding="utf-8")
+    code = main(["evaluate", "-m", str(checkpoint), "--src", str(src), "--ref", str(ref)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("BLEU|nrefs:1|") and "chrF2|nrefs:1|" in out
+
+
+def test_an_averaged_checkpoint_translates_like_its_source(tmp_path, checkpoint):
+    from seq2seq.average import average_checkpoints
+
+    averaged = average_checkpoints([checkpoint, checkpoint], tmp_path / "avg.ckpt")
+    data = b"A dog runs.\nTwo men are talking.\n"
+    _, before = run_translate(tmp_path, checkpoint, data)
+    _, after = run_translate(tmp_path, averaged, data)
+    assert after == before and len(after) == 2
