@@ -1,0 +1,115 @@
+"""`seq2seq evaluate`: BLEU, chrF and TER by sacreBLEU, each with its signature.
+
+Scores are sacreBLEU's defaults on detokenized text against raw references, so they equal
+`sacrebleu REF -i HYP -m bleu chrf ter` on the same files. Files are read as sacreBLEU's
+command reads them: UTF-8, split on "\\n", trailing whitespace stripped; .gz is decompressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from sacrebleu.metrics import BLEU, CHRF, TER
+from sacrebleu.metrics.base import Metric, Score
+
+METRICS: dict[str, type[Metric]] = {"bleu": BLEU, "chrf": CHRF, "ter": TER}
+
+
+class LineCountError(ValueError):
+    """Hypotheses and references are not line-aligned."""
+
+
+def read_text(path: str | Path) -> list[str]:
+    """Lines of a plain or .gz UTF-8 file, split on "\\n", trailing whitespace stripped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", newline="\n") as f:
+        return [line.rstrip() for line in f]
+
+
+def check_aligned(a: Sequence[str], a_name: str, b: Sequence[str], b_name: str) -> None:
+    if len(a) != len(b):
+        raise LineCountError(
+            f"{a_name} has {len(a)} lines but {b_name} has {len(b)}; they must be line-aligned"
+        )
+
+
+def corpus_scores(
+    hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str]
+) -> dict[str, tuple[Score, str]]:
+    """sacreBLEU's Score object and signature per metric name (bleu, chrf, ter)."""
+    check_aligned(hyps, "the hypotheses", refs, "the references")
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ValueError(
+            f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}"
+        )
+    out = {}
+    for name in metrics:
+        metric = METRICS[name]()
+        result = metric.corpus_score(list(hyps), [list(refs)])
+        out[name] = (result, str(metric.get_signature()))
+    return out
+
+
+def score(
+    hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str] = ("bleu", "chrf")
+) -> dict[str, float | str]:
+    """Corpus scores of detokenized hypotheses against one reference each.
+
+    Returns:
+        {"bleu": 35.1, "bleu_signature": "nrefs:1|case:mixed|...", "chrf": ..., ...}
+    """
+    return as_dict(corpus_scores(hyps, refs, metrics))
+
+
+def as_dict(results: dict[str, tuple[Score, str]]) -> dict[str, float | str]:
+    """{"bleu": score, "bleu_signature": signature, ...} out of `corpus_scores`."""
+    out: dict[str, float | str] = {}
+    for name, (result, signature) in results.items():
+        out[name] = result.score
+        out[f"{name}_signature"] = signature
+    return out
+
+
+def evaluate_files(
+    hyp: str | Path, ref: str | Path, metrics: Sequence[str]
+) -> dict[str, tuple[Score, str]]:
+    """Score a hypothesis file against a reference file; mismatched line counts name both."""
+    hyps, refs = read_text(hyp), read_text(ref)
+    check_aligned(hyps, str(hyp), refs, str(ref))
+    return corpus_scores(hyps, refs, metrics)
+
+
+def translate_and_score(
+    model_path: str, src: str, ref: str, metrics: Sequence[str], device: str = "auto"
+) -> dict[str, tuple[Score, str]]:
+    """Translate `src` with the model's saved decoding defaults, then score against `ref`."""
+    from seq2seq.checkpoint import load_model
+    from seq2seq.translate import prepare_model, translate_texts
+
+    sources, refs = read_text(src), read_text(ref)
+    check_aligned(sources, src, refs, ref)
+    loaded = load_model(model_path)
+    model = prepare_model(loaded.model, device, "fp32")
+    hyps = translate_texts(model, loaded.tokenizer, sources, loaded.decode)
+    return corpus_scores(hyps, refs, metrics)
+
+
+def evaluate_cli(args: argparse.Namespace) -> int:
+    """The `seq2seq evaluate` command (arguments: seq2seq.cli_decode.add_evaluate)."""
+    if (args.hyp is None) == (args.model is None) or (args.model is None) != (args.src is None):
+        raise ValueError("give either --hyp, or -m/--model with --src")
+    if args.hyp is not None:
+        results = evaluate_files(args.hyp, args.ref, args.metrics)
+    else:
+        results = translate_and_score(args.model, args.src, args.ref, args.metrics, args.device)
+    if args.json:
+        print(json.dumps(as_dict(results), indent=2))
+    else:
+        for result, signature in results.values():
+            print(result.format(signature=signature))
+    return 0
