@@ -1,0 +1,116 @@
+"""`seq2seq average`: one checkpoint whose parameters are the mean of several checkpoints'.
+
+The mean is taken in float64, in the order given, and cast back to each tensor's dtype, so it
+is deterministic; integer tensors are taken from the first checkpoint. The result keeps the
+first checkpoint's "seq2seq" section (model config, tokenizer, decoding defaults) and drops
+optimizer and trainer state: it translates, it does not resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from seq2seq.checkpoint import KEY, CheckpointError, checkpoint_dir, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+_STEP = re.compile(r"^step(\d+)-bleu.*\.ckpt$")
+
+
+def checkpoints_by_step(run_dir: str | os.PathLike) -> list[Path]:
+    """The kept `checkpoints/step*-bleu*.ckpt` of a run, oldest step first."""
+    found = []
+    for path in checkpoint_dir(run_dir).glob("step*-bleu*.ckpt"):
+        match = _STEP.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def last_checkpoints(run_dir: str | os.PathLike, n: int | None) -> list[Path]:
+    """The last n kept checkpoints by step (all of them when n is None)."""
+    paths = checkpoints_by_step(run_dir)
+    if not paths:
+        raise CheckpointError(f"{run_dir}: no step*-bleu*.ckpt in {checkpoint_dir(run_dir)}")
+    if n is not None and len(paths) < n:
+        log.warning("%s: only %d checkpoints to average, not %d", run_dir, len(paths), n)
+    return paths if n is None else paths[-n:]
+
+
+def _check_same_shape(state: dict[str, Tensor], first: dict[str, Tensor], path: Path) -> None:
+    if state.keys() != first.keys():
+        diff = sorted(set(state) ^ set(first))
+        raise CheckpointError(f"{path}: parameters differ from the first checkpoint's ({diff[0]})")
+    for name, tensor in state.items():
+        if tensor.shape != first[name].shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensor.shape)}, "
+                f"the first checkpoint's has {tuple(first[name].shape)}"
+            )
+
+
+def _shared_names(state: dict[str, Tensor]) -> dict[str, str]:
+    """Each name -> the first name holding the very same tensor (tied embeddings)."""
+    first_of: dict[tuple, str] = {}
+    return {
+        name: first_of.setdefault((t.data_ptr(), t.shape, t.stride(), t.dtype), name)
+        for name, t in state.items()
+    }
+
+
+def average_state_dicts(paths: list[Path]) -> tuple[dict[str, Tensor], dict]:
+    """The mean state_dict of the checkpoints at `paths`, and the first one's "seq2seq" section."""
+    if not paths:
+        raise ValueError("no checkpoints to average")
+    first_ckpt = read_checkpoint(paths[0])
+    first = first_ckpt["state_dict"]
+    shared = _shared_names(first)
+    total = {k: v.double() for k, v in first.items() if v.is_floating_point() and shared[k] == k}
+    for path in paths[1:]:
+        state = read_checkpoint(path)["state_dict"]
+        _check_same_shape(state, first, path)
+        for name in total:
+            total[name] += state[name].double()
+    mean = {name: (t / len(paths)).to(first[name].dtype) for name, t in total.items()}
+    averaged = {k: mean.get(shared[k], v) for k, v in first.items()}
+    return averaged, first_ckpt[KEY]
+
+
+def average_checkpoints(paths: list[Path], output: Path) -> Path:
+    """Write the average of `paths` to `output` (a .ckpt that `seq2seq translate` loads).
+
+    The file is written to a temporary name first, then renamed: never left half-written.
+    """
+    state, extra = average_state_dicts([Path(p) for p in paths])
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save({"state_dict": state, KEY: extra, "averaged_from": [str(p) for p in paths]}, tmp)
+    os.replace(tmp, output)
+    log.info("averaged %d checkpoints into %s", len(paths), output)
+    return output
+
+
+def average_cli(args: argparse.Namespace) -> int:
+    """The `seq2seq average` command (arguments: seq2seq.cli_decode.add_average)."""
+    if bool(args.run_dir) == bool(args.checkpoints):
+        raise ValueError("give either checkpoint files or --run-dir (with --last N)")
+    if args.run_dir:
+        paths = last_checkpoints(args.run_dir, args.last)
+        output = args.output or checkpoint_dir(args.run_dir) / "averaged.ckpt"
+    else:
+        if args.output is None:
+            raise ValueError("-o/--output is required when averaging checkpoint files")
+        paths, output = [Path(p) for p in args.checkpoints], args.output
+    for path in paths:
+        if Path(path).resolve() == Path(output).resolve():
+            raise ValueError(f"{output}: the output would overwrite one of the inputs")
+    print(average_checkpoints(paths, Path(output)))
+    return 0

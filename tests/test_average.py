@@ -1,0 +1,101 @@
+"""`seq2seq average`: the mean of checkpoints, deterministic, and a checkpoint that loads."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq.average import average_checkpoints, checkpoints_by_step
+from seq2seq.checkpoint import CheckpointError, inference_state, model_weights, read_checkpoint
+from seq2seq.cli import main
+from seq2seq.config import DecodeConfig, preset
+from seq2seq.model import Transformer
+
+CFG = preset("tiny", src_vocab_size=40, tgt_vocab_size=40)
+
+
+def save_checkpoint(path: Path, seed: int, cfg=CFG) -> Path:
+    """A Lightning-like checkpoint: weights, the seq2seq section and optimizer state."""
+    torch.manual_seed(seed)
+    model = Transformer(cfg)
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+            "seq2seq": inference_state(cfg, {"seed": seed}, DecodeConfig(beam=seed + 1), {}),
+            "optimizer_states": [{"state": {0: torch.ones(3)}}],
+            "global_step": 100 * seed,
+        },
+        path,
+    )
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return model_weights(read_checkpoint(path))
+
+
+def test_the_average_of_two_copies_equals_the_checkpoint(tmp_path):
+    first = save_checkpoint(tmp_path / "a.ckpt", seed=1)
+    copy = shutil.copy(first, tmp_path / "b.ckpt")
+    out = average_checkpoints([first, Path(copy)], tmp_path / "avg.ckpt")
+    original, averaged = weights(first), weights(out)
+    assert original.keys() == averaged.keys()
+    assert all(torch.equal(original[k], averaged[k]) for k in original)
+
+
+def test_the_average_is_the_elementwise_mean_and_keeps_the_first_seq2seq_section(tmp_path):
+    paths = [save_checkpoint(tmp_path / f"{s}.ckpt", seed=s) for s in (1, 2, 3)]
+    out = average_checkpoints(paths, tmp_path / "avg.ckpt")
+    each = [weights(p) for p in paths]
+    averaged = weights(out)
+    for name, value in averaged.items():
+        expected = (each[0][name].double() + each[1][name].double() + each[2][name].double()) / 3
+        assert torch.allclose(value.double(), expected, atol=1e-7), name
+    ckpt = read_checkpoint(out)
+    assert ckpt["seq2seq"]["tokenizer"] == {"seed": 1}
+    assert "optimizer_states" not in ckpt and "global_step" not in ckpt
+    Transformer(CFG).load_state_dict(averaged)  # loads into the model it came from
+
+
+def test_tied_embeddings_stay_one_tensor(tmp_path):
+    paths = [save_checkpoint(tmp_path / f"{s}.ckpt", seed=s) for s in (1, 2)]
+    state = read_checkpoint(average_checkpoints(paths, tmp_path / "avg.ckpt"))["state_dict"]
+    src, tgt = state["model.src_embed.tokens.weight"], state["model.tgt_embed.tokens.weight"]
+    assert src.data_ptr() == tgt.data_ptr()
+
+
+def test_checkpoints_of_different_shapes_are_refused_naming_the_file(tmp_path):
+    a = save_checkpoint(tmp_path / "a.ckpt", seed=1)
+    b = save_checkpoint(
+        tmp_path / "b.ckpt", seed=1, cfg=preset("tiny", src_vocab_size=41, tgt_vocab_size=41)
+    )
+    with pytest.raises(CheckpointError, match=r"b\.ckpt: .* has shape"):
+        average_checkpoints([a, b], tmp_path / "avg.ckpt")
+
+
+def test_cli_averages_the_last_n_of_a_run_directory_by_step(tmp_path, capsys):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    # BLEU order and step order differ: --last picks by step.
+    for step, bleu, seed in [(900, 20.5, 1), (1000, 30.1, 2), (1100, 25.0, 3), (1200, 22.0, 4)]:
+        save_checkpoint(ckpts / f"step{step:07d}-bleu{bleu:.2f}.ckpt", seed=seed)
+    assert [p.name[:11] for p in checkpoints_by_step(tmp_path / "run")] == [
+        "step0000900",
+        "step0001000",
+        "step0001100",
+        "step0001200",
+    ]
+    assert main(["average", "--run-dir", str(tmp_path / "run"), "--last", "2"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out == ckpts / "averaged.ckpt"
+    assert read_checkpoint(out)["averaged_from"] == [
+        str(ckpts / "step0001100-bleu25.00.ckpt"),
+        str(ckpts / "step0001200-bleu22.00.ckpt"),
+    ]
+
+
+def test_cli_refuses_files_and_run_dir_together(tmp_path, capsys):
+    a = save_checkpoint(tmp_path / "a.ckpt", seed=1)
+    code = main(["average", str(a), "--run-dir", str(tmp_path), "-o", str(tmp_path / "x.ckpt")])
+    assert code == 1 and "either checkpoint files or --run-dir" in capsys.readouterr().err
