@@ -85,12 +85,10 @@ def test_beam_search_finds_the_hand_worked_best_that_greedy_misses():
 
 
 def test_length_penalty_changes_the_winner_as_worked_out_by_hand():
-    plain = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=3))[0]
-    assert [h.tokens for h in plain] == [[A], [B, A], [A, B]]
-    assert [h.score for h in plain] == pytest.approx(
-        [math.log(0.33), math.log(0.2835), math.log(0.22)], abs=1e-6
-    )
-    penalized = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=3, lenpen=1.0))
+    plain = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=2))[0]
+    assert [h.tokens for h in plain] == [[A], [B, A]]
+    assert [h.score for h in plain] == pytest.approx([math.log(0.33), math.log(0.2835)], abs=1e-6)
+    penalized = beam_search(ScriptedDecoder(LENGTH_TRADE), SRC, cfg(beam=2, nbest=2, lenpen=1.0))
     best, second = penalized[0][:2]
     assert (best.tokens, second.tokens) == ([B, A], [A])
     assert best.score == pytest.approx(math.log(0.2835) / lp(3, 1.0), abs=1e-6)
