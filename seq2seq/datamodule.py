@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
@@ -136,6 +137,9 @@ class TranslationDataModule(L.LightningDataModule):
             collate_fn=collate,
             num_workers=workers,
             persistent_workers=False,
+            # Its own generator: creating an iterator must not draw from torch's global RNG,
+            # which dropout uses, or a resumed run's dropout masks would shift by one draw.
+            generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
     def _world(self) -> tuple[int, int]:

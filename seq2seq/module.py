@@ -1,0 +1,148 @@
+"""The LightningModule: calls the model and the loss; Lightning does loops, precision,
+checkpointing, logging and distribution. No tensor math here beyond those calls.
+
+Validation decodes the whole validation set (greedy or a small beam, per the recipe's
+`decode` section), detokenizes, and scores BLEU and chrF with sacreBLEU against the raw
+references. Under DDP every rank decodes the full (small) validation set, so all ranks agree
+on the score without gathering strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+
+import lightning as L
+import torch
+
+from seq2seq.checkpoint import KEY, inference_state
+from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig
+from seq2seq.loss import translation_loss
+from seq2seq.model import Transformer
+from seq2seq.optim import build_optimizer
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class TranslationModule(L.LightningModule):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        optim: OptimConfig,
+        decode: DecodeConfig,
+        recipe: dict,
+        val_beam: int = 1,
+        compile_model: bool = False,
+    ):
+        super().__init__()
+        self.model_cfg, self.optim, self.decode, self.recipe = model_cfg, optim, decode, recipe
+        self.val_decode = dataclasses.replace(decode, beam=val_beam, nbest=1)
+        self.model = Transformer(model_cfg)
+        self._forward = torch.compile(self.model) if compile_model else self.model
+        self.tokenizer = None  # set by train(): saved inside every checkpoint
+        self.valid_refs: list[str] = []  # raw validation references, set by train()
+        self._hyps: dict[int, list[int]] = {}
+        self._val_sums = torch.zeros(3, dtype=torch.float64)  # loss, nll, tokens
+        self._tokens_since, self._time_since = 0, time.perf_counter()
+        self._train_tokens, self._train_seconds, self._step_start = 0, 0.0, 0.0
+        self.last_saved_step = -1  # global step of the latest checkpoint written
+
+    # --- training -------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        out = translation_loss(
+            self._forward, batch.src, batch.tgt_in, batch.tgt_out, self.optim.label_smoothing
+        )
+        if not torch.isfinite(out.loss):
+            raise NonFiniteLossError(
+                f"loss is {out.loss.item()} at step {self.global_step}; stopping. The last good "
+                "checkpoint is kept: lower optim.lr or raise optim.warmup_steps, then resume."
+            )
+        self._tokens_since += batch.n_tgt_tokens
+        self.log("train_loss", out.loss, prog_bar=True, batch_size=out.n_tokens)
+        self.log("train_nll", out.nll, batch_size=out.n_tokens)
+        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        return out.loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def tokens_per_second(self) -> float:
+        """Target tokens per second of training steps in this process (validation excluded)."""
+        return self._train_tokens / max(self._train_seconds, 1e-9)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._train_tokens += batch.n_tgt_tokens
+        self._train_seconds += time.perf_counter() - self._step_start
+        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            now = time.perf_counter()
+            rate = self._tokens_since / max(now - self._time_since, 1e-9)
+            self.log("tgt_tokens_per_s", rate, prog_bar=True)
+            self._tokens_since, self._time_since = 0, now
+
+    def configure_optimizers(self):
+        optimizer, schedule = build_optimizer(
+            self.model.parameters(), self.optim, self.model_cfg.d_model
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- validation -----------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._hyps.clear()
+        self._val_sums.zero_()
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        out = translation_loss(
+            self.model, batch.src, batch.tgt_in, batch.tgt_out, self.optim.label_smoothing
+        )
+        n = out.n_tokens
+        self._val_sums += torch.tensor(
+            [out.loss.item() * n, out.nll.item() * n, n], dtype=torch.float64
+        )
+        for index, hyp in zip(batch.index.tolist(), self._translate(batch.src), strict=True):
+            self._hyps[index] = hyp
+
+    def _translate(self, src: torch.Tensor) -> list[list[int]]:
+        from seq2seq.search import search
+
+        results = search(self.model, src, self.val_decode, self.model_cfg.max_positions)
+        return [hypotheses[0].tokens for hypotheses in results]
+
+    def on_validation_epoch_end(self) -> None:
+        from seq2seq.evaluate import score
+
+        loss, nll, n = self._val_sums.tolist()
+        n = max(n, 1.0)
+        self.log("val_loss", loss / n, sync_dist=False)
+        self.log("val_ppl", math.exp(min(nll / n, 50.0)), sync_dist=False)
+        if not self.valid_refs or len(self._hyps) != len(self.valid_refs):
+            return  # e.g. a sanity check over a few batches: no BLEU on a partial set
+        hyps = [self.tokenizer.decode_tgt(self._hyps[i]) for i in range(len(self.valid_refs))]
+        scores = score(hyps, self.valid_refs, ["bleu", "chrf"])
+        self.log("val_bleu", scores["bleu"], prog_bar=True)
+        self.log("val_chrf", scores["chrf"])
+        self.last_val_scores = scores
+
+    # --- checkpoints: self-contained, and exactly resumable --------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.last_saved_step = self.global_step
+        checkpoint[KEY] = inference_state(
+            self.model_cfg, self.tokenizer.to_state(), self.decode, self.recipe
+        )
+        # Dropout draws from torch's generator. (numpy's is unused: the batch sampler seeds its
+        # own generator from (seed, epoch).) Plain tensors and tuples: loads with weights_only.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            random.setstate(_tuples(states["python"]))
+
+
+def _tuples(value):
+    """random.setstate wants the tuples that a checkpoint round-trip may turn into lists."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value

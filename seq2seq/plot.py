@@ -1,0 +1,51 @@
+"""curves.png of a run: training loss, validation loss and validation BLEU against step."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series per metric from the run's CSV log (logs/metrics.csv)."""
+    path = Path(run_dir) / "logs" / "metrics.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics logged yet (is {run_dir} a run directory?)")
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(row.get("step") or 0)
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_run(run_dir: str | os.PathLike) -> Path:
+    """Draw run_dir/curves.png and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = read_metrics(run_dir)
+    fig, (ax_loss, ax_bleu) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in (("train_loss", "training loss"), ("val_loss", "validation loss")):
+        if series.get(key):
+            steps, values = zip(*series[key], strict=True)
+            ax_loss.plot(steps, values, label=label, marker="o" if key == "val_loss" else None)
+    ax_loss.set(xlabel="step", ylabel="label-smoothed cross-entropy", title="Loss")
+    ax_loss.legend()
+    if series.get("val_bleu"):
+        steps, values = zip(*series["val_bleu"], strict=True)
+        ax_bleu.plot(steps, values, marker="o", color="tab:green")
+    ax_bleu.set(xlabel="step", ylabel="sacreBLEU", title="Validation BLEU (detokenized)")
+    for ax in (ax_loss, ax_bleu):
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(run_dir).resolve().name)
+    fig.tight_layout()
+    out = Path(run_dir) / "curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,274 @@
+"""`seq2seq train`: a real (tiny) run on a Multi30k slice, exact resume, DDP, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from seq2seq.checkpoint import load_model, read_checkpoint
+from seq2seq.cli import main
+from seq2seq.recipe import load_recipe
+from seq2seq.train import RunDirError, train
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
+
+
+def tiny_recipe(data_root: Path, cache: Path, *extra: str):
+    """The Multi30k recipe shrunk to seconds: tiny model, 1000 pairs, 400 pieces."""
+    overrides = [
+        *("--data.root", str(data_root), "--data.download", "null"),
+        *("--data.cache_dir", str(cache)),
+        *("--data.train.max_pairs", "1000", "--data.valid.max_pairs", "60"),
+        *("--data.test.max_pairs", "40"),
+        *("--data.tokenizer.vocab_size", "400", "--data.max_tokens", "1200"),
+        *("--model.d_model", "32", "--model.n_heads", "4", "--model.d_ff", "64"),
+        *(
+            "--model.n_encoder_layers",
+            "1",
+            "--model.n_decoder_layers",
+            "1",
+            "--model.dropout",
+            "0.1",
+        ),
+        *("--optim.lr", "0.005", "--optim.warmup_steps", "20"),
+        *("--trainer.max_steps", "60", "--trainer.max_time_minutes", "null"),
+        *("--trainer.val_check_interval", "20", "--trainer.log_every_n_steps", "5"),
+        *("--trainer.save_top_k", "2", "--trainer.average_last", "2", "--trainer.threads", "1"),
+        *("--decode.beam", "2", "--decode.max_len_a", "1.0", "--decode.max_len_b", "5"),
+        *extra,
+    ]
+    return load_recipe(RECIPE, overrides)
+
+
+def parameters(path: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in read_checkpoint(path)["state_dict"].items()}
+
+
+class CrashAt(Callback):
+    """Simulate a crash (as kill -9 would leave things: no clean shutdown) after `step` updates."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SystemError(f"simulated crash at step {self.step}")
+
+
+class SaveRankParameters(Callback):
+    """Each DDP rank writes its parameters at the end (module level: ddp_spawn pickles it)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(pl_module.model.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def trained_run(multi30k_slice, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    results = train(tiny_recipe(multi30k_slice, run / "cache"), run)
+    return run, results
+
+
+def test_a_tiny_run_trains_its_loss_falls_and_it_writes_checkpoints_and_results(trained_run):
+    run, results = trained_run
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((run / "checkpoints").glob("step*-bleu*.ckpt"))) == 2
+    assert (run / "checkpoints" / "averaged.ckpt").is_file()
+    assert (run / "recipe.yaml").is_file() and (run / "spm.model").is_file()
+    assert (run / "curves.png").stat().st_size > 1000
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == results
+    assert results["steps"] == 60
+    for split in ("valid", "test"):
+        assert 0.0 <= results[split]["bleu"] <= 100.0
+        assert results[split]["bleu_signature"].startswith("nrefs:1|")
+        assert "chrf" in results[split]
+    import csv
+
+    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0
+
+
+def test_checkpoints_are_self_contained_and_translate(trained_run):
+    run, _ = trained_run
+    loaded = load_model(run / "checkpoints" / "last.ckpt")
+    assert loaded.tokenizer.src_vocab_size == loaded.model.cfg.src_vocab_size == 400
+    assert loaded.decode.beam == 2
+
+
+def test_a_finished_run_is_not_overwritten(trained_run, multi30k_slice):
+    run, _ = trained_run
+    with pytest.raises(RunDirError, match="finished"):
+        train(tiny_recipe(multi30k_slice, run / "cache"), run)
+
+
+def test_resuming_with_a_different_model_is_refused(multi30k_slice, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.max_steps", "2")
+    from seq2seq.recipe import dump_recipe
+
+    (run / "recipe.yaml").write_text(dump_recipe(recipe))
+    other = tiny_recipe(multi30k_slice, tmp_path / "cache", "--model.d_ff", "128")
+    with pytest.raises(RunDirError, match="'model' section differs"):
+        train(other, run)
+
+
+@pytest.mark.parametrize(
+    ("crash_at", "val_every"),
+    [(27, 25), (18, 16)],
+    ids=["mid-epoch", "between-epochs"],
+)
+def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
+    multi30k_slice, tmp_path, crash_at, val_every
+):
+    extra = ("--trainer.max_steps", "40", "--trainer.val_check_interval", str(val_every))
+    straight = tmp_path / "straight"
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), straight)
+
+    resumed = tmp_path / "resumed"
+    import seq2seq.train as train_module
+
+    original = train_module.build_trainer
+
+    def crashing_trainer(recipe, run_dir):
+        trainer = original(recipe, run_dir)
+        trainer.callbacks.append(CrashAt(crash_at))
+        return trainer
+
+    train_module.build_trainer = crashing_trainer
+    try:
+        with pytest.raises(SystemError, match="simulated crash"):
+            train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), resumed)
+    finally:
+        train_module.build_trainer = original
+    saved = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    assert saved["global_step"] == val_every
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), resumed)
+
+    a = parameters(straight / "checkpoints" / "last.ckpt")
+    b = parameters(resumed / "checkpoints" / "last.ckpt")
+    assert read_checkpoint(resumed / "checkpoints" / "last.ckpt")["global_step"] == 40
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_slice, tmp_path):
+    run, _ = trained_run
+    source = run / "checkpoints" / "last.ckpt"
+    recipe = tiny_recipe(
+        multi30k_slice,
+        tmp_path / "cache",
+        "--trainer.max_steps",
+        "1",
+        "--data.tokenizer.vocab_size",
+        "300",  # ignored: fine-tuning keeps the model's vocabulary
+    )
+    import seq2seq.train as train_module
+
+    seen = {}
+    original = train_module.build_trainer
+
+    def spying_trainer(recipe, run_dir):
+        trainer = original(recipe, run_dir)
+
+        class Spy(Callback):
+            def on_train_start(self, trainer, pl_module):
+                seen["weights"] = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+                seen["step"] = trainer.global_step
+
+        trainer.callbacks.append(Spy())
+        return trainer
+
+    train_module.build_trainer = spying_trainer
+    try:
+        train(recipe, tmp_path / "finetune", init_from=str(source))
+    finally:
+        train_module.build_trainer = original
+    trained = load_model(source).model.state_dict()
+    assert seen["step"] == 0  # fresh optimizer and schedule
+    for name, tensor in trained.items():
+        torch.testing.assert_close(seen["weights"][name], tensor, rtol=0, atol=0)
+    assert (tmp_path / "finetune" / "spm.model").read_bytes() == (run / "spm.model").read_bytes()
+
+
+def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path):
+    import seq2seq.train as train_module
+
+    original = train_module.build_trainer
+
+    def recording_trainer(recipe, run_dir):
+        trainer = original(recipe, run_dir)
+        trainer.callbacks.append(SaveRankParameters(tmp_path))
+        return trainer
+
+    recipe = tiny_recipe(
+        multi30k_slice,
+        tmp_path / "cache",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "6",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_spawn",
+        "--trainer.average_last",
+        "0",
+    )
+    train_module.build_trainer = recording_trainer
+    try:
+        train(recipe, tmp_path / "ddp")
+    finally:
+        train_module.build_trainer = original
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 6
+
+
+def test_train_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["train", RECIPE, "--init-from", str(bad), "--run-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bad.ckpt" in err and "not a readable checkpoint" in err
+
+
+def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint(
+    multi30k_slice, tmp_path, monkeypatch, capsys
+):
+    import seq2seq.module as module_file
+
+    real_loss = module_file.translation_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 25:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(module_file, "translation_loss", poisoned)
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.val_check_interval", "25")
+    monkeypatch.setattr("seq2seq.recipe.load_recipe", lambda *a, **k: recipe)
+    run = tmp_path / "nan"
+    assert main(["train", RECIPE, "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last_line = err.splitlines()[-1]
+    assert last_line.startswith("seq2seq train: error: loss is nan at step 25")
+    assert "last good checkpoint" in last_line
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert last["global_step"] == 25
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (run / "results.json").exists()
