@@ -90,10 +90,9 @@ def test_a_tiny_run_trains_its_loss_falls_and_it_writes_checkpoints_and_results(
         assert 0.0 <= results[split]["bleu"] <= 100.0
         assert results[split]["bleu_signature"].startswith("nrefs:1|")
         assert "chrf" in results[split]
-    import csv
+    from seq2seq.plot import read_metrics
 
-    rows = list(csv.DictReader(open(run / "logs" / "metrics.csv")))
-    losses = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+    losses = [value for _, value in read_metrics(run)["train_loss"]]
     assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0
 
 
