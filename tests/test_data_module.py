@@ -100,8 +100,9 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _trainer(max_steps: int, callbacks: list | None = None) -> L.Trainer:
+def _trainer(max_steps: int, root: Path, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(
+        default_root_dir=root,  # never the working directory
         max_steps=max_steps,
         accelerator="cpu",
         devices=1,
@@ -126,10 +127,12 @@ def test_lightning_resume_from_a_mid_epoch_checkpoint_continues_at_the_exact_nex
     stop, total = per_epoch + 3, per_epoch + 8  # resume in the middle of the second epoch
     checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=stop, save_top_k=-1)
     straight = _Recorder()
-    _trainer(total, [checkpoints]).fit(straight, datamodule=dm)
+    _trainer(total, tmp_path, [checkpoints]).fit(straight, datamodule=dm)
     assert len(straight.seen) == total
 
     resumed = _Recorder()
     ckpt = next(tmp_path.glob(f"*step={stop}.ckpt"))
-    _trainer(total).fit(resumed, datamodule=TranslationDataModule(cfg, run_dir), ckpt_path=ckpt)
+    _trainer(total, tmp_path).fit(
+        resumed, datamodule=TranslationDataModule(cfg, run_dir), ckpt_path=ckpt
+    )
     assert resumed.seen == straight.seen[stop:]

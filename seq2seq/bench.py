@@ -1,0 +1,246 @@
+"""`seq2seq bench`: training and decoding speed on real Multi30k batches, from timers only.
+
+Training: the recipe's (or a preset's) model on token-budget batches of Multi30k en-de with a
+joint 8k SentencePiece vocabulary; median target tokens/s and source+target tokens/s over
+`--steps` optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model
+FLOPs utilization. Decoding (with `-m MODEL`): sentences/s and output tokens/s for greedy and
+beam 5 over the 1,000 test_2016_flickr sentences, with the BLEU of that output beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Sequence
+
+import torch
+import yaml
+
+from seq2seq.config import ModelConfig, Recipe, preset
+from seq2seq.loss import translation_loss
+from seq2seq.model import Transformer
+from seq2seq.optim import build_optimizer
+
+#: Multi30k en-de with a joint 8k vocabulary: the data every bench runs on.
+MULTI30K = {
+    "root": "data/multi30k",
+    "download": "multi30k",
+    "train": {"src": "train.en.gz", "tgt": "train.de.gz"},
+    "valid": {"src": "val.en.gz", "tgt": "val.de.gz"},
+    "test": {"src": "test_2016_flickr.en.gz", "tgt": "test_2016_flickr.de.gz"},
+    "tokenizer": {"vocab_size": 8000, "joint": True},
+}
+
+#: Dense bf16 peak of known GPUs, FLOP/s (for model FLOPs utilization).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def bench_recipe(
+    recipe_path: str | None, preset_name: str | None, overrides: Sequence[str]
+) -> Recipe:
+    """The recipe to measure: a recipe file's model, or a preset (default small), on Multi30k."""
+    from seq2seq.recipe import load_recipe, parse_recipe
+
+    if recipe_path:
+        return load_recipe(recipe_path, overrides)
+    model = dataclasses.asdict(preset(preset_name or "small"))
+    text = yaml.safe_dump({"model": model, "data": MULTI30K})
+    return parse_recipe(text, overrides, f"--preset {preset_name or 'small'}")
+
+
+def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> tuple[list, object]:
+    """`n` shuffled token-budget training batches of real Multi30k pairs, and the tokenizer."""
+    from seq2seq.batching import PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
+    from seq2seq.data import load_splits
+    from seq2seq.download import ensure_downloaded
+
+    ensure_downloaded(recipe.data)
+    prepared = load_splits(recipe.data, run_dir)
+    sampler = TokenBudgetBatchSampler(
+        *batch_lengths(prepared.train), max_tokens, shuffle=True, seed=1
+    )
+    pairs = PairDataset(prepared.train)
+    batches = []
+    for indices in sampler:
+        batches.append(collate(pairs.__getitems__(list(indices))))
+        if len(batches) == n:
+            break
+    return batches, prepared.tokenizer
+
+
+def model_flops(cfg: ModelConfig, n_src: int, n_tgt: int, src_len: int, tgt_len: int) -> float:
+    """Training FLOPs of one step (forward + backward = 3 x forward, matmuls only)."""
+    d, ff = cfg.d_model, cfg.d_ff
+    enc_layer = 4 * d * d + 2 * d * ff  # Q, K, V, O + FFN weights
+    dec_layer = 8 * d * d + 2 * d * ff  # + cross-attention
+    forward = 2 * (
+        cfg.n_encoder_layers * enc_layer * n_src
+        + cfg.n_decoder_layers * dec_layer * n_tgt
+        + cfg.tgt_vocab_size * d * n_tgt  # output projection
+        + 2
+        * d
+        * (
+            cfg.n_encoder_layers * n_src * src_len
+            + cfg.n_decoder_layers * n_tgt * (tgt_len + src_len)
+        )
+    )
+    return 3.0 * forward
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_training(
+    cfg: ModelConfig, batches: list, device: torch.device, precision: str, warmup: int
+) -> dict:
+    """Time real optimizer steps; the first `warmup` steps are not counted."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(device).train()
+    optimizer, schedule = build_optimizer(model.parameters(), Recipe().optim, cfg.d_model)
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
+    records = []
+    for k, batch in enumerate(batches):
+        batch = batch.to(device)
+        _sync(device)
+        start = time.perf_counter()
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            loss = translation_loss(model, batch.src, batch.tgt_in, batch.tgt_out, 0.1).loss
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        schedule.step()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        if k >= warmup:
+            records.append(
+                (
+                    seconds,
+                    batch.n_src_tokens,
+                    batch.n_tgt_tokens,
+                    batch.src.shape,
+                    batch.tgt_in.shape,
+                )
+            )
+    step = statistics.median(r[0] for r in records)
+    result = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "measured_steps": len(records),
+        "warmup_steps": warmup,
+        "median_step_s": round(step, 4),
+        "train_tgt_tokens_per_s": round(statistics.median(r[2] / r[0] for r in records), 1),
+        "train_src_tgt_tokens_per_s": round(
+            statistics.median((r[1] + r[2]) / r[0] for r in records), 1
+        ),
+        "mean_tgt_tokens_per_batch": round(statistics.mean(r[2] for r in records), 1),
+        "train_peak_mem_mib": round(peak_memory_mib(device), 1),
+    }
+    if device.type == "cuda":
+        flops = statistics.median(
+            model_flops(cfg, r[1], r[2], r[3][1], r[4][1]) / r[0] for r in records
+        )
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+        result["model_tflops_per_s"] = round(flops / 1e12, 1)
+        result["mfu_percent"] = round(100 * flops / peak, 1) if peak else None
+    return result
+
+
+def measure_decoding(model_path: str, recipe: Recipe, device: torch.device, precision: str) -> dict:
+    """Greedy and beam-5 speed and BLEU over the test sentences, with a trained model."""
+    from seq2seq.checkpoint import load_model
+    from seq2seq.evaluate import read_text, score
+    from seq2seq.translate import prepare_model, translate_texts
+
+    test, root = recipe.data.test, recipe.data.root
+    sources = read_text(os.path.join(root, test.src))
+    refs = read_text(os.path.join(root, test.tgt))
+    loaded = load_model(model_path)
+    model = prepare_model(loaded.model, device.type, precision)
+    result: dict = {"decode_sentences": len(sources), "decode_precision": precision}
+    for name, beam in (("greedy", 1), ("beam5", 5)):
+        cfg = dataclasses.replace(loaded.decode, beam=beam, nbest=1)
+        translate_texts(model, loaded.tokenizer, sources[:50], cfg)  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        hyps = translate_texts(model, loaded.tokenizer, sources, cfg)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        out_tokens = sum(len(ids) + 1 for ids in loaded.tokenizer.encode_tgt(hyps))
+        result[f"{name}_sentences_per_s"] = round(len(sources) / seconds, 1)
+        result[f"{name}_tokens_per_s"] = round(out_tokens / seconds, 1)
+        result[f"{name}_bleu"] = round(score(hyps, refs, ["bleu"])["bleu"], 2)
+    return result
+
+
+def machine() -> dict:
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    }
+
+
+def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
+    """Everything `seq2seq bench` measures, as one dict."""
+    device = torch.device(args.device)
+    recipe = bench_recipe(args.recipe, args.preset, overrides)
+    run_dir = args.run_dir or os.path.join("runs", "bench-multi30k")
+    batches, tokenizer = training_batches(
+        recipe, run_dir, args.max_tokens, args.warmup + args.steps
+    )
+    cfg = dataclasses.replace(
+        recipe.model,
+        src_vocab_size=tokenizer.src_vocab_size,
+        tgt_vocab_size=tokenizer.tgt_vocab_size,
+    )
+    result = {
+        **machine(),
+        "shape": {
+            k: getattr(cfg, k)
+            for k in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers")
+        },
+        "vocab_size": cfg.tgt_vocab_size,
+        "precision": args.precision,
+        "max_tokens": args.max_tokens,
+    }
+    result.update(measure_training(cfg, batches, device, args.precision, args.warmup))
+    if args.model:
+        result.update(measure_decoding(args.model, recipe, device, args.decode_precision))
+    return result
+
+
+def format_result(result: dict) -> str:
+    lines = [
+        f"seq2seq bench on {result['device_name']} ({result['machine']}, {result['cpu_count']} cores, "
+        f"torch {result['torch']}, {result['threads']} threads)"
+    ]
+    lines += [
+        f"  {key:<28} {value}" for key, value in result.items() if key not in ("machine", "torch")
+    ]
+    return "\n".join(lines)
+
+
+def bench_cli(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    result = run_bench(args, overrides)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0

@@ -1,0 +1,66 @@
+"""`seq2seq bench` runs and reports its fields (never a speed: timings are not asserted)."""
+
+import json
+
+import torch
+
+from seq2seq.checkpoint import inference_state
+from seq2seq.cli import main
+from seq2seq.config import DecodeConfig, preset
+from seq2seq.model import Transformer
+from seq2seq.tokenizer import Tokenizer
+
+
+def bench_args(slice_dir, run_dir):
+    return [
+        "bench",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--max-tokens",
+        "600",
+        "--json",
+        "--run-dir",
+        str(run_dir),
+        "--data.root",
+        str(slice_dir),
+        "--data.download",
+        "null",
+        "--data.tokenizer.vocab_size",
+        "500",
+    ]
+
+
+def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_path, capsys):
+    run_dir = tmp_path / "bench"
+    assert main(bench_args(multi30k_slice, run_dir)) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("train_tgt_tokens_per_s", "train_src_tgt_tokens_per_s", "train_peak_mem_mib"):
+        assert result[key] > 0
+    assert result["measured_steps"] == 2 and result["warmup_steps"] == 1
+    assert result["vocab_size"] == 500 and result["shape"]["d_model"] == 32
+    assert result["threads"] >= 1 and result["torch"] == torch.__version__
+
+    tokenizer = Tokenizer.load(run_dir)  # the bench's own 500-piece vocabulary
+    cfg = preset("tiny", src_vocab_size=500, tgt_vocab_size=500)
+    model = Transformer(cfg)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save(
+        {
+            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+            "seq2seq": inference_state(
+                cfg, tokenizer.to_state(), DecodeConfig(max_len_a=0.5, max_len_b=2), {}
+            ),
+        },
+        checkpoint,
+    )
+    assert main([*bench_args(multi30k_slice, run_dir), "-m", str(checkpoint)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["decode_sentences"] == 200
+    for key in ("greedy_sentences_per_s", "beam5_sentences_per_s"):
+        assert result[key] > 0
+    for key in ("greedy_bleu", "beam5_bleu"):
+        assert 0.0 <= result[key] <= 100.0
