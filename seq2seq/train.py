@@ -30,6 +30,7 @@ from seq2seq.checkpoint import (
 )
 from seq2seq.config import Recipe
 from seq2seq.module import TranslationModule
+from seq2seq.progress import StepProgressBar
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.tokenizer import Tokenizer
 
@@ -130,7 +131,12 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         save_top_k=t.save_top_k,
         save_last=True,
     )
-    callbacks: list[Callback] = [best, CurvesCallback(run_dir), FinalState(run_dir)]
+    callbacks: list[Callback] = [
+        best,
+        CurvesCallback(run_dir),
+        FinalState(run_dir),
+        StepProgressBar(),
+    ]
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_bleu", mode="max", patience=t.early_stopping_patience))
     loggers = [

@@ -271,3 +271,11 @@ def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint
     assert last["global_step"] == 25
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
     assert not (run / "results.json").exists()
+
+
+def test_progress_bar_counts_updates_to_max_steps_on_stderr(multi30k_slice, tmp_path, capsys):
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.max_steps", "20")
+    train(recipe, tmp_path / "bar")
+    captured = capsys.readouterr()
+    assert "20/20" in captured.err and "train_loss=" in captured.err and "lr=" in captured.err
+    assert "20/20" not in captured.out

@@ -1,0 +1,59 @@
+"""The training progress bar: one bar over the whole run, on stderr.
+
+Lightning's default bar restarts every epoch and counts batches; a translation run is
+planned in updates, so this bar counts optimizer steps up to max_steps, shows loss, lr and
+tokens/s beside it, and its ETA is for the whole run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+
+class StepProgressBar(TQDMProgressBar):
+    def __init__(self, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate, leave=False)
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc="train",
+            disable=self.is_disabled,
+            leave=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            smoothing=0.1,
+            unit="step",
+        )
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(
+            desc="validate",
+            position=1,
+            disable=self.is_disabled,
+            leave=False,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = trainer.global_step  # a resumed run starts where it stopped
+        bar.n = trainer.global_step
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: object) -> None:
+        self.train_progress_bar.set_description(f"train (epoch {trainer.current_epoch})")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if step != bar.n and (step % self.refresh_rate == 0 or step == bar.total):
+            bar.update(step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # the bar spans epochs
