@@ -22,6 +22,9 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--beam", type=int, help="beam size; 1 is greedy (default: the model's)")
     p.add_argument("--nbest", type=int, help="hypotheses per sentence: 'index ||| score ||| text'")
     p.add_argument("--lenpen", type=float, help="GNMT length penalty alpha; 0 disables")
+    p.add_argument("--max-len-a", type=float, help="maximum output length a * source length + b")
+    p.add_argument("--max-len-b", type=int, help="maximum output length a * source length + b")
+    p.add_argument("--min-len", type=int, help="minimum output length (pieces before EOS)")
     p.add_argument(
         "--max-tokens", type=int, help="source tokens per decoding batch, padding included"
     )

@@ -213,6 +213,9 @@ def decode_settings(saved: DecodeConfig, args: argparse.Namespace) -> DecodeConf
         "beam": args.beam,
         "nbest": args.nbest,
         "lenpen": args.lenpen,
+        "max_len_a": args.max_len_a,
+        "max_len_b": args.max_len_b,
+        "min_len": args.min_len,
         "max_tokens": args.max_tokens,
     }
     return dataclasses.replace(saved, **{k: v for k, v in given.items() if v is not None})
