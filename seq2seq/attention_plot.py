@@ -63,7 +63,7 @@ def plot_heatmap(weights: Tensor, src_pieces: list[str], tgt_pieces: list[str], 
     fig = Figure(figsize=(max(4.0, 0.35 * S + 2), max(3.0, 0.35 * T + 1.5)))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    image = ax.imshow(weights.numpy(), cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
+    image = ax.imshow(weights.numpy(), cmap="Greys", vmin=0.0, aspect="auto")
     ax.set_xticks(range(S), src_pieces, rotation=90, fontsize=8)
     ax.set_yticks(range(T), tgt_pieces, fontsize=8)
     ax.set_xlabel("source")
