@@ -144,7 +144,9 @@ class _Finished:
     log_prob: Tensor
 
 
-def _collect(finished: list[_Finished], n_sentences: int, nbest: int, alpha: float):
+def _collect(
+    finished: list[_Finished], n_sentences: int, nbest: int, alpha: float
+) -> list[list[Hypothesis]]:
     """Group finished hypotheses by sentence, apply the length penalty, keep the n best."""
     out: list[list[Hypothesis]] = [[] for _ in range(n_sentences)]
     for chunk in finished:
