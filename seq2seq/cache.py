@@ -2,10 +2,12 @@
 
 Per decoder layer:
 - self-attention keys/values grow by one position per decoding step;
-- cross-attention keys/values are projected from the encoder memory once per sentence.
+- cross-attention keys/values are projected from the encoder memory once per sentence, and
+  stay one row per sentence: with beam search, a sentence's k beams (rows sentence-major,
+  row = sentence * k + beam) share them instead of holding k copies.
 
-`reorder(index)` reselects batch rows: beam search uses it to follow the surviving beams,
-and to drop finished sentences so they stop costing compute.
+`reorder(index)` reselects rows when every row is its own sentence (greedy search);
+`reorder_beams(rows, sentences)` follows the surviving beams and drops finished sentences.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ class LayerCache:
         self.self_k, self.self_v = k, v
         return k, v
 
-    def reorder(self, index: Tensor) -> None:
-        for name in ("self_k", "self_v", "cross_k", "cross_v"):
+    def select(self, names: tuple[str, ...], index: Tensor) -> None:
+        for name in names:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.index_select(0, index))
@@ -52,6 +54,19 @@ class DecoderCache:
         return cls(layers=[LayerCache() for _ in range(n_layers)])
 
     def reorder(self, index: Tensor) -> None:
-        """Keep batch rows `index` (B_new,), in that order; B_new may be smaller than B."""
+        """Keep rows `index` (B_new,), in that order, when each row is its own sentence;
+        B_new may be smaller than B."""
         for layer in self.layers:
-            layer.reorder(index)
+            layer.select(_ALL, index)
+
+    def reorder_beams(self, rows: Tensor, sentences: Tensor | None) -> None:
+        """Beam search: self-attention K/V keep `rows` (N' * k,); the per-sentence
+        cross-attention K/V keep `sentences` (N',), or stay as they are when None."""
+        for layer in self.layers:
+            layer.select(_SELF, rows)
+            if sentences is not None:
+                layer.select(_CROSS, sentences)
+
+
+_SELF, _CROSS = ("self_k", "self_v"), ("cross_k", "cross_v")
+_ALL = _SELF + _CROSS

@@ -133,17 +133,28 @@ class CrossAttention(nn.Module):
             _xavier_per_projection(proj, parts)
 
     def forward(self, x: Tensor, memory: Memory, cache: LayerCache | None = None) -> Tensor:
-        """x (B, T, D) attends over memory.states (B, S, D); K/V are projected once per sentence."""
+        """x (R, T, D) attends over memory.states (N, S, D); K/V are projected once per sentence.
+
+        R = N * k: with beam search each sentence's k beams (rows sentence-major) share the
+        sentence's keys/values, and their queries attend in one call.
+        """
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:
             k, v = (split_heads(t, self.n_heads) for t in self.kv(memory.states).chunk(2, dim=-1))
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
-        q = split_heads(self.q(x), self.n_heads)
+        q = split_heads(self.q(x), self.n_heads)  # (R, H, T, Dh)
+        R, H, T, Dh = q.shape
+        N = k.size(0)
+        group = R // N
+        if group > 1:  # (N * k, H, T, Dh) -> (N, H, k * T, Dh)
+            q = q.view(N, group, H, T, Dh).transpose(1, 2).reshape(N, H, group * T, Dh)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=memory.mask, dropout_p=self.dropout if self.training else 0.0
         )
+        if group > 1:
+            y = y.view(N, H, group, T, Dh).transpose(1, 2).reshape(R, H, T, Dh)
         return self.out(merge_heads(y))
 
 

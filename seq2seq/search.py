@@ -278,8 +278,8 @@ def beam_search(
 ) -> list[list[Hypothesis]]:
     """Beam search with cfg.beam beams; arguments as for `search`.
 
-    The first step runs on one row per sentence (so cross-attention K/V are computed once per
-    sentence), then the cache is expanded to K rows per sentence.
+    The first step runs on one row per sentence; then each sentence has K rows (sentence-major)
+    that share its memory and cross-attention K/V (computed once, never copied per beam).
     """
     B, K = src.size(0), cfg.beam
     memory, cache = model.encode(src), model.new_cache()
@@ -302,8 +302,9 @@ def beam_search(
         new, rows, keep = _advance(cand, beams, K, step)
         if keep.numel() == 0:
             break
-        if k != K or keep.numel() < beams.sentence.numel():
-            memory = memory.select((keep * k).repeat_interleave(K))
-        cache.reorder(rows)
+        dropped = keep.numel() < beams.sentence.numel()
+        if dropped:  # memory and cross-attention K/V are per sentence, shared by its beams
+            memory = memory.select(keep)
+        cache.reorder_beams(rows, keep if dropped else None)
         beams = new
     return _collect(finished, B, cfg.nbest, cfg.lenpen)

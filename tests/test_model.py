@@ -180,3 +180,30 @@ def test_too_long_input_names_max_positions():
 def test_padding_embedding_row_is_zero():
     model = tiny_model()
     assert torch.count_nonzero(model.src_embed.tokens.weight[PAD]) == 0
+
+
+def test_beams_sharing_their_sentences_cross_attention_match_the_full_forward_pass():
+    """Beam layout: step 0 has one row per sentence, then k rows per sentence (sentence-major)
+    share the sentence's memory and cross-attention K/V; finished sentences leave."""
+    model, k, BOS = tiny_model(torch.float64), 3, 2
+    src = random_ids(2, 6)
+    src[1, 4:] = PAD
+    tgt = random_ids(2 * k, 5)
+    tgt[:, 0] = BOS
+    with torch.no_grad():
+        full = model.project(model.decode(tgt, model.encode(src.repeat_interleave(k, dim=0))))
+        memory, cache = model.encode(src), model.new_cache()
+        first = model.decode_step(tgt[::k, :1], memory, cache)  # (2, 1, V): one row per sentence
+        torch.testing.assert_close(first[:, 0], full[::k, 0], rtol=0, atol=1e-10)
+        cache.reorder_beams(torch.arange(2).repeat_interleave(k), sentences=None)
+        for t in (1, 2):
+            step = model.decode_step(tgt[:, t : t + 1], memory, cache)[:, 0]
+            torch.testing.assert_close(step, full[:, t], rtol=0, atol=1e-10)
+        assert cache.layers[0].cross_k.size(0) == 2  # one copy per sentence, not per beam
+        keep = torch.tensor([1])  # sentence 0 finished: only sentence 1's beams go on
+        rows = torch.arange(k, 2 * k)
+        cache.reorder_beams(rows, sentences=keep)
+        memory = memory.select(keep)
+        for t in (3, 4):
+            step = model.decode_step(tgt[rows, t : t + 1], memory, cache)[:, 0]
+            torch.testing.assert_close(step, full[rows, t], rtol=0, atol=1e-10)

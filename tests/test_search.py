@@ -24,6 +24,9 @@ class PrefixCache:
     def reorder(self, index: torch.Tensor) -> None:
         self.prefixes = self.prefixes.index_select(0, index)
 
+    def reorder_beams(self, rows: torch.Tensor, sentences: torch.Tensor | None) -> None:
+        self.reorder(rows)  # prefixes are per row; the scripted decoder has no per-sentence state
+
 
 class ScriptedDecoder:
     """Next-token probabilities fixed per prefix; a prefix not in the script gets `default`."""
