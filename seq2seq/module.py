@@ -50,22 +50,38 @@ class TranslationModule(L.LightningModule):
         self._tokens_since, self._time_since = 0, time.perf_counter()
         self._train_tokens, self._train_seconds, self._step_start = 0, 0.0, 0.0
         self.last_saved_step = -1  # global step of the latest checkpoint written
+        self._nonfinite: torch.Tensor | None = None  # count of NaN/inf losses, on the device
 
     # --- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = translation_loss(
             self._forward, batch.src, batch.tgt_in, batch.tgt_out, self.optim.label_smoothing
         )
-        if not torch.isfinite(out.loss):
-            raise NonFiniteLossError(
-                f"loss is {out.loss.item()} at step {self.global_step}; stopping. The last good "
-                "checkpoint is kept: lower optim.lr or raise optim.warmup_steps, then resume."
-            )
+        self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens
         self.log("train_loss", out.loss, prog_bar=True, batch_size=out.n_tokens)
         self.log("train_nll", out.nll, batch_size=out.n_tokens)
         self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
         return out.loss
+
+    def _note_nonfinite(self, loss: torch.Tensor) -> None:
+        """Count NaN/inf losses on the device (no host sync); read the count every step on a
+        CPU, every log_every_n_steps on an accelerator, and always before validation, so a
+        non-finite model never reaches a checkpoint."""
+        bad = (~torch.isfinite(loss.detach())).int()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
+        if loss.device.type == "cpu" or self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._nonfinite is not None and int(self._nonfinite) > 0:
+            raise NonFiniteLossError(
+                f"the loss became NaN or infinite at step {self.global_step}; stopping. The last "
+                "good checkpoint is kept: lower optim.lr or raise optim.warmup_steps, then resume."
+            )
+
+    def on_validation_start(self) -> None:
+        self._raise_if_nonfinite()
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._step_start = time.perf_counter()

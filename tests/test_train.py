@@ -265,7 +265,7 @@ def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
     last_line = err.splitlines()[-1]
-    assert last_line.startswith("seq2seq train: error: loss is nan at step 25")
+    assert last_line.startswith("seq2seq train: error: the loss became NaN or infinite at step 25")
     assert "last good checkpoint" in last_line
     last = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 25
@@ -279,3 +279,29 @@ def test_progress_bar_counts_updates_to_max_steps_on_stderr(multi30k_slice, tmp_
     captured = capsys.readouterr()
     assert "20/20" in captured.err and "train_loss=" in captured.err and "lr=" in captured.err
     assert "20/20" not in captured.out
+
+
+def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, monkeypatch, capsys):
+    import seq2seq.module as module_file
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(module_file, "translation_loss", exhausted)
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache")
+    monkeypatch.setattr("seq2seq.recipe.load_recipe", lambda *a, **k: recipe)
+    assert main(["train", RECIPE, "--run-dir", str(tmp_path / "oom")]) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "out of memory with data.max_tokens=1200" in last_line
+    assert "--data.max_tokens" in last_line
+
+
+def test_bf16_mixed_precision_trains_on_cpu(multi30k_slice, tmp_path):
+    recipe = tiny_recipe(
+        multi30k_slice, tmp_path / "cache", "--trainer.precision", "bf16-mixed",
+        "--trainer.max_steps", "10", "--trainer.val_check_interval", "10",
+        "--trainer.average_last", "0",
+    )
+    results = train(recipe, tmp_path / "bf16")
+    assert results["steps"] == 10
+    assert (tmp_path / "bf16" / "checkpoints" / "last.ckpt").is_file()
