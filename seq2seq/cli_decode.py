@@ -96,8 +96,15 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--max-tokens", type=int, default=4000, help="target tokens per training batch")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up steps")
-    p.add_argument("--decode-precision", default="fp32", choices=["fp32", "bf16", "fp16", "int8"],
-                   help="precision of the decoding measurement (with -m)")
-    p.add_argument("--run-dir", help="where the bench's tokenizer and data caches go (default runs/bench-multi30k)")
+    p.add_argument(
+        "--decode-precision",
+        default="fp32",
+        choices=["fp32", "bf16", "fp16", "int8"],
+        help="precision of the decoding measurement (with -m)",
+    )
+    p.add_argument(
+        "--run-dir",
+        help="where the bench's tokenizer and data caches go (default runs/bench-multi30k)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=handler)

@@ -70,7 +70,10 @@ class TranslationModule(L.LightningModule):
         non-finite model never reaches a checkpoint."""
         bad = (~torch.isfinite(loss.detach())).int()
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite + bad
-        if loss.device.type == "cpu" or self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        if (
+            loss.device.type == "cpu"
+            or self.global_step % max(self.trainer.log_every_n_steps, 1) == 0
+        ):
             self._raise_if_nonfinite()
 
     def _raise_if_nonfinite(self) -> None:

@@ -298,9 +298,16 @@ def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, m
 
 def test_bf16_mixed_precision_trains_on_cpu(multi30k_slice, tmp_path):
     recipe = tiny_recipe(
-        multi30k_slice, tmp_path / "cache", "--trainer.precision", "bf16-mixed",
-        "--trainer.max_steps", "10", "--trainer.val_check_interval", "10",
-        "--trainer.average_last", "0",
+        multi30k_slice,
+        tmp_path / "cache",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--trainer.max_steps",
+        "10",
+        "--trainer.val_check_interval",
+        "10",
+        "--trainer.average_last",
+        "0",
     )
     results = train(recipe, tmp_path / "bf16")
     assert results["steps"] == 10
