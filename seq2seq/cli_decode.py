@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
+#: Decoding precisions (seq2seq.translate.prepare_model); int8 is CPU-only dynamic quantization.
+DECODE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
@@ -32,7 +34,7 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "int8"],
+        choices=DECODE_PRECISIONS,
         help="int8: dynamic quantization of the linear layers (CPU only)",
     )
     p.add_argument(
@@ -99,7 +101,7 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--decode-precision",
         default="fp32",
-        choices=["fp32", "bf16", "fp16", "int8"],
+        choices=DECODE_PRECISIONS,
         help="precision of the decoding measurement (with -m)",
     )
     p.add_argument(
