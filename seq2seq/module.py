@@ -77,7 +77,12 @@ class TranslationModule(L.LightningModule):
             self._raise_if_nonfinite()
 
     def _raise_if_nonfinite(self) -> None:
-        if self._nonfinite is not None and int(self._nonfinite) > 0:
+        """Every rank reaches this at the same step; the decision is collective ('any rank'),
+        so no rank is left waiting in an all-reduce for one that stopped."""
+        bad = self._nonfinite is not None and int(self._nonfinite) > 0
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
             raise NonFiniteLossError(
                 f"the loss became NaN or infinite at step {self.global_step}; stopping. The last "
                 "good checkpoint is kept: lower optim.lr or raise optim.warmup_steps, then resume."

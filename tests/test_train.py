@@ -312,3 +312,30 @@ def test_bf16_mixed_precision_trains_on_cpu(multi30k_slice, tmp_path):
     results = train(recipe, tmp_path / "bf16")
     assert results["steps"] == 10
     assert (tmp_path / "bf16" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_rank_with_a_finite_loss_stops_when_another_rank_saw_nan():
+    """The NaN decision is collective ('any rank'): no rank is left waiting in an all-reduce."""
+    from types import SimpleNamespace
+
+    from seq2seq.config import DecodeConfig, OptimConfig, preset
+    from seq2seq.module import NonFiniteLossError, TranslationModule
+
+    module = TranslationModule(
+        preset("tiny", src_vocab_size=20, tgt_vocab_size=20), OptimConfig(), DecodeConfig(), {}
+    )
+    asked = []
+
+    def any_rank(decision, all=True):
+        asked.append((decision, all))
+        return True  # the other rank's loss was NaN
+
+    module._trainer = SimpleNamespace(
+        world_size=2,
+        log_every_n_steps=1,
+        global_step=3,
+        strategy=SimpleNamespace(reduce_boolean_decision=any_rank),
+    )
+    with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
+        module._note_nonfinite(torch.tensor(1.5))  # this rank's loss is finite
+    assert asked == [(False, False)]
