@@ -11,27 +11,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from seq2seq.checkpoint import KEY, CheckpointError, checkpoint_dir, read_checkpoint
+from seq2seq.checkpoint import (
+    KEY,
+    CheckpointError,
+    checkpoint_dir,
+    checkpoints_by_step,
+    read_checkpoint,
+)
 
 log = logging.getLogger(__name__)
-
-_STEP = re.compile(r"^step(\d+)-bleu.*\.ckpt$")
-
-
-def checkpoints_by_step(run_dir: str | os.PathLike) -> list[Path]:
-    """The kept `checkpoints/step*-bleu*.ckpt` of a run, oldest step first."""
-    found = []
-    for path in checkpoint_dir(run_dir).glob("step*-bleu*.ckpt"):
-        match = _STEP.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found)]
 
 
 def last_checkpoints(run_dir: str | os.PathLike, n: int | None) -> list[Path]:

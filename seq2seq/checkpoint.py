@@ -29,7 +29,9 @@ from seq2seq.model import Transformer
 
 KEY = "seq2seq"
 FORMAT_VERSION = 1
-_BEST = re.compile(r"step(\d+)-bleu(-?[\d.]+)\.ckpt$")
+#: Best-k checkpoint files, as train.py's ModelCheckpoint names them:
+#: step{step:07d}-bleu{val_bleu:.2f}.ckpt
+_KEPT = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
 
 
 class CheckpointError(ValueError):
@@ -45,14 +47,31 @@ def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return path if path.is_file() else None
 
 
-def ranked_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Best-k checkpoints, best validation BLEU first (ties: later step first)."""
+def kept_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, float | None, Path]]:
+    """(step, validation BLEU, path) of every best-k checkpoint file of a run; BLEU is None
+    when the name carries no number."""
     found = []
     for path in checkpoint_dir(run_dir).glob("step*-bleu*.ckpt"):
-        match = _BEST.search(path.name)
+        match = _KEPT.match(path.name)
         if match:
-            found.append((float(match.group(2)), int(match.group(1)), path))
-    return [p for _, _, p in sorted(found, reverse=True)]
+            found.append((int(match.group(1)), _number(match.group(2)), path))
+    return found
+
+
+def _number(text: str) -> float | None:
+    """A plain decimal such as '35.75' (not 'nan' or 'inf': those rank nothing)."""
+    return float(text) if text.lstrip("-").replace(".", "", 1).isdigit() else None
+
+
+def ranked_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Best-k checkpoints, best validation BLEU first (ties: later step first)."""
+    scored = [(bleu, step, p) for step, bleu, p in kept_checkpoints(run_dir) if bleu is not None]
+    return [p for _, _, p in sorted(scored, reverse=True)]
+
+
+def checkpoints_by_step(run_dir: str | os.PathLike) -> list[Path]:
+    """The kept best-k checkpoints of a run, oldest step first."""
+    return [p for _, _, p in sorted(kept_checkpoints(run_dir), key=lambda kept: kept[0])]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -23,9 +23,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from seq2seq.checkpoint import (
     checkpoint_dir,
+    checkpoints_by_step,
     last_checkpoint,
     load_model,
-    ranked_checkpoints,
     resolve_checkpoint,
 )
 from seq2seq.config import Recipe
@@ -242,9 +242,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall:
     from seq2seq.translate import translate_texts
 
     if recipe.trainer.average_last > 1:
-        kept = sorted(ranked_checkpoints(run_dir), key=lambda p: p.name)[
-            -recipe.trainer.average_last :
-        ]
+        kept = checkpoints_by_step(run_dir)[-recipe.trainer.average_last :]
         if len(kept) > 1:
             average_checkpoints(kept, checkpoint_dir(run_dir) / "averaged.ckpt")
     chosen = resolve_checkpoint(run_dir)
