@@ -10,6 +10,13 @@ spreads eps over the V - 1 other classes instead, a difference of eps / V on the
 Both terms come from one fused log_softmax over the vocabulary, and the backward pass writes the
 closed-form gradient (softmax - q) * g into one (N, V) buffer: a few sweeps over the
 vocabulary instead of the dozen that autograd's composition of logsumexp/gather/mean takes.
+
+Training goes one step further (`projected_cross_entropy`): the output projection and the loss
+run together over chunks of target positions, and each chunk's gradients with respect to the
+decoder states and the output weight are formed right away, while its logits are still in
+cache. No (N, V) tensor ever exists: the vocabulary-sized sweeps run on cache-sized chunks, and
+the memory they took (logits, log-probabilities and their gradient, V floats per target token)
+is gone. The matmuls are the same three as autograd's.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from seq2seq.model import Transformer
 
@@ -79,6 +88,90 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None
 
 
+#: Logits per chunk of `projected_cross_entropy`: about 8 MB of float32 on a CPU (cache-sized),
+#: 512 MB on an accelerator (few launches, bounded memory).
+CHUNK_ELEMENTS = {"cpu": 2**21}
+DEFAULT_CHUNK_ELEMENTS = 2**27
+
+
+def projected_cross_entropy(
+    states: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, epsilon: float
+) -> LossOutput:
+    """The smoothed loss of softmax(states @ weight.T + bias) against `target`, chunk by chunk.
+
+    states (N, D) are real target positions only (no padding), weight (V, D). Equal to
+    `label_smoothed_cross_entropy(F.linear(states, weight, bias), target, epsilon)`, gradients
+    included, without materialising the (N, V) logits.
+    """
+    n = target.numel()
+    rows = max(1, CHUNK_ELEMENTS.get(states.device.type, DEFAULT_CHUNK_ELEMENTS) // weight.size(0))
+    grads = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (states, weight, bias)
+    )
+    loss, nll = _ProjectedSmoothedCrossEntropy.apply(
+        states, weight, bias, target, epsilon, rows, grads
+    )
+    denom = max(n, 1)
+    return LossOutput(loss=loss / denom, nll=nll / denom, n_tokens=n)
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
+    """Summed smoothed loss and NLL of F.linear(states, weight, bias); the gradients (for a
+    unit upstream gradient) are built in the forward pass, one chunk of `rows` positions at a
+    time, and only scaled in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, target, epsilon: float, rows: int, grads: bool):
+        acc = torch.promote_types(states.dtype, torch.float32)  # float32, or float64
+        V = weight.size(0)
+        # Under autocast the matmuls pick their own dtype; otherwise they run in `acc`.
+        autocast = torch.is_autocast_enabled(states.device.type)
+        w = weight if autocast else weight.to(acc)
+        loss = torch.zeros((), dtype=acc, device=states.device)
+        nll = torch.zeros((), dtype=acc, device=states.device)
+        if grads:
+            grad_states = torch.empty_like(states)
+            grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+            grad_bias = None if bias is None else torch.zeros(V, dtype=acc, device=bias.device)
+        for start in range(0, states.size(0), rows):
+            h, t = states[start : start + rows], target[start : start + rows]
+            log_probs = torch.log_softmax(F.linear(h, weight, bias).to(acc), dim=-1)
+            chunk_nll = -log_probs.gather(-1, t[:, None])
+            nll += chunk_nll.sum()
+            loss += (1.0 - epsilon) * chunk_nll.sum() - epsilon / V * log_probs.sum()
+            if not grads:
+                continue
+            g = log_probs.exp_()  # softmax, in place: d loss / d logits = softmax - q
+            g.sub_(epsilon / V)
+            g[torch.arange(t.numel(), device=t.device), t] -= 1.0 - epsilon
+            grad_states[start : start + rows] = torch.mm(g, w)
+            grad_weight += torch.mm(g.t(), h if autocast else h.to(acc))
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        ctx.mark_non_differentiable(nll)
+        if grads:
+            ctx.weight_dtype = weight.dtype
+            ctx.save_for_backward(grad_states, grad_weight, grad_bias)
+        return loss, nll
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
+        grad_states, grad_weight, grad_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        return (
+            grad_states * grad_loss.to(grad_states.dtype) if need[0] else None,
+            (grad_weight * grad_loss).to(ctx.weight_dtype) if need[1] else None,
+            (grad_bias * grad_loss).to(ctx.weight_dtype)
+            if need[2] and grad_bias is not None
+            else None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
 def translation_loss(
     model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, epsilon: float
 ) -> LossOutput:
@@ -89,5 +182,5 @@ def translation_loss(
     """
     states = model(src, tgt_in)  # (B, T, D)
     keep = tgt_out != model.cfg.pad_id  # (B, T)
-    logits = model.project(states[keep])  # (N, V)
-    return label_smoothed_cross_entropy(logits, tgt_out[keep], epsilon)
+    weight, bias = model.output_projection()
+    return projected_cross_entropy(states[keep], weight, bias, tgt_out[keep], epsilon)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
+from seq2seq.dropout import Dropout
 
 
 # --- 3.5 Positional encoding ----------------------------------------------------------------
@@ -51,7 +52,7 @@ class Embedding(nn.Module):
         self.register_buffer(
             "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
         )
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         """ids (B, L) -> (B, L, D); `offset` is the position of ids[:, 0] (incremental decoding)."""
@@ -166,7 +167,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.dropout = nn.Dropout(cfg.activation_dropout)
+        self.dropout = Dropout(cfg.activation_dropout)
         for w in (self.w1, self.w2):
             _xavier_per_projection(w, 1)
 
@@ -181,7 +182,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.pre_norm = cfg.pre_norm
 
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
@@ -288,8 +289,13 @@ class Transformer(nn.Module):
 
     def project(self, states: Tensor) -> Tensor:
         """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""
+        return F.linear(states, *self.output_projection())
+
+    def output_projection(self) -> tuple[Tensor, Tensor | None]:
+        """The pre-softmax linear's weight (V_tgt, D), tied to the target embedding by
+        default, and its bias (None: the paper has none)."""
         weight = self.tgt_embed.tokens.weight if self.output_weight is None else self.output_weight
-        return F.linear(states, weight, self.output_bias)
+        return weight, self.output_bias
 
     def new_cache(self) -> DecoderCache:
         return DecoderCache.empty(len(self.decoder_layers))

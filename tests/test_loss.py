@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import preset
-from seq2seq.loss import label_smoothed_cross_entropy, translation_loss
+from seq2seq.loss import label_smoothed_cross_entropy, projected_cross_entropy, translation_loss
 from seq2seq.model import Transformer
 
 PAD = 0
@@ -112,3 +112,58 @@ def test_bfloat16_logits_get_a_bfloat16_gradient_and_a_float32_loss():
     out = label_smoothed_cross_entropy(low, target, 0.1, ignore_index=PAD)
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and low.grad.dtype == torch.bfloat16
+
+
+def projection_problem(N=11, D=5, V=9, bias=True):
+    torch.manual_seed(2)
+    states = torch.randn(N, D, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, D, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(V, dtype=torch.float64, requires_grad=True) if bias else None
+    target = torch.randint(1, V, (N,))
+    return states, weight, b, target
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 4, 11, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_chunked_projection_loss_equals_full_logits_loss_and_gradients(
+    monkeypatch, chunk_rows, bias
+):
+    from seq2seq import loss as loss_module
+
+    monkeypatch.setitem(loss_module.CHUNK_ELEMENTS, "cpu", chunk_rows * 9)  # rows per chunk
+    states, weight, b, target = projection_problem(bias=bias)
+    out = projected_cross_entropy(states, weight, b, target, 0.1)
+    (out.loss * 3.0).backward()  # a non-unit upstream gradient is scaled through
+    got = [t.grad.clone() for t in (states, weight, b) if t is not None]
+    for t in (states, weight, b):
+        if t is not None:
+            t.grad = None
+    ref = label_smoothed_cross_entropy(F.linear(states, weight, b), target, 0.1)
+    (ref.loss * 3.0).backward()
+    want = [t.grad for t in (states, weight, b) if t is not None]
+    torch.testing.assert_close(out.loss, ref.loss)
+    torch.testing.assert_close(out.nll, ref.nll)
+    assert out.n_tokens == ref.n_tokens == 11
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_chunked_projection_loss_under_no_grad_builds_no_gradients():
+    states, weight, b, target = projection_problem()
+    with torch.no_grad():
+        out = projected_cross_entropy(states, weight, b, target, 0.1)
+    assert not out.loss.requires_grad
+    ref = label_smoothed_cross_entropy(F.linear(states, weight, b), target, 0.1)
+    torch.testing.assert_close(out.loss, ref.loss.detach())
+
+
+def test_chunked_projection_loss_under_bf16_autocast_is_float32_and_close():
+    states, weight, _, target = projection_problem(N=64, D=32, V=50, bias=False)
+    states, weight = (t.detach().float().requires_grad_() for t in (states, weight))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = projected_cross_entropy(states, weight, None, target, 0.1)
+    out.loss.backward()
+    assert out.loss.dtype == torch.float32
+    assert states.grad.dtype == weight.grad.dtype == torch.float32
+    ref = label_smoothed_cross_entropy(F.linear(states, weight), target, 0.1)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=2e-2, atol=2e-2)
