@@ -28,6 +28,11 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--max-len-b", type=int, help="maximum output length a * source length + b")
     p.add_argument("--min-len", type=int, help="minimum output length (pieces before EOS)")
     p.add_argument(
+        "--stop",
+        choices=["beam", "best"],
+        help="end a sentence's beam search once `beam` hypotheses ended, or once its best did",
+    )
+    p.add_argument(
         "--max-tokens", type=int, help="source tokens per decoding batch, padding included"
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -252,8 +252,15 @@ class DecodeConfig:
     """Minimum output length (EOS is forbidden before it)."""
     max_tokens: int = 4096
     """Source tokens in one decoding batch, padding included (a longer sentence goes alone)."""
+    stop: str = "beam"
+    """When beam search ends a sentence: 'beam' once `beam` hypotheses have ended (fairseq's
+    rule, Hugging Face's early_stopping); 'best' as soon as its best candidate ends, once `nbest`
+    hypotheses have ended (OpenNMT-py's and CTranslate2's rule): fewer steps, and the same
+    1-best when lenpen is 0, since no longer hypothesis can then score higher."""
 
     def __post_init__(self) -> None:
+        if self.stop not in ("beam", "best"):
+            raise ValueError(f"decode.stop={self.stop!r} must be 'beam' or 'best'")
         if self.beam < 1:
             raise ValueError(f"decode.beam={self.beam} must be at least 1")
         if not 1 <= self.nbest <= self.beam:

@@ -13,8 +13,12 @@ log-probabilities, the final EOS included, divided by the GNMT length penalty (W
 with alpha = `DecodeConfig.lenpen` (0 turns it off). At most `max_len = floor(a * |x| + b)`
 tokens are generated, |x| the source length with its EOS (after that, EOS is forced), and EOS
 is forbidden before `min_len` tokens. Beam search ranks its candidates by raw log-probability
-(as fairseq does), applies the length penalty to finished hypotheses, and stops a sentence
-once `K` hypotheses have finished (the "early stopping" of fairseq and Hugging Face).
+(as fairseq does) and applies the length penalty to finished hypotheses. It stops a sentence
+once `K` hypotheses have finished (`stop='beam'`, the "early stopping" of fairseq and Hugging
+Face), or with `stop='best'` as soon as the sentence's best candidate is EOS and `nbest`
+hypotheses have finished (OpenNMT-py's and CTranslate2's rule). Candidates of one step all have
+the same length, so the best by raw log-probability is also the best by score; with lenpen 0
+every continuation of another beam scores lower still, so both rules give the same 1-best.
 """
 
 from __future__ import annotations
@@ -247,18 +251,23 @@ def _finish(cand: _Candidates, beams: _Beams, K: int) -> _Finished | None:
     return _Finished(beams.sentence[n], beams.tokens[rows, 1:], cand.log_prob[n, j])
 
 
-def _advance(cand: _Candidates, beams: _Beams, K: int, step: int) -> tuple[_Beams, Tensor, Tensor]:
+def _advance(
+    cand: _Candidates, beams: _Beams, cfg: DecodeConfig, step: int
+) -> tuple[_Beams, Tensor, Tensor]:
     """Next beams: each sentence's best K non-EOS candidates; sentences that are done leave.
 
     Returns the new beams, the cache rows to keep (N' * K,) and the sentences kept (N',).
     """
     N, k = beams.log_prob.shape
+    K = cfg.beam
     rank = torch.arange(2 * K, device=cand.token.device)
     order = (cand.token == EOS).long() * (2 * K) + rank  # non-EOS first, best first
     pick = order.topk(K, dim=1, largest=False).indices  # (N, K)
     beam = cand.beam.gather(1, pick)
     rows = torch.arange(N, device=beam.device)[:, None] * k + beam  # (N, K)
     done = (beams.n_finished >= K) | (step >= beams.max_len)
+    if cfg.stop == "best":
+        done |= (cand.token[:, 0] == EOS) & (beams.n_finished >= cfg.nbest)
     keep = (~done).nonzero().squeeze(1)  # (N',)
     rows = rows[keep].view(-1)
     tokens = torch.cat([beams.tokens[rows], cand.token.gather(1, pick)[keep].view(-1, 1)], dim=1)
@@ -299,7 +308,7 @@ def beam_search(
         ended = _finish(cand, beams, K)
         if ended is not None:
             finished.append(ended)
-        new, rows, keep = _advance(cand, beams, K, step)
+        new, rows, keep = _advance(cand, beams, cfg, step)
         if keep.numel() == 0:
             break
         dropped = keep.numel() < beams.sentence.numel()

@@ -217,6 +217,7 @@ def decode_settings(saved: DecodeConfig, args: argparse.Namespace) -> DecodeConf
         "max_len_b": args.max_len_b,
         "min_len": args.min_len,
         "max_tokens": args.max_tokens,
+        "stop": args.stop,
     }
     return dataclasses.replace(saved, **{k: v for k, v in given.items() if v is not None})
 

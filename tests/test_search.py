@@ -196,3 +196,46 @@ def test_output_never_exceeds_the_model_position_limit():
     model, src = tiny_model(), random_batch([12])
     hyps = search(model, src, cfg(beam=2, max_len_a=5.0), max_positions=6)
     assert len(hyps[0][0].tokens) <= 5
+
+
+# [A] ends first with 0.54; beam 2 also keeps [B, A] and [B, B] (0.2 each), which end next step.
+TOP_ENDS_FIRST = {(): {A: 0.6, B: 0.4}, (A,): {EOS: 0.9, A: 0.05, B: 0.05}, (B,): {A: 0.5, B: 0.5}}
+
+
+def test_stop_best_ends_a_sentence_as_soon_as_its_best_candidate_ends():
+    rows = {}
+    for stop in ("beam", "best"):
+        decoder = ScriptedDecoder(TOP_ENDS_FIRST)
+        hyps = beam_search(decoder, SRC, cfg(beam=2, stop=stop))[0]
+        assert hyps[0].tokens == [A] and hyps[0].score == pytest.approx(math.log(0.54))
+        rows[stop] = decoder.rows_per_step
+    assert rows == {"beam": [1, 2, 2], "best": [1, 2]}
+
+
+def random_script(seed: int, depth: int = 5) -> dict[tuple[int, ...], dict[int, float]]:
+    """Random next-token distributions over {unk, eos, A, B} for every prefix up to `depth`."""
+    g = torch.Generator().manual_seed(seed)
+    script = {}
+    for n in range(depth):
+        for prefix in itertools.product([1, A, B], repeat=n):
+            probs = torch.rand(4, generator=g, dtype=torch.float64) ** 3
+            script[prefix] = dict(zip([1, EOS, A, B], (probs / probs.sum()).tolist(), strict=True))
+    return script
+
+
+def test_stop_best_gives_the_same_1best_without_length_penalty_in_fewer_decoder_rows():
+    rows = {"beam": 0, "best": 0}
+    for seed in range(20):
+        found = {}
+        for stop in rows:
+            decoder = ScriptedDecoder(random_script(seed))
+            found[stop] = beam_search(decoder, SRC, cfg(beam=3, max_len_b=6, stop=stop))[0][0]
+            rows[stop] += sum(decoder.rows_per_step)
+        assert found["best"].tokens == found["beam"].tokens
+        assert found["best"].score == found["beam"].score
+    assert rows["best"] < rows["beam"]
+
+
+def test_an_unknown_stop_rule_is_refused():
+    with pytest.raises(ValueError, match="decode.stop='never' must be 'beam' or 'best'"):
+        DecodeConfig(stop="never")
