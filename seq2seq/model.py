@@ -9,6 +9,10 @@ Conventions: B batch, S source length, T target length, D d_model, H heads, Dh =
 Masks are boolean with True = "may attend", as `F.scaled_dot_product_attention` takes them.
 Padding is always on the right, so the causal mask alone keeps every real target position
 from seeing padding (padding sits only after it).
+
+The encoder runs its position-wise layers (projections, feed-forward, LayerNorm, dropout) on
+the real source tokens only, packed into (N, D); only attention sees the padded (B, S) layout.
+Padding therefore costs no FLOPs outside attention; the result is the same.
 """
 
 from __future__ import annotations
@@ -78,6 +82,31 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
 
 
+@dataclass
+class Packing:
+    """Where the real tokens of a right-padded (B, L) batch are: `index` (N,) holds their flat
+    positions b * L + l. `pack` keeps those rows of (B, L, C); `unpack` puts them back, with
+    zeros at padding."""
+
+    index: Tensor
+    B: int
+    L: int
+
+    @classmethod
+    def of(cls, real: Tensor) -> Packing | None:
+        """For a (B, L) mask of real tokens; None when there is no padding to skip."""
+        if bool(real.all()):
+            return None
+        return cls(real.reshape(-1).nonzero().squeeze(1), real.size(0), real.size(1))
+
+    def pack(self, x: Tensor) -> Tensor:
+        return x.reshape(self.B * self.L, x.size(-1)).index_select(0, self.index)  # (N, C)
+
+    def unpack(self, x: Tensor) -> Tensor:
+        full = x.new_zeros(self.B * self.L, x.size(-1)).index_copy(0, self.index, x)
+        return full.view(self.B, self.L, x.size(-1))  # (B, L, C)
+
+
 def _xavier_per_projection(linear: nn.Linear, n_parts: int) -> None:
     """Xavier-uniform init of each d_model x d_model block of a fused projection, zero bias."""
     for w in linear.weight.chunk(n_parts, dim=0):
@@ -97,10 +126,19 @@ class SelfAttention(nn.Module):
         _xavier_per_projection(self.out, 1)
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, causal: bool, cache: LayerCache | None = None
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        cache: LayerCache | None = None,
+        packing: Packing | None = None,
     ) -> Tensor:
-        """x (B, L, D); mask (B, 1, 1, L) key-padding mask or None; causal for the decoder."""
-        q, k, v = (split_heads(t, self.n_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        """x (B, L, D), or (N, D) real tokens with their `packing`; mask (B, 1, 1, L)
+        key-padding mask or None; causal for the decoder."""
+        qkv = self.qkv(x)
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # (B, L, 3D), zeros at padding (masked keys)
+        q, k, v = (split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))
         past = 0
         if cache is not None:
             past = 0 if cache.self_k is None else cache.self_k.size(2)
@@ -118,7 +156,8 @@ class SelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
         )
-        return self.out(merge_heads(y))
+        y = merge_heads(y)
+        return self.out(y if packing is None else packing.pack(y))
 
 
 class CrossAttention(nn.Module):
@@ -197,8 +236,11 @@ class EncoderLayer(nn.Module):
         self.self_attn, self.self_attn_res = SelfAttention(cfg), Residual(cfg)
         self.ffn, self.ffn_res = FeedForward(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, src_mask: Tensor) -> Tensor:
-        x = self.self_attn_res(x, lambda h: self.self_attn(h, src_mask, causal=False))
+    def forward(self, x: Tensor, src_mask: Tensor, packing: Packing | None = None) -> Tensor:
+        """x (B, S, D), or (N, D) real tokens with their `packing`."""
+        x = self.self_attn_res(
+            x, lambda h: self.self_attn(h, src_mask, causal=False, packing=packing)
+        )
         return self.ffn_res(x, self.ffn)
 
 
@@ -267,11 +309,16 @@ class Transformer(nn.Module):
 
     def encode(self, src: Tensor) -> Memory:
         """src (B, S) ids, right-padded -> Memory with states (B, S, D)."""
-        mask = (src != self.cfg.pad_id)[:, None, None, :]  # (B, 1, 1, S)
+        real = src != self.cfg.pad_id  # (B, S)
+        mask = real[:, None, None, :]  # (B, 1, 1, S)
+        packing = Packing.of(real)
         x = self.src_embed(src)
+        if packing is not None:
+            x = packing.pack(x)  # (N, D): the layers below skip padding
         for layer in self.encoder_layers:
-            x = layer(x, mask)
-        return Memory(self.encoder_norm(x), mask)
+            x = layer(x, mask, packing)
+        x = self.encoder_norm(x)
+        return Memory(x if packing is None else packing.unpack(x), mask)
 
     def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache | None = None) -> Tensor:
         """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D)."""

@@ -105,6 +105,35 @@ def test_outputs_are_the_same_alone_and_inside_a_padded_batch():
     torch.testing.assert_close(batched[1], alone_b[0], rtol=0, atol=1e-10)
 
 
+def test_encoder_layers_skip_padding_and_gradients_match_the_unpacked_pass(monkeypatch):
+    from seq2seq import model as model_module
+
+    model = tiny_model(torch.float64)
+    src = random_ids(3, 6)
+    src[0, 2:], src[2, 4:] = PAD, PAD  # 2 + 6 + 4 = 12 real tokens out of 18
+    tgt = random_ids(3, 4)
+    rows_seen = []
+    model.encoder_layers[0].ffn.w1.register_forward_hook(
+        lambda module, args, out: rows_seen.append(args[0].shape[:-1].numel())
+    )
+
+    def grads_and_states():
+        model.zero_grad()
+        states = model(src, tgt)
+        states.pow(2).sum().backward()
+        return states, [p.grad.clone() for p in model.parameters()]
+
+    packed_states, packed_grads = grads_and_states()
+    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real: None))
+    padded_states, padded_grads = grads_and_states()
+    assert rows_seen == [12, 18]  # the feed-forward network saw only real tokens
+    monkeypatch.undo()
+    assert model.encode(src).states[0, 2:].abs().sum() == 0  # padding rows of memory are zero
+    torch.testing.assert_close(packed_states, padded_states, rtol=0, atol=1e-10)
+    for packed, padded in zip(packed_grads, padded_grads, strict=True):
+        torch.testing.assert_close(packed, padded, rtol=0, atol=1e-10)
+
+
 def full_and_incremental_logits(model, src, tgt, reorder=None):
     """Logits of the full forward pass and of token-by-token decoding with the cache."""
     with torch.no_grad():
