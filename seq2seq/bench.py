@@ -20,6 +20,7 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import yaml
 
@@ -55,24 +56,36 @@ def bench_recipe(
     return parse_recipe(text, overrides, f"--preset {preset_name or 'small'}")
 
 
+def comparison_batches(tgt_lengths: np.ndarray, src_lengths: np.ndarray, max_tokens: int):
+    """Batches cut the way the peers' scripts cut them (../shared/bench/peers/common.py), so
+    both sides time the same work: rows sorted by (target, source) length with random ties,
+    cut greedily at `max_tokens` real target tokens (EOS included), batch order shuffled."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(tgt_lengths))
+    order = order[np.lexsort((src_lengths[order], tgt_lengths[order]))]
+    batches, start, total = [], 0, 0
+    for i, row in enumerate(order.tolist()):
+        if i > start and total + tgt_lengths[row] > max_tokens:
+            batches.append(order[start:i].tolist())
+            start, total = i, 0
+        total += int(tgt_lengths[row])
+    batches.append(order[start:].tolist())
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> tuple[list, object]:
-    """`n` shuffled token-budget training batches of real Multi30k pairs, and the tokenizer."""
-    from seq2seq.batching import PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
+    """`n` training batches of real Multi30k pairs of at most `max_tokens` target tokens each,
+    as the peers' scripts cut them, and the tokenizer."""
+    from seq2seq.batching import PairDataset, batch_lengths, collate
     from seq2seq.data import load_splits
     from seq2seq.download import ensure_downloaded
 
     ensure_downloaded(recipe.data)
     prepared = load_splits(recipe.data, run_dir)
-    sampler = TokenBudgetBatchSampler(
-        *batch_lengths(prepared.train), max_tokens, shuffle=True, seed=1
-    )
+    src_lengths, tgt_lengths = batch_lengths(prepared.train)
     pairs = PairDataset(prepared.train)
-    batches = []
-    for indices in sampler:
-        batches.append(collate(pairs.__getitems__(list(indices))))
-        if len(batches) == n:
-            break
-    return batches, prepared.tokenizer
+    chosen = comparison_batches(tgt_lengths, src_lengths, max_tokens)[:n]
+    return [collate(pairs.__getitems__(rows)) for rows in chosen], prepared.tokenizer
 
 
 def model_flops(cfg: ModelConfig, n_src: int, n_tgt: int, src_len: int, tgt_len: int) -> float:

@@ -64,3 +64,22 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
         assert result[key] > 0
     for key in ("greedy_bleu", "beam5_bleu"):
         assert 0.0 <= result[key] <= 100.0
+
+
+def test_comparison_batches_cover_every_row_once_within_the_target_token_budget():
+    import numpy as np
+
+    from seq2seq.bench import comparison_batches
+
+    rng = np.random.default_rng(3)
+    tgt, src = rng.integers(2, 40, 500), rng.integers(2, 40, 500)
+    batches = comparison_batches(tgt, src, 300)
+    rows = sorted(r for b in batches for r in b)
+    assert rows == list(range(500))
+    assert all(tgt[b].sum() <= 300 for b in batches)
+    # Greedy cuts: adding the next row of the (target, source) order would exceed the budget.
+    spans = sorted(
+        (tuple(sorted(zip(tgt[b], src[b], strict=True))) for b in batches), key=lambda x: x[0]
+    )
+    for first, second in zip(spans, spans[1:], strict=False):
+        assert sum(t for t, _ in first) + second[0][0] > 300
