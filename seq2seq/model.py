@@ -298,6 +298,9 @@ class Transformer(nn.Module):
         self.output_bias = (
             nn.Parameter(torch.zeros(cfg.tgt_vocab_size)) if cfg.output_bias else None
         )
+        # An inference-time stand-in for the output projection (a quantized copy: translate
+        # --precision int8); None in training.
+        self.output_layer: nn.Module | None = None
 
     @staticmethod
     def _token_embedding(vocab_size: int, cfg: ModelConfig) -> nn.Embedding:
@@ -336,6 +339,8 @@ class Transformer(nn.Module):
 
     def project(self, states: Tensor) -> Tensor:
         """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""
+        if self.output_layer is not None:
+            return self.output_layer(states)
         return F.linear(states, *self.output_projection())
 
     def output_projection(self) -> tuple[Tensor, Tensor | None]:

@@ -20,6 +20,7 @@ log-probability (see seq2seq.search). A blank input line gives one line `index |
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gzip
 import logging
@@ -190,8 +191,9 @@ def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) ->
 def prepare_model(model: Transformer, device: str, precision: str) -> Transformer:
     """Move to `device` ('auto': cuda when available) and cast or quantize to `precision`.
 
-    int8 is torch's dynamic quantization of the nn.Linear layers (CPU only); the embedding and
-    the tied output projection (F.linear on the embedding weight) stay in float32.
+    int8 is torch's dynamic quantization of the nn.Linear layers (CPU only), the output
+    projection included (through a quantized copy of the tied weight, `output_layer`); the
+    embeddings stay in float32.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -201,9 +203,18 @@ def prepare_model(model: Transformer, device: str, precision: str) -> Transforme
     if precision == "int8":
         if device != "cpu":
             raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
+        weight, bias = model.output_projection()
+        output_layer = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
+        output_layer.load_state_dict(
+            {"weight": weight.detach(), **({"bias": bias.detach()} if bias is not None else {})}
+        )
         with warnings.catch_warnings():  # torch.ao's deprecation notices: stderr stays quiet
             warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            model = copy.deepcopy(model)
+            model.output_layer = output_layer
+            return torch.ao.quantization.quantize_dynamic(
+                model, {nn.Linear}, dtype=torch.qint8, inplace=True
+            )
     return model.to(PRECISIONS[precision])
 
 

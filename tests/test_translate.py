@@ -144,12 +144,19 @@ def test_reduced_precisions_translate_every_line(tmp_path, checkpoint, precision
     assert code == 0 and len(out) == 2 and all(out)
 
 
-def test_int8_quantizes_only_linear_layers_and_keeps_the_tied_output(checkpoint):
-    model = translate.prepare_model(load_model(checkpoint).model, "cpu", "int8")
+def test_int8_quantizes_the_linear_layers_and_the_output_projection_only(checkpoint):
+    original = load_model(checkpoint).model.eval()
+    model = translate.prepare_model(original, "cpu", "int8")
     names = {type(m).__name__ for m in model.modules()}
     assert "Linear" in names  # the dynamically quantized linear (torch.ao...dynamic.Linear)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert model.tgt_embed.tokens.weight.dtype == torch.float32  # the tied output matrix
+    assert type(model.output_layer) is not torch.nn.Linear  # the projection is quantized too
+    assert model.tgt_embed.tokens.weight.dtype == torch.float32  # embeddings stay float32
+    assert original.output_layer is None  # the checkpoint's model is left as it was
+    states = torch.randn(6, original.cfg.d_model)
+    with torch.no_grad():
+        exact, quantized = original.project(states), model.project(states)
+    assert (quantized - exact).abs().max() < 0.05 * exact.abs().max()
 
 
 def test_attention_heatmaps_are_written_one_per_translated_line(tmp_path, checkpoint):
