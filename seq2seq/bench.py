@@ -176,8 +176,11 @@ def measure_training(
     return result
 
 
-def measure_decoding(model_path: str, recipe: Recipe, device: torch.device, precision: str) -> dict:
-    """Greedy and beam-5 speed and BLEU over the test sentences, with a trained model."""
+def measure_decoding(
+    model_path: str, recipe: Recipe, device: torch.device, precision: str, stop: str | None = None
+) -> dict:
+    """Greedy and beam-5 speed and BLEU over the test sentences, with a trained model, and
+    beam search's stopping rule `stop` (default: the model's)."""
     from seq2seq.checkpoint import load_model
     from seq2seq.evaluate import read_text, score
     from seq2seq.translate import prepare_model, translate_texts
@@ -187,9 +190,10 @@ def measure_decoding(model_path: str, recipe: Recipe, device: torch.device, prec
     refs = read_text(os.path.join(root, test.tgt))
     loaded = load_model(model_path)
     model = prepare_model(loaded.model, device.type, precision)
-    result: dict = {"decode_sentences": len(sources), "decode_precision": precision}
+    stop = stop or loaded.decode.stop
+    result: dict = {"decode_sentences": len(sources), "decode_precision": precision, "stop": stop}
     for name, beam in (("greedy", 1), ("beam5", 5)):
-        cfg = dataclasses.replace(loaded.decode, beam=beam, nbest=1)
+        cfg = dataclasses.replace(loaded.decode, beam=beam, nbest=1, stop=stop)
         translate_texts(model, loaded.tokenizer, sources[:50], cfg)  # warm-up
         _sync(device)
         start = time.perf_counter()
@@ -238,7 +242,9 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
     }
     result.update(measure_training(cfg, batches, device, args.precision, args.warmup))
     if args.model:
-        result.update(measure_decoding(args.model, recipe, device, args.decode_precision))
+        result.update(
+            measure_decoding(args.model, recipe, device, args.decode_precision, args.stop)
+        )
     return result
 
 

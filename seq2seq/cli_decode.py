@@ -110,6 +110,11 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="precision of the decoding measurement (with -m)",
     )
     p.add_argument(
+        "--stop",
+        choices=["beam", "best"],
+        help="beam search's stopping rule for the decoding measurement (default: the model's)",
+    )
+    p.add_argument(
         "--run-dir",
         help="where the bench's tokenizer and data caches go (default runs/bench-multi30k)",
     )

@@ -57,9 +57,10 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
         },
         checkpoint,
     )
-    assert main([*bench_args(multi30k_slice, run_dir), "-m", str(checkpoint)]) == 0
+    args = [*bench_args(multi30k_slice, run_dir), "-m", str(checkpoint), "--stop", "best"]
+    assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["decode_sentences"] == 200
+    assert result["decode_sentences"] == 200 and result["stop"] == "best"
     for key in ("greedy_sentences_per_s", "beam5_sentences_per_s"):
         assert result[key] > 0
     for key in ("greedy_bleu", "beam5_bleu"):
