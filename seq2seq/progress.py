@@ -2,7 +2,9 @@
 
 Lightning's default bar restarts every epoch and counts batches; a translation run is
 planned in updates, so this bar counts optimizer steps up to max_steps, shows loss, lr and
-tokens/s beside it, and its ETA is for the whole run.
+tokens/s beside it, and its ETA is for the whole run. A run with a time budget
+(`trainer.max_time_minutes`) ends on the clock, not at max_steps: its bar counts steps without
+a step-based ETA and shows the time left instead.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import sys
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import Timer, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
@@ -42,7 +44,8 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        timed = _time_budget(trainer) is not None
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 and not timed else None)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
 
@@ -58,6 +61,14 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         pass  # the bar spans epochs
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        timer = _time_budget(trainer)
+        if timer is not None:
+            left = int(timer.time_remaining("train") or 0)
+            metrics["time_left"] = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
+        return metrics
+
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
@@ -65,3 +76,11 @@ class StepProgressBar(TQDMProgressBar):
         for bar in (self._train_progress_bar, self._val_progress_bar):
             if bar is not None:
                 bar.close()
+
+
+def _time_budget(trainer: L.Trainer) -> Timer | None:
+    """Lightning's Timer callback when the run has a time budget, else None."""
+    return next(
+        (c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None),
+        None,
+    )

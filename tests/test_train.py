@@ -281,6 +281,23 @@ def test_progress_bar_counts_updates_to_max_steps_on_stderr(multi30k_slice, tmp_
     assert "20/20" not in captured.out
 
 
+def test_a_time_limited_run_shows_the_time_left_instead_of_a_step_eta(
+    multi30k_slice, tmp_path, capsys
+):
+    recipe = tiny_recipe(
+        multi30k_slice,
+        tmp_path / "cache",
+        "--trainer.max_steps",
+        "20",
+        "--trainer.max_time_minutes",
+        "30",
+    )
+    train(recipe, tmp_path / "timed")
+    err = capsys.readouterr().err
+    assert "time_left=0:2" in err  # under 30 minutes left, and counting down
+    assert "20/20" not in err  # no total: the clock, not max_steps, bounds the run
+
+
 def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, monkeypatch, capsys):
     import seq2seq.module as module_file
 
