@@ -10,9 +10,9 @@ Masks are boolean with True = "may attend", as `F.scaled_dot_product_attention` 
 Padding is always on the right, so the causal mask alone keeps every real target position
 from seeing padding (padding sits only after it).
 
-The encoder runs its position-wise layers (projections, feed-forward, LayerNorm, dropout) on
-the real source tokens only, packed into (N, D); only attention sees the padded (B, S) layout.
-Padding therefore costs no FLOPs outside attention; the result is the same.
+On a CPU the encoder runs its position-wise layers (projections, feed-forward, LayerNorm,
+dropout) on the real source tokens only, packed into (N, D); only attention sees the padded
+(B, S) layout. Padding therefore costs no FLOPs outside attention; the result is the same.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ class Packing:
 
     @classmethod
     def of(cls, real: Tensor) -> Packing | None:
-        """For a (B, L) mask of real tokens; None when there is no padding to skip."""
-        if bool(real.all()):
+        """For a (B, L) mask of real tokens; None when there is no padding to skip, and on
+        accelerators, where finding the real tokens (a data-dependent size) would make the
+        host wait for the device in every step."""
+        if real.device.type != "cpu" or bool(real.all()):
             return None
         return cls(real.reshape(-1).nonzero().squeeze(1), real.size(0), real.size(1))
 

@@ -134,6 +134,15 @@ def test_encoder_layers_skip_padding_and_gradients_match_the_unpacked_pass(monke
         torch.testing.assert_close(packed, padded, rtol=0, atol=1e-10)
 
 
+def test_packing_is_cpu_only_so_accelerator_steps_never_wait_on_the_host():
+    from seq2seq.model import Packing
+
+    real = torch.ones(2, 3, dtype=torch.bool, device="meta")  # any non-CPU device
+    assert Packing.of(real) is None
+    assert Packing.of(torch.tensor([[True, True], [True, False]])) is not None
+    assert Packing.of(torch.ones(2, 2, dtype=torch.bool)) is None  # no padding: nothing to skip
+
+
 def full_and_incremental_logits(model, src, tgt, reorder=None):
     """Logits of the full forward pass and of token-by-token decoding with the cache."""
     with torch.no_grad():
