@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+from seq2seq.config import STOP_RULES
+
 Handler = Callable[[argparse.Namespace, list[str]], int]
 #: Decoding precisions (seq2seq.translate.prepare_model); int8 is CPU-only dynamic quantization.
 DECODE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -29,7 +31,7 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--min-len", type=int, help="minimum output length (pieces before EOS)")
     p.add_argument(
         "--stop",
-        choices=["beam", "best"],
+        choices=STOP_RULES,
         help="end a sentence's beam search once `beam` hypotheses ended, or once its best did",
     )
     p.add_argument(
@@ -111,7 +113,7 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     )
     p.add_argument(
         "--stop",
-        choices=["beam", "best"],
+        choices=STOP_RULES,
         help="beam search's stopping rule for the decoding measurement (default: the model's)",
     )
     p.add_argument(

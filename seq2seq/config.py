@@ -234,6 +234,10 @@ class TrainerConfig:
     """CPU threads for torch (None: torch's default)."""
 
 
+#: Beam search's stopping rules (DecodeConfig.stop): fairseq's and CTranslate2's.
+STOP_RULES = ("beam", "best")
+
+
 @dataclass
 class DecodeConfig:
     """Search settings, used for validation BLEU and saved as the model's decoding defaults."""
@@ -259,7 +263,7 @@ class DecodeConfig:
     1-best when lenpen is 0, since no longer hypothesis can then score higher."""
 
     def __post_init__(self) -> None:
-        if self.stop not in ("beam", "best"):
+        if self.stop not in STOP_RULES:
             raise ValueError(f"decode.stop={self.stop!r} must be 'beam' or 'best'")
         if self.beam < 1:
             raise ValueError(f"decode.beam={self.beam} must be at least 1")

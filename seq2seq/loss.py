@@ -79,13 +79,16 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: Tensor, grad_nll: Tensor) -> tuple[Tensor, None, None]:
         log_probs, target = ctx.saved_tensors
-        eps, V = ctx.epsilon, log_probs.size(-1)
-        grad = log_probs.exp()  # softmax, (N, V)
-        grad.sub_(eps / V)
-        rows = torch.arange(grad.size(0), device=grad.device)
-        grad[rows, target] -= 1.0 - eps
+        grad = _minus_smoothed_target_(log_probs.exp(), target, ctx.epsilon)  # (N, V)
         grad.mul_(grad_loss[:, None])
         return grad.to(ctx.in_dtype), None, None
+
+
+def _minus_smoothed_target_(probs: Tensor, target: Tensor, epsilon: float) -> Tensor:
+    """d loss / d logits = softmax - q, written over the softmax `probs` (N, V) in place."""
+    grad = probs.sub_(epsilon / probs.size(-1))
+    grad[torch.arange(grad.size(0), device=grad.device), target] -= 1.0 - epsilon
+    return grad
 
 
 #: Logits per chunk of `projected_cross_entropy`: about 8 MB of float32 on a CPU (cache-sized),
@@ -141,9 +144,7 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             loss += (1.0 - epsilon) * chunk_nll.sum() - epsilon / V * log_probs.sum()
             if not grads:
                 continue
-            g = log_probs.exp_()  # softmax, in place: d loss / d logits = softmax - q
-            g.sub_(epsilon / V)
-            g[torch.arange(t.numel(), device=t.device), t] -= 1.0 - epsilon
+            g = _minus_smoothed_target_(log_probs.exp_(), t, epsilon)  # in the chunk's buffer
             grad_states[start : start + rows] = torch.mm(g, w)
             grad_weight += torch.mm(g.t(), h if autocast else h.to(acc))
             if grad_bias is not None:
