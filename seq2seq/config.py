@@ -170,16 +170,25 @@ class DataConfig:
     """Seed of the per-epoch batch shuffle."""
 
 
+SCHEDULES = ("inverse_sqrt", "linear", "cosine")
+
+
 @dataclass
 class OptimConfig:
-    """Adam with the paper's inverse-square-root warm-up (eq. 3)."""
+    """Adam with the paper's inverse-square-root warm-up (eq. 3), or a warm-up then a decay
+    to zero at a known step count (for a fixed budget)."""
 
     lr: float | None = None
     """Peak learning rate; None means the paper's d_model^-0.5 * warmup^-0.5 (times lr_scale)."""
     lr_scale: float = 1.0
     """Multiplier on the paper's schedule when `lr` is None."""
     warmup_steps: int = 4000
-    """Linear warm-up steps, then decay proportional to step^-0.5."""
+    """Linear warm-up steps, then the decay named by `schedule`."""
+    schedule: str = "inverse_sqrt"
+    """After warm-up: 'inverse_sqrt' (paper eq. 3, lr ~ step^-0.5), or 'linear' / 'cosine'
+    decay from the peak to zero at `decay_steps`."""
+    decay_steps: int | None = None
+    """'linear'/'cosine': the update at which lr reaches zero; None means trainer.max_steps."""
     betas: tuple[float, float] = (0.9, 0.98)
     """Adam betas (paper section 5.3)."""
     eps: float = 1e-9
@@ -188,6 +197,17 @@ class OptimConfig:
     """Decoupled weight decay (AdamW); 0 is plain Adam as in the paper."""
     label_smoothing: float = 0.1
     """Label-smoothing epsilon (paper section 5.4)."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}"
+            )
+        if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"optim.decay_steps={self.decay_steps} must exceed "
+                f"optim.warmup_steps={self.warmup_steps}"
+            )
 
 
 @dataclass

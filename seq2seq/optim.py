@@ -4,10 +4,15 @@
 
 The same curve can be given by its peak instead: lr(step) = peak * min(step / warmup,
 sqrt(warmup / step)), with peak = d_model^-0.5 * warmup^-0.5 for the paper's setting.
+
+For a run with a fixed budget of updates, `schedule: linear` or `cosine` keeps the same
+warm-up and then decays the peak to zero at `decay_steps`, so the last updates are small
+ones rather than being cut off at whatever lr step^-0.5 had reached.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -31,10 +36,38 @@ def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
     return min(s / warmup_steps, (warmup_steps / s) ** 0.5)
 
 
+def decay_factor(step: int, warmup_steps: int, decay_steps: int, shape: str) -> float:
+    """Multiplier of the peak lr for `schedule: linear|cosine`: linear warm-up to 1 at
+    `warmup_steps`, then down to 0 at `decay_steps` (and 0 after it). A run whose
+    `decay_steps` falls within warm-up (a short smoke run) simply ends while warming up."""
+    s = step + 1
+    if s <= warmup_steps:
+        return s / warmup_steps
+    done = min((s - warmup_steps) / max(decay_steps - warmup_steps, 1), 1.0)
+    return 1.0 - done if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def schedule_factor(cfg: OptimConfig, max_steps: int | None = None):
+    """The per-step multiplier of the peak lr that `cfg` names."""
+    if cfg.schedule == "inverse_sqrt":
+        return lambda step: inverse_sqrt_factor(step, cfg.warmup_steps)
+    decay_steps = cfg.decay_steps or max_steps
+    if decay_steps is None or decay_steps <= 0:
+        raise ValueError(
+            f"optim.schedule={cfg.schedule} decays to zero at a known step: set "
+            "optim.decay_steps or trainer.max_steps"
+        )
+    return lambda step: decay_factor(step, cfg.warmup_steps, decay_steps, cfg.schedule)
+
+
 def build_optimizer(
-    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, d_model: int
+    params: Iterable[torch.nn.Parameter],
+    cfg: OptimConfig,
+    d_model: int,
+    max_steps: int | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam (AdamW when weight_decay > 0) and its per-step schedule."""
+    """Adam (AdamW when weight_decay > 0) and its per-step schedule; `max_steps` is where a
+    linear/cosine decay ends when `cfg.decay_steps` is None."""
     kind = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
     optimizer = kind(
         params,
@@ -43,7 +76,5 @@ def build_optimizer(
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: inverse_sqrt_factor(step, cfg.warmup_steps)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, max_steps))
     return optimizer, schedule

@@ -30,6 +30,7 @@ from seq2seq.checkpoint import (
 )
 from seq2seq.config import Recipe
 from seq2seq.module import TranslationModule
+from seq2seq.optim import schedule_factor
 from seq2seq.progress import StepProgressBar
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.tokenizer import Tokenizer
@@ -178,6 +179,7 @@ def train(
     from seq2seq.datamodule import TranslationDataModule
 
     run_dir = Path(run_dir)
+    schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
     resume = _check_run_dir(run_dir, recipe, overwrite)
     run_dir.mkdir(parents=True, exist_ok=True)
     if recipe.trainer.threads:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seq2seq.config import OptimConfig
-from seq2seq.optim import build_optimizer, inverse_sqrt_factor, peak_lr
+from seq2seq.optim import build_optimizer, decay_factor, inverse_sqrt_factor, peak_lr
 
 
 def paper_lrate(step: int, d_model: int, warmup: int) -> float:
@@ -38,3 +38,45 @@ def test_adam_uses_the_paper_betas_and_weight_decay_switches_to_adamw():
     assert adam.defaults["betas"] == (0.9, 0.98) and adam.defaults["eps"] == 1e-9
     adamw, _ = build_optimizer([param], OptimConfig(weight_decay=0.01), 512)
     assert type(adamw) is torch.optim.AdamW
+
+
+def lrs(cfg: OptimConfig, steps: int, max_steps: int | None = None) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer, schedule = build_optimizer([param], cfg, 512, max_steps)
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return out
+
+
+def test_linear_schedule_warms_up_then_falls_to_zero_at_decay_steps():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, schedule="linear", decay_steps=110)
+    lr = lrs(cfg, 130)
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)  # update 10 = peak
+    assert lr[59] == pytest.approx(0.5e-3)  # halfway through the decay
+    assert lr[108] == pytest.approx(1e-5) and lr[109] == 0.0 and lr[129] == 0.0
+    assert lr[9:] == sorted(lr[9:], reverse=True)  # never rises after the peak
+
+
+def test_cosine_schedule_is_half_way_down_at_the_midpoint_and_zero_at_the_end():
+    assert decay_factor(59, 10, 110, "cosine") == pytest.approx(0.5)
+    assert decay_factor(34, 10, 110, "cosine") == pytest.approx(0.5 * (1 + 2**-0.5))
+    assert decay_factor(109, 10, 110, "cosine") == pytest.approx(0.0)
+    assert decay_factor(4, 10, 110, "cosine") == pytest.approx(0.5)  # warm-up is linear
+
+
+def test_decay_ends_at_max_steps_when_decay_steps_is_unset():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, schedule="linear")
+    assert lrs(cfg, 60, max_steps=50)[49:] == [0.0] * 11
+    assert lrs(cfg, 5, max_steps=5) == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 5e-4])  # smoke run
+    with pytest.raises(ValueError, match="set optim.decay_steps or trainer.max_steps"):
+        lrs(cfg, 1, max_steps=-1)  # Lightning's "unbounded"
+
+
+def test_bad_schedule_settings_are_refused_with_the_key_named():
+    with pytest.raises(ValueError, match="optim.schedule='noam' must be one of"):
+        OptimConfig(schedule="noam")
+    with pytest.raises(ValueError, match="optim.decay_steps=100 must exceed optim.warmup_steps"):
+        OptimConfig(warmup_steps=100, schedule="linear", decay_steps=100)
