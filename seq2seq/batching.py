@@ -183,6 +183,9 @@ class Batch:
     """(B, T) decoder targets: target pieces + EOS."""
     index: Tensor
     """(B,) dataset row of each pair (for references, attention plots)."""
+    tgt_positions: Tensor
+    """(n_tgt_tokens,) flat positions b * T + t of the real tokens of `tgt_out`, found on the
+    host while collating, so the loss never has to ask the device how many there are."""
     n_src_tokens: int
     """Real (non-pad) source tokens."""
     n_tgt_tokens: int
@@ -228,6 +231,7 @@ def collate(items: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> Batch:
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
         index=torch.tensor([i for i, _, _ in items], dtype=torch.long),
+        tgt_positions=torch.from_numpy(np.flatnonzero(tgt_out != PAD_ID)),
         n_src_tokens=sum(len(s) for _, s, _ in items),
         n_tgt_tokens=sum(len(t) + 1 for _, _, t in items),
     )

@@ -134,7 +134,9 @@ def measure_training(
         start = time.perf_counter()
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            loss = translation_loss(model, batch.src, batch.tgt_in, batch.tgt_out, 0.1).loss
+            loss = translation_loss(
+                model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+            ).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

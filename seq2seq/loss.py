@@ -174,14 +174,25 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
 
 
 def translation_loss(
-    model: Transformer, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, epsilon: float
+    model: Transformer,
+    src: Tensor,
+    tgt_in: Tensor,
+    tgt_out: Tensor,
+    epsilon: float,
+    positions: Tensor | None = None,
 ) -> LossOutput:
     """Teacher-forced loss of a batch. The output projection runs only on real target
     positions: padding costs no vocabulary-sized FLOPs.
 
     src (B, S), tgt_in (B, T) = BOS + target, tgt_out (B, T) = target + EOS, right-padded.
+    `positions` (N,) are the flat positions of the real tokens of tgt_out, as a collated
+    `Batch` carries them. Without them they are found from the padding mask, which on an
+    accelerator makes the host wait for the device (the count decides a tensor's size).
     """
     states = model(src, tgt_in)  # (B, T, D)
-    keep = tgt_out != model.cfg.pad_id  # (B, T)
+    if positions is None:
+        positions = (tgt_out != model.cfg.pad_id).reshape(-1).nonzero().squeeze(1)
+    states = states.reshape(-1, states.size(-1)).index_select(0, positions)  # (N, D)
+    target = tgt_out.reshape(-1).index_select(0, positions)  # (N,)
     weight, bias = model.output_projection()
-    return projected_cross_entropy(states[keep], weight, bias, tgt_out[keep], epsilon)
+    return projected_cross_entropy(states, weight, bias, target, epsilon)

@@ -51,17 +51,23 @@ class TranslationModule(L.LightningModule):
         self._train_tokens, self._train_seconds, self._step_start = 0, 0.0, 0.0
         self.last_saved_step = -1  # global step of the latest checkpoint written
         self._nonfinite: torch.Tensor | None = None  # count of NaN/inf losses, on the device
+        self._lr = 0.0  # learning rate of the latest update
 
     # --- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         out = translation_loss(
-            self._forward, batch.src, batch.tgt_in, batch.tgt_out, self.optim.label_smoothing
+            self._forward,
+            batch.src,
+            batch.tgt_in,
+            batch.tgt_out,
+            self.optim.label_smoothing,
+            batch.tgt_positions,
         )
         self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens
         self.log("train_loss", out.loss, prog_bar=True, batch_size=out.n_tokens)
         self.log("train_nll", out.nll, batch_size=out.n_tokens)
-        self.log("lr", self.lr_schedulers().get_last_lr()[0], prog_bar=True)
+        self._lr = self.lr_schedulers().get_last_lr()[0]  # this update's; logged at log steps
         return out.loss
 
     def _note_nonfinite(self, loss: torch.Tensor) -> None:
@@ -105,11 +111,14 @@ class TranslationModule(L.LightningModule):
             now = time.perf_counter()
             rate = self._tokens_since / max(now - self._time_since, 1e-9)
             self.log("tgt_tokens_per_s", rate, prog_bar=True)
+            # Host numbers become device tensors when logged (a blocking copy on a GPU), so they
+            # are logged at logging steps only, not every step.
+            self.log("lr", self._lr, prog_bar=True)
             self._tokens_since, self._time_since = 0, now
 
     def configure_optimizers(self):
         optimizer, schedule = build_optimizer(
-            self.model.parameters(), self.optim, self.model_cfg.d_model
+            self.model.parameters(), self.optim, self.model_cfg.d_model, self.trainer.max_steps
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -120,7 +129,12 @@ class TranslationModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         out = translation_loss(
-            self.model, batch.src, batch.tgt_in, batch.tgt_out, self.optim.label_smoothing
+            self.model,
+            batch.src,
+            batch.tgt_in,
+            batch.tgt_out,
+            self.optim.label_smoothing,
+            batch.tgt_positions,
         )
         n = out.n_tokens
         self._val_sums += torch.tensor(

@@ -130,6 +130,9 @@ def test_collate_pads_with_zero_and_adds_bos_and_eos() -> None:
     assert batch.index.tolist() == [7, 3] and batch.src.dtype == torch.long
     assert (batch.n_src_tokens, batch.n_tgt_tokens) == (5, 6)
     assert batch.n_tgt_tokens == int((batch.tgt_out != PAD_ID).sum())
+    # the real target tokens' flat positions (row * T + column), found on the host
+    assert batch.tgt_positions.tolist() == [0, 1, 4, 5, 6, 7]
+    assert batch.tgt_out.flatten()[batch.tgt_positions].tolist() == [20, EOS_ID, 21, 22, 23, EOS_ID]
 
 
 def test_lightning_moves_a_batch_with_its_to_method() -> None:

@@ -81,6 +81,56 @@ def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
     assert out.n_tokens == 13
 
 
+def test_training_step_reads_nothing_back_from_the_device():
+    """On a GPU, any op whose output size or Python value depends on tensor data (nonzero,
+    a boolean-mask gather, .item()) makes the host wait for the device. A training step on a
+    collated batch, forward and backward, runs none of them; packing, a CPU-only shortcut
+    that does use nonzero, is what an accelerator turns off."""
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from seq2seq.batching import collate
+    from seq2seq.model import Packing
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            index = args[1] if func is torch.ops.aten.index.Tensor else []
+            bool_index = any(t is not None and t.dtype == torch.bool for t in index)
+            self.ops.append("index(bool)" if bool_index else str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).train()
+    batch = collate([(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11])])
+    with mock.patch.object(Packing, "of", return_value=None), Recorder() as seen:
+        out = translation_loss(
+            model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+        )
+        out.loss.backward()
+    assert out.n_tokens == batch.n_tgt_tokens == 8
+    reads_back = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "index(bool)"}
+    assert "aten.addmm" in seen.ops and "aten.index_select" in seen.ops  # the recorder works
+    assert reads_back.isdisjoint(seen.ops), reads_back & set(seen.ops)
+
+
+def test_translation_loss_with_host_positions_equals_the_masked_one():
+    from seq2seq.batching import collate
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).double().eval()
+    batch = collate([(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11]), (2, [4, 3], [12])])
+    given = translation_loss(
+        model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+    )
+    found = translation_loss(model, batch.src, batch.tgt_in, batch.tgt_out, 0.1)
+    assert given.loss.item() == found.loss.item() and given.n_tokens == found.n_tokens == 10
+
+
 @pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.4])
 def test_fused_gradient_equals_autograd_of_the_textbook_formula(epsilon):
     logits, target = logits_and_targets(N=10, V=7)
