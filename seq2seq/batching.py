@@ -226,14 +226,15 @@ def collate(items: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> Batch:
         tgt_in[row, 1 : len(t) + 1] = t
         tgt_out[row, : len(t)] = t
         tgt_out[row, len(t)] = EOS_ID
+    tgt_positions = np.flatnonzero(tgt_out != PAD_ID)
     return Batch(
         src=torch.from_numpy(src),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
         index=torch.tensor([i for i, _, _ in items], dtype=torch.long),
-        tgt_positions=torch.from_numpy(np.flatnonzero(tgt_out != PAD_ID)),
+        tgt_positions=torch.from_numpy(tgt_positions),
         n_src_tokens=sum(len(s) for _, s, _ in items),
-        n_tgt_tokens=sum(len(t) + 1 for _, _, t in items),
+        n_tgt_tokens=len(tgt_positions),
     )
 
 

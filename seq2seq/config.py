@@ -284,7 +284,8 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:
-            raise ValueError(f"decode.stop={self.stop!r} must be 'beam' or 'best'")
+            rules = " or ".join(map(repr, STOP_RULES))
+            raise ValueError(f"decode.stop={self.stop!r} must be {rules}")
         if self.beam < 1:
             raise ValueError(f"decode.beam={self.beam} must be at least 1")
         if not 1 <= self.nbest <= self.beam:
