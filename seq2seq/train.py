@@ -60,6 +60,18 @@ class CurvesCallback(Callback):
                 log.warning("curves.png not drawn: %s", err)
 
 
+class ValidateFinalUpdate(Callback):
+    """Validate after the run's last update even when max_steps is not a multiple of the
+    validation interval. Lightning validates every `val_check_interval` updates, and when a run
+    is asked to stop; a run that simply reaches max_steps would end with its final updates never
+    scored nor considered for the best checkpoint. Asking it to stop at max_steps makes the loop
+    validate before it ends (once: a step on the interval validates anyway)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 class FinalState(Callback):
     """When training ends (max_steps, max_time, early stopping), inside the training processes:
     save last.ckpt if the final steps came after the last validation's checkpoint, and record
@@ -135,6 +147,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     callbacks: list[Callback] = [
         best,
         CurvesCallback(run_dir),
+        ValidateFinalUpdate(),
         FinalState(run_dir),
         StepProgressBar(),
     ]

@@ -96,6 +96,17 @@ def test_a_tiny_run_trains_its_loss_falls_and_it_writes_checkpoints_and_results(
     assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0
 
 
+def test_the_final_update_is_validated_when_max_steps_is_off_the_interval(multi30k_slice, tmp_path):
+    from seq2seq.plot import read_metrics
+
+    extra = ("--trainer.max_steps", "25", "--trainer.average_last", "0")
+    results = train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
+    assert results["steps"] == 25
+    assert len(read_metrics(tmp_path / "run")["val_bleu"]) == 2  # after updates 20 and 25
+    kept = sorted(path.name[:11] for path in (tmp_path / "run" / "checkpoints").glob("step*"))
+    assert kept == ["step0000020", "step0000025"]
+
+
 def test_checkpoints_are_self_contained_and_translate(trained_run):
     run, _ = trained_run
     loaded = load_model(run / "checkpoints" / "last.ckpt")
