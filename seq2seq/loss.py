@@ -146,7 +146,10 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
                 continue
             g = _minus_smoothed_target_(log_probs.exp_(), t, epsilon)  # in the chunk's buffer
             grad_states[start : start + rows] = torch.mm(g, w)
-            grad_weight += torch.mm(g.t(), h if autocast else h.to(acc))
+            if autocast:  # the matmul in the autocast dtype, accumulated in `acc`
+                grad_weight += torch.mm(g.t(), h)
+            else:  # accumulated in place: no (V, D) temporary per chunk
+                grad_weight.addmm_(g.t(), h.to(acc))
             if grad_bias is not None:
                 grad_bias += g.sum(0)
         ctx.mark_non_differentiable(nll)

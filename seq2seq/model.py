@@ -105,7 +105,8 @@ class Packing:
         return x.reshape(self.B * self.L, x.size(-1)).index_select(0, self.index)  # (N, C)
 
     def unpack(self, x: Tensor) -> Tensor:
-        full = x.new_zeros(self.B * self.L, x.size(-1)).index_copy(0, self.index, x)
+        # In place into fresh zeros: the out-of-place index_copy would copy the zeros first.
+        full = x.new_zeros(self.B * self.L, x.size(-1)).index_copy_(0, self.index, x)
         return full.view(self.B, self.L, x.size(-1))  # (B, L, C)
 
 
