@@ -93,6 +93,36 @@ class TranslationDataModule(L.LightningDataModule):
             self._texts[split, column] = [] if ds is None else list(ds[column])
         return self._texts[split, column]
 
+    def check_positions(self, max_positions: int) -> None:
+        """Fail before any training when a pair is longer than the model's positions: a long
+        training pair would crash a step, a long validation pair every validation.
+
+        Lengths are what the model sees: source pieces + EOS, BOS + target pieces.
+        """
+        for split in ("train", "valid", "test"):
+            ds = getattr(self.prepared, split)
+            if ds is None or len(ds) == 0:
+                continue
+            for side, lengths in zip(("source", "target"), batch_lengths(ds), strict=True):
+                row = int(lengths.argmax())
+                if lengths[row] > max_positions:
+                    n = int(lengths[row])
+                    raise ValueError(self._too_long(split, side, row, n, max_positions))
+
+    def _too_long(self, split: str, side: str, row: int, n: int, max_positions: int) -> str:
+        limit = f"more than model.max_positions={max_positions}"
+        if split == "train":  # cleaned: rows are not lines
+            return (
+                f"data.train: a pair kept by cleaning has a {side} of {n} tokens, {limit}; set "
+                f"data.clean.max_length to at most {max_positions - 1} or raise model.max_positions"
+            )
+        corpus = getattr(self.cfg, split)
+        files = [f for f in (corpus.src, corpus.tgt, corpus.tsv, corpus.dataset) if f]
+        return (
+            f"data.{split} ({', '.join(files)}) line {row + 1}: its {side} has {n} tokens, "
+            f"{limit}; raise model.max_positions or remove that line"
+        )
+
     # ---- loaders --------------------------------------------------------------------------
 
     def train_dataloader(self) -> DataLoader:

@@ -216,6 +216,7 @@ def train(
             tgt_vocab_size=tokenizer.tgt_vocab_size,
         )
     )
+    datamodule.check_positions(model_cfg.max_positions)
     recipe = dataclasses.replace(recipe, model=model_cfg)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
 

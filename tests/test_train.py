@@ -367,3 +367,40 @@ def test_a_rank_with_a_finite_loss_stops_when_another_rank_saw_nan():
     with pytest.raises(NonFiniteLossError, match="NaN or infinite"):
         module._note_nonfinite(torch.tensor(1.5))  # this rank's loss is finite
     assert asked == [(False, False)]
+
+
+def test_a_training_pair_longer_than_max_positions_fails_before_training(multi30k_slice, tmp_path):
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--model.max_positions", "12")
+    with pytest.raises(ValueError, match=r"data.train: .* more than model.max_positions=12; set"):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_validation_line_longer_than_max_positions_is_named_before_training(
+    multi30k_slice, tmp_path
+):
+    import gzip
+    import re
+
+    extra = ("--model.max_positions", "12", "--data.clean.max_length", "11")
+    with pytest.raises(ValueError) as err:
+        train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
+    found = re.fullmatch(
+        r"data.valid \((.+), (.+)\) line (\d+): its (source|target) has (\d+) tokens, "
+        r"more than model.max_positions=12; raise model.max_positions or remove that line",
+        str(err.value),
+    )
+    assert found, str(err.value)
+    src_file, tgt_file, line, side, tokens = found.groups()
+    from seq2seq.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tmp_path / "run")
+    path = multi30k_slice / (src_file if side == "source" else tgt_file)
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read().split("\n")[int(line) - 1]
+    seen = (  # what the model sees: pieces + EOS, or BOS + pieces
+        len(tokenizer.encode_src([text])[0])
+        if side == "source"
+        else len(tokenizer.encode_tgt([text])[0]) + 1
+    )
+    assert seen == int(tokens) > 12
