@@ -11,8 +11,9 @@ Padding is always on the right, so the causal mask alone keeps every real target
 from seeing padding (padding sits only after it).
 
 On a CPU the encoder runs its position-wise layers (projections, feed-forward, LayerNorm,
-dropout) on the real source tokens only, packed into (N, D); only attention sees the padded
-(B, S) layout. Padding therefore costs no FLOPs outside attention; the result is the same.
+dropout) on the real source tokens only, packed into (N, D), and so do the decoder's
+cross-attention key/value projections; only attention sees the padded (B, S) layout. Source
+padding therefore costs no FLOPs outside attention; the result is the same.
 """
 
 from __future__ import annotations
@@ -184,7 +185,11 @@ class CrossAttention(nn.Module):
         if cache is not None and cache.cross_k is not None:
             k, v = cache.cross_k, cache.cross_v
         else:
-            k, v = (split_heads(t, self.n_heads) for t in self.kv(memory.states).chunk(2, dim=-1))
+            if memory.packing is not None:  # project real source tokens only (zeros: masked)
+                kv = memory.packing.unpack(self.kv(memory.packed))
+            else:
+                kv = self.kv(memory.states)
+            k, v = (split_heads(t, self.n_heads) for t in kv.chunk(2, dim=-1))
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
         q = split_heads(self.q(x), self.n_heads)  # (R, H, T, Dh)
@@ -262,10 +267,16 @@ class DecoderLayer(nn.Module):
 
 @dataclass
 class Memory:
-    """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens."""
+    """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens.
+
+    On a CPU also the real tokens' states `packed` (N, D) and their `packing`, so that each
+    decoder layer projects its cross-attention keys and values from real tokens only.
+    """
 
     states: Tensor
     mask: Tensor
+    packed: Tensor | None = None
+    packing: Packing | None = None
 
     def select(self, index: Tensor) -> Memory:
         """Rows `index` (beam search: repeat per beam; drop finished sentences)."""
@@ -324,7 +335,9 @@ class Transformer(nn.Module):
         for layer in self.encoder_layers:
             x = layer(x, mask, packing)
         x = self.encoder_norm(x)
-        return Memory(x if packing is None else packing.unpack(x), mask)
+        if packing is None:
+            return Memory(x, mask)
+        return Memory(packing.unpack(x), mask, packed=x, packing=packing)
 
     def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache | None = None) -> Tensor:
         """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D)."""

@@ -105,16 +105,21 @@ def test_outputs_are_the_same_alone_and_inside_a_padded_batch():
     torch.testing.assert_close(batched[1], alone_b[0], rtol=0, atol=1e-10)
 
 
-def test_encoder_layers_skip_padding_and_gradients_match_the_unpacked_pass(monkeypatch):
+def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_gradients(
+    monkeypatch,
+):
     from seq2seq import model as model_module
 
     model = tiny_model(torch.float64)
     src = random_ids(3, 6)
     src[0, 2:], src[2, 4:] = PAD, PAD  # 2 + 6 + 4 = 12 real tokens out of 18
     tgt = random_ids(3, 4)
-    rows_seen = []
+    rows_seen, kv_rows_seen = [], []
     model.encoder_layers[0].ffn.w1.register_forward_hook(
         lambda module, args, out: rows_seen.append(args[0].shape[:-1].numel())
+    )
+    model.decoder_layers[0].cross_attn.kv.register_forward_hook(
+        lambda module, args, out: kv_rows_seen.append(args[0].shape[:-1].numel())
     )
 
     def grads_and_states():
@@ -127,6 +132,7 @@ def test_encoder_layers_skip_padding_and_gradients_match_the_unpacked_pass(monke
     monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real: None))
     padded_states, padded_grads = grads_and_states()
     assert rows_seen == [12, 18]  # the feed-forward network saw only real tokens
+    assert kv_rows_seen == [12, 18]  # and so did the cross-attention key/value projection
     monkeypatch.undo()
     assert model.encode(src).states[0, 2:].abs().sum() == 0  # padding rows of memory are zero
     torch.testing.assert_close(packed_states, padded_states, rtol=0, atol=1e-10)
