@@ -251,3 +251,25 @@ def test_beams_sharing_their_sentences_cross_attention_match_the_full_forward_pa
         for t in (3, 4):
             step = model.decode_step(tgt[rows, t : t + 1], memory, cache)[:, 0]
             torch.testing.assert_close(step, full[rows, t], rtol=0, atol=1e-10)
+
+
+def test_on_an_accelerator_the_training_forward_compiles_to_one_graph(monkeypatch):
+    """`--trainer.compile` on a GPU: nothing in the forward pass breaks the graph (no
+    `.item()`, no data-dependent shape). Simulated on the CPU by taking the accelerator's
+    paths: no packing, and `nn.functional.dropout`."""
+    import torch.nn.functional as F
+
+    from seq2seq import dropout as dropout_module
+    from seq2seq import model as model_module
+
+    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real: None))
+    monkeypatch.setattr(
+        dropout_module.Dropout, "forward", lambda self, x: F.dropout(x, self.p, self.training)
+    )
+    cfg = preset("tiny", src_vocab_size=50, tgt_vocab_size=50, dropout=0.1)
+    model = Transformer(cfg).train()
+    src = torch.randint(4, 50, (3, 7))
+    src[0, 5:] = cfg.pad_id
+    explained = torch._dynamo.explain(model)(src, torch.randint(4, 50, (3, 6)))
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
