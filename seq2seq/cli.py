@@ -172,7 +172,8 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 #: oneDNN (bf16 matmuls on a CPU) keeps a compiled kernel per matmul shape, up to 1,024 of
 #: them, and variable-length batches make many shapes: bf16 training's memory grew by about a
-#: gigabyte that way. 64 bounds it at no cost in speed (README, "Peak memory of bf16 training").
+#: gigabyte that way. 64 bounds it at no cost in speed (README: "Peak memory", under the
+#: Multi30k recipe).
 #: Set before torch first uses oneDNN; a value the user exported wins.
 RUNTIME_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 

@@ -118,9 +118,16 @@ class TranslationDataModule(L.LightningDataModule):
             )
         corpus = getattr(self.cfg, split)
         files = [f for f in (corpus.src, corpus.tgt, corpus.tsv, corpus.dataset) if f]
+        # Rows are uncleaned: row i is line i + 1 of a text or TSV file, the (i + 1)-th <seg>
+        # of a WMT .sgm file (seg ids restart per document), row i + 1 of a dataset.
+        unit, where = "line", f"line {row + 1}"
+        if corpus.dataset:
+            unit, where = "row", f"row {row + 1}"
+        elif ".sgm" in (corpus.src or ""):
+            unit, where = "segment", f"segment {row + 1} (counted in file order)"
         return (
-            f"data.{split} ({', '.join(files)}) line {row + 1}: its {side} has {n} tokens, "
-            f"{limit}; raise model.max_positions or remove that line"
+            f"data.{split} ({', '.join(files)}) {where}: its {side} has {n} tokens, "
+            f"{limit}; raise model.max_positions or remove that {unit}"
         )
 
     # ---- loaders --------------------------------------------------------------------------

@@ -136,3 +136,27 @@ def test_lightning_resume_from_a_mid_epoch_checkpoint_continues_at_the_exact_nex
         resumed, datamodule=TranslationDataModule(cfg, run_dir), ckpt_path=ckpt
     )
     assert resumed.seen == straight.seen[stop:]
+
+
+@pytest.mark.parametrize(
+    ("corpus", "named"),
+    [
+        (CorpusConfig(src="val.en", tgt="val.de"), "data.valid (val.en, val.de) line 8:"),
+        (
+            CorpusConfig(src="nt.en.sgm", tgt="nt.de.sgm"),
+            "data.valid (nt.en.sgm, nt.de.sgm) segment 8 (counted in file order):",
+        ),
+        (CorpusConfig(dataset="wmt14", split="validation"), "data.valid (wmt14) row 8:"),
+    ],
+    ids=["text", "sgm", "dataset"],
+)
+def test_a_too_long_evaluation_pair_is_named_in_the_unit_its_file_counts(tmp_path, corpus, named):
+    from seq2seq.datamodule import TranslationDataModule
+
+    module = TranslationDataModule(DataConfig(valid=corpus), tmp_path)
+    message = module._too_long("valid", "source", 7, 40, 32)
+    assert message.startswith(named)
+    assert message.endswith(
+        "more than model.max_positions=32; raise model.max_positions or remove that "
+        + named.split(") ")[1].split()[0]
+    )
