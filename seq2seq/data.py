@@ -105,7 +105,7 @@ def read_corpus(
             _existing(cfg.root, corpus.src, f"data.{name}.src"),
             _existing(cfg.root, corpus.tgt, f"data.{name}.tgt"),
         )
-        kind = "sgm" if all(_strip_compression(p).suffix == ".sgm" for p in paths) else "plain"
+        kind = "sgm" if is_sgm(*paths) else "plain"
         kwargs = {}
     stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
     fingerprint = _fingerprint("read", kind, stamps, kwargs, corpus.max_pairs)
@@ -130,6 +130,11 @@ def _existing(root: str, path: str, key: str) -> Path:
     if not full.is_file():
         raise DataError(f"{key}: file not found: {full}")
     return full
+
+
+def is_sgm(*paths: str | Path) -> bool:
+    """Whether a src+tgt pair is read as WMT SGML: both files end in .sgm (before .gz/.xz/.bz2)."""
+    return all(_strip_compression(Path(p)).suffix == ".sgm" for p in paths)
 
 
 def _strip_compression(path: Path) -> Path:

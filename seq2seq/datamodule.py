@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
 from seq2seq.config import DataConfig
-from seq2seq.data import PreparedData, load_splits
+from seq2seq.data import PreparedData, is_sgm, load_splits
 from seq2seq.download import ensure_downloaded
 from seq2seq.tokenizer import Tokenizer
 
@@ -123,7 +123,7 @@ class TranslationDataModule(L.LightningDataModule):
         unit, where = "line", f"line {row + 1}"
         if corpus.dataset:
             unit, where = "row", f"row {row + 1}"
-        elif ".sgm" in (corpus.src or ""):
+        elif corpus.src and is_sgm(corpus.src, corpus.tgt):
             unit, where = "segment", f"segment {row + 1} (counted in file order)"
         return (
             f"data.{split} ({', '.join(files)}) {where}: its {side} has {n} tokens, "
