@@ -178,9 +178,20 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 RUNTIME_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64"}
 
 
+def use_attention_kernels() -> None:
+    """Leave cuDNN's fused attention out of torch's SDPA choices (flash and memory-efficient
+    attention remain). On an H100 in bf16 torch tries cuDNN first, and cuDNN builds an execution
+    plan for every new shape: about 8 ms of host time per attention call, and variable-length
+    batches and incremental decoding make a new shape nearly every call (README: "On a GPU")."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in RUNTIME_ENV.items():
         os.environ.setdefault(key, value)
+    use_attention_kernels()
     parser = build_parser()
     own, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
