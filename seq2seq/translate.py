@@ -189,20 +189,21 @@ def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) ->
 
 
 def prepare_model(model: Transformer, device: str, precision: str) -> Transformer:
-    """Move to `device` ('auto': cuda when available) and cast or quantize to `precision`.
+    """Move to `device` ('auto': cuda when available, the CPU for int8) and cast or quantize
+    to `precision`.
 
     int8 is torch's dynamic quantization of the nn.Linear layers (CPU only), the output
     projection included (through a quantized copy of the tied weight, `output_layer`); the
     embeddings stay in float32.
     """
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    if precision == "int8" and device != "cpu":
+        raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
     model = model.to(device).eval()
     if precision == "int8":
-        if device != "cpu":
-            raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
         weight, bias = model.output_projection()
         output_layer = nn.Linear(weight.size(1), weight.size(0), bias=bias is not None)
         output_layer.load_state_dict(

@@ -144,6 +144,15 @@ def test_reduced_precisions_translate_every_line(tmp_path, checkpoint, precision
     assert code == 0 and len(out) == 2 and all(out)
 
 
+def test_device_auto_runs_int8_on_the_cpu_even_where_a_gpu_is_present(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model = translate.prepare_model(load_model(checkpoint).model, "auto", "int8")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())  # quantized
+    with pytest.raises(ValueError, match="int8 runs on the CPU only"):
+        translate.prepare_model(load_model(checkpoint).model, "cuda", "int8")
+
+
 def test_int8_quantizes_the_linear_layers_and_the_output_projection_only(checkpoint):
     original = load_model(checkpoint).model.eval()
     model = translate.prepare_model(original, "cpu", "int8")
