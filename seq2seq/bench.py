@@ -75,7 +75,8 @@ def comparison_batches(tgt_lengths: np.ndarray, src_lengths: np.ndarray, max_tok
 
 def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> tuple[list, object]:
     """`n` training batches of real Multi30k pairs of at most `max_tokens` target tokens each,
-    as the peers' scripts cut them, and the tokenizer."""
+    as the peers' scripts cut them, and the tokenizer. When the corpus cuts into fewer than
+    `n` batches (large GPU budgets), they are taken again in the same order."""
     from seq2seq.batching import PairDataset, batch_lengths, collate
     from seq2seq.data import load_splits
     from seq2seq.download import ensure_downloaded
@@ -84,7 +85,8 @@ def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> t
     prepared = load_splits(recipe.data, run_dir)
     src_lengths, tgt_lengths = batch_lengths(prepared.train)
     pairs = PairDataset(prepared.train)
-    chosen = comparison_batches(tgt_lengths, src_lengths, max_tokens)[:n]
+    cut = comparison_batches(tgt_lengths, src_lengths, max_tokens)
+    chosen = [cut[k % len(cut)] for k in range(n)]
     return [collate(pairs.__getitems__(rows)) for rows in chosen], prepared.tokenizer
 
 
@@ -119,11 +121,18 @@ def _sync(device: torch.device) -> None:
 
 
 def measure_training(
-    cfg: ModelConfig, batches: list, device: torch.device, precision: str, warmup: int
+    cfg: ModelConfig,
+    batches: list,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+    compile_model: bool = False,
 ) -> dict:
-    """Time real optimizer steps; the first `warmup` steps are not counted."""
+    """Time real optimizer steps; the first `warmup` steps are not counted (with
+    `compile_model`, they include torch.compile's compilations)."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
+    forward = torch.compile(model, dynamic=True) if compile_model else model
     optimizer, schedule = build_optimizer(model.parameters(), Recipe().optim, cfg.d_model)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
@@ -135,7 +144,7 @@ def measure_training(
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             loss = translation_loss(
-                model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+                forward, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
             ).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -242,7 +251,8 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
         "precision": args.precision,
         "max_tokens": args.max_tokens,
     }
-    result.update(measure_training(cfg, batches, device, args.precision, args.warmup))
+    result["compile"] = args.compile
+    result.update(measure_training(cfg, batches, device, args.precision, args.warmup, args.compile))
     if args.model:
         result.update(
             measure_decoding(args.model, recipe, device, args.decode_precision, args.stop)

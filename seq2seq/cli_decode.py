@@ -106,6 +106,11 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up steps")
     p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model (dynamic shapes); give --warmup room for its compilations",
+    )
+    p.add_argument(
         "--decode-precision",
         default="fp32",
         choices=DECODE_PRECISIONS,
