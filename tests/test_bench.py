@@ -84,3 +84,19 @@ def test_comparison_batches_cover_every_row_once_within_the_target_token_budget(
     )
     for first, second in zip(spans, spans[1:], strict=False):
         assert sum(t for t, _ in first) + second[0][0] > 300
+
+
+def test_a_budget_larger_than_the_corpus_takes_its_batches_again_and_compile_runs(
+    multi30k_slice, tmp_path, capsys
+):
+    """The slice's 2,000 pairs hold about 58k target tokens in the bench's 500-piece vocabulary:
+    a 20k budget cuts them into three batches, and the five steps asked for (two warm-up, three
+    measured) take them again in order. With --compile the steps run through torch.compile."""
+    args = bench_args(multi30k_slice, tmp_path / "bench")
+    args[args.index("--max-tokens") + 1] = "20000"
+    args[args.index("--steps") + 1] = "3"
+    args[args.index("--warmup") + 1] = "2"
+    assert main([*args, "--compile"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["measured_steps"] == 3 and result["compile"] is True
+    assert 10_000 < result["mean_tgt_tokens_per_batch"] <= 20_000
