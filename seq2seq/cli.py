@@ -63,7 +63,8 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         recipe_path=args.recipe,
         overwrite=args.overwrite,
     )
-    print(json.dumps(results, indent=2))
+    if results:  # DDP's other ranks return none: one JSON object on stdout
+        print(json.dumps(results, indent=2))
     return 0
 
 
@@ -129,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-from", help="fine-tune: start from this checkpoint's weights and tokenizer"
     )
     p.add_argument(
-        "--overwrite", action="store_true", help="start a finished run's directory afresh"
+        "--overwrite",
+        action="store_true",
+        help="start afresh: remove the run directory's earlier checkpoints, logs, tokenizer, caches "
+        "and results first",
     )
     p.add_argument(
         "--print_config", "--print-config", action="store_true", help="print the resolved recipe"

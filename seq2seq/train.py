@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq.checkpoint import (
     checkpoint_dir,
@@ -92,6 +94,26 @@ class FinalState(Callback):
             (self.run_dir / "train_state.json").write_text(json.dumps(state) + "\n")
 
 
+#: What a run writes into its directory, and all that --overwrite removes (nothing else).
+RUN_FILES = (
+    "results.json",
+    "recipe.yaml",
+    "train_state.json",
+    "curves.png",
+    *(f"spm{part}.{ext}" for part in ("", ".src", ".tgt") for ext in ("model", "vocab")),
+)
+RUN_FOLDERS = ("checkpoints", "logs", "cache")
+
+
+def _clear_run_dir(run_dir: Path) -> None:
+    """Remove an earlier run's files (checkpoints, logs, tokenizer, caches, results) so the
+    run starts afresh, whatever the new recipe; other files in the folder are left alone."""
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
 def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses to clobber."""
     results = run_dir / "results.json"
@@ -101,8 +123,10 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
             "again from scratch, or choose another --run-dir"
         )
     if overwrite:
-        for path in [results, *checkpoint_dir(run_dir).glob("*.ckpt")]:
-            path.unlink()
+        # DDP's other ranks re-run this command once rank 0 has prepared the run: they must
+        # not remove what it prepared.
+        if rank_zero_only.rank == 0:
+            _clear_run_dir(run_dir)
         return None
     saved = run_dir / "recipe.yaml"
     if saved.exists():

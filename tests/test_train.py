@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from seq2seq.checkpoint import load_model, read_checkpoint
 from seq2seq.cli import main
 from seq2seq.recipe import load_recipe
+from seq2seq.tokenizer import Tokenizer
 from seq2seq.train import RunDirError, train
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
@@ -19,7 +24,11 @@ RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
 
 def tiny_recipe(data_root: Path, cache: Path, *extra: str):
     """The Multi30k recipe shrunk to seconds: tiny model, 1000 pairs, 400 pieces."""
-    overrides = [
+    return load_recipe(RECIPE, tiny_overrides(data_root, cache, *extra))
+
+
+def tiny_overrides(data_root: Path, cache: Path, *extra: str) -> list[str]:
+    return [
         *("--data.root", str(data_root), "--data.download", "null"),
         *("--data.cache_dir", str(cache)),
         *("--data.train.max_pairs", "1000", "--data.valid.max_pairs", "60"),
@@ -41,7 +50,6 @@ def tiny_recipe(data_root: Path, cache: Path, *extra: str):
         *("--decode.beam", "2", "--decode.max_len_a", "1.0", "--decode.max_len_b", "5"),
         *extra,
     ]
-    return load_recipe(RECIPE, overrides)
 
 
 def parameters(path: Path) -> dict[str, torch.Tensor]:
@@ -404,3 +412,63 @@ def test_a_validation_line_longer_than_max_positions_is_named_before_training(
         else len(tokenizer.encode_tgt([text])[0]) + 1
     )
     assert seen == int(tokens) > 12
+
+
+def test_overwrite_starts_afresh_even_with_another_vocabulary(multi30k_slice, tmp_path):
+    run = tmp_path / "run"
+    short = ("--trainer.average_last", "0", "--trainer.val_check_interval", "3")
+    # On a folder holding no finished run, --overwrite simply starts (it used to crash).
+    train(
+        tiny_recipe(multi30k_slice, run / "cache", *short, "--trainer.max_steps", "6"),
+        run,
+        overwrite=True,
+    )
+    mine = run / "notes.txt"
+    mine.write_text("not the run's")
+    recipe = tiny_recipe(
+        multi30k_slice,
+        run / "cache",
+        *short,
+        "--trainer.max_steps",
+        "4",
+        "--data.tokenizer.vocab_size",
+        "300",
+    )
+    with pytest.raises(RunDirError, match="finished"):
+        train(recipe, run)
+    assert train(recipe, run, overwrite=True)["steps"] == 4
+    assert Tokenizer.load(run).src_vocab_size == 300  # not the first run's 400 pieces
+    steps = [int(p.name[4:11]) for p in (run / "checkpoints").glob("step*.ckpt")]
+    assert steps and max(steps) == 4  # the first run's step-6 checkpoint is gone
+    with open(run / "logs" / "metrics.csv") as f:
+        assert max(int(row["step"]) for row in csv.DictReader(f)) <= 4
+    assert mine.read_text() == "not the run's"  # only the run's own files are removed
+
+
+@pytest.mark.slow
+def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
+    multi30k_slice, tmp_path
+):
+    """`--trainer.devices 2` on a CPU: Lightning starts rank 1 by running the same command
+    again; with --overwrite it must not remove what rank 0 prepared, and only rank 0 prints."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")  # a finished run: --overwrite is needed
+    overrides = tiny_overrides(
+        multi30k_slice,
+        run / "cache",
+        "--trainer.max_steps",
+        "6",
+        "--trainer.val_check_interval",
+        "3",
+        "--trainer.average_last",
+        "0",
+    )
+    command = [sys.executable, "-m", "seq2seq", "train", RECIPE, *overrides]
+    command += ["--trainer.devices", "2", "--run-dir", str(run), "--overwrite"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stderr
+    assert json.loads(done.stdout)["steps"] == 6  # one JSON object: rank 1 prints nothing
+    assert (run / "spm.model").exists() and (run / "recipe.yaml").exists()
