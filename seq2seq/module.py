@@ -154,14 +154,16 @@ class TranslationModule(L.LightningModule):
 
         loss, nll, n = self._val_sums.tolist()
         n = max(n, 1.0)
-        self.log("val_loss", loss / n, sync_dist=False)
-        self.log("val_ppl", math.exp(min(nll / n, 50.0)), sync_dist=False)
+        # Every rank scores the whole validation set, so the ranks' values agree; sync_dist
+        # states that (a mean of equal values) and keeps Lightning's DDP warning away.
+        self.log("val_loss", loss / n, sync_dist=True)
+        self.log("val_ppl", math.exp(min(nll / n, 50.0)), sync_dist=True)
         if not self.valid_refs or len(self._hyps) != len(self.valid_refs):
             return  # e.g. a sanity check over a few batches: no BLEU on a partial set
         hyps = [self.tokenizer.decode_tgt(self._hyps[i]) for i in range(len(self.valid_refs))]
         scores = score(hyps, self.valid_refs, ["bleu", "chrf"])
-        self.log("val_bleu", scores["bleu"], prog_bar=True)
-        self.log("val_chrf", scores["chrf"])
+        self.log("val_bleu", scores["bleu"], prog_bar=True, sync_dist=True)
+        self.log("val_chrf", scores["chrf"], sync_dist=True)
         self.last_val_scores = scores
 
     # --- checkpoints: self-contained, and exactly resumable --------------------------------

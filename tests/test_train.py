@@ -470,5 +470,6 @@ def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in done.stderr
+    assert "sync_dist=True" not in done.stderr  # validation metrics are logged as synced
     assert json.loads(done.stdout)["steps"] == 6  # one JSON object: rank 1 prints nothing
     assert (run / "spm.model").exists() and (run / "recipe.yaml").exists()
