@@ -114,6 +114,14 @@ def _clear_run_dir(run_dir: Path) -> None:
         shutil.rmtree(run_dir / name, ignore_errors=True)
 
 
+def _ranks_started_together() -> bool:
+    """Whether an outside launcher (torchrun, SLURM's srun) started all ranks at once, rather
+    than Lightning starting the others from rank 0 (which sets no RANK)."""
+    env = os.environ
+    torchrun = "RANK" in env and int(env.get("WORLD_SIZE", "1")) > 1
+    return torchrun or int(env.get("SLURM_NTASKS", "1")) > 1
+
+
 def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses to clobber."""
     results = run_dir / "results.json"
@@ -123,8 +131,14 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
             "again from scratch, or choose another --run-dir"
         )
     if overwrite:
-        # DDP's other ranks re-run this command once rank 0 has prepared the run: they must
-        # not remove what it prepared.
+        if _ranks_started_together():
+            raise RunDirError(
+                f"{run_dir}: --overwrite cannot clear a run directory that ranks started "
+                "together (torchrun, srun) already use; remove the run's files first, then "
+                "launch without --overwrite"
+            )
+        # Lightning's own launcher runs this command again for the other ranks once rank 0
+        # has prepared the run: they must not remove what it prepared.
         if rank_zero_only.rank == 0:
             _clear_run_dir(run_dir)
         return None
@@ -242,7 +256,10 @@ def train(
     )
     datamodule.check_positions(model_cfg.max_positions)
     recipe = dataclasses.replace(recipe, model=model_cfg)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    if rank_zero_only.rank == 0:  # atomically: ranks started together read it to compare
+        staged = run_dir / f".recipe.yaml.{os.getpid()}"
+        staged.write_text(dump_recipe(recipe))
+        staged.replace(run_dir / "recipe.yaml")
 
     module = TranslationModule(
         model_cfg,

@@ -446,14 +446,17 @@ def test_overwrite_starts_afresh_even_with_another_vocabulary(multi30k_slice, tm
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
 def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
-    multi30k_slice, tmp_path
+    multi30k_slice, tmp_path, launcher
 ):
-    """`--trainer.devices 2` on a CPU: Lightning starts rank 1 by running the same command
-    again; with --overwrite it must not remove what rank 0 prepared, and only rank 0 prints."""
+    """`--trainer.devices 2` on a CPU. Lightning starts rank 1 by running the same command
+    again once rank 0 has prepared the run (with --overwrite, rank 1 must not remove what rank
+    0 prepared); torchrun starts both ranks together. Only rank 0 prints."""
     run = tmp_path / "run"
     run.mkdir()
-    (run / "results.json").write_text("{}")  # a finished run: --overwrite is needed
+    if launcher == "lightning":
+        (run / "results.json").write_text("{}")  # a finished run: --overwrite is needed
     overrides = tiny_overrides(
         multi30k_slice,
         run / "cache",
@@ -465,7 +468,11 @@ def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
         "0",
     )
     command = [sys.executable, "-m", "seq2seq", "train", RECIPE, *overrides]
-    command += ["--trainer.devices", "2", "--run-dir", str(run), "--overwrite"]
+    command += ["--trainer.devices", "2", "--run-dir", str(run)]
+    if launcher == "lightning":
+        command.append("--overwrite")
+    else:  # torchrun starts the ranks together; --overwrite is refused there (test below)
+        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -473,3 +480,19 @@ def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
     assert "sync_dist=True" not in done.stderr  # validation metrics are logged as synced
     assert json.loads(done.stdout)["steps"] == 6  # one JSON object: rank 1 prints nothing
     assert (run / "spm.model").exists() and (run / "recipe.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "env", [{"RANK": "0", "WORLD_SIZE": "2"}, {"SLURM_NTASKS": "4", "SLURM_PROCID": "0"}]
+)
+def test_overwrite_is_refused_when_a_launcher_started_all_ranks_together(
+    multi30k_slice, tmp_path, monkeypatch, env
+):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    with pytest.raises(RunDirError, match="started together"):
+        train(tiny_recipe(multi30k_slice, run / "cache"), run, overwrite=True)
+    assert (run / "results.json").exists()  # nothing was removed
