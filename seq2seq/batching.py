@@ -257,3 +257,29 @@ class PairDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[tuple[int, list[int], list[int]]]:
         rows = self.ds[indices]
         return list(zip(indices, rows["src_ids"], rows["tgt_ids"], strict=True))
+
+
+class RowSubsetBatches:
+    """A batch sampler over a subset of a dataset's rows: `sampler` cuts batches from the
+    subset's lengths, and each batch comes out as the dataset's own row numbers."""
+
+    def __init__(self, sampler: TokenBudgetBatchSampler, rows: np.ndarray):
+        self.sampler, self.rows = sampler, np.asarray(rows)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield self.rows[batch].tolist()
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def eval_shard(src_lengths: np.ndarray, tgt_lengths: np.ndarray, world: int, rank: int):
+    """This rank's rows of an evaluation set split over `world` ranks: every world-th pair of
+    the length order, so the shards hold every pair once and cost about the same to decode."""
+    if len(src_lengths) < world:
+        raise ValueError(
+            f"the evaluation set has {len(src_lengths)} pairs, fewer than the {world} ranks"
+        )
+    order = np.lexsort((src_lengths, tgt_lengths))
+    return np.sort(order[rank::world])

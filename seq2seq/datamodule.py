@@ -14,7 +14,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, batch_lengths, collate
+from seq2seq.batching import (
+    Batch,
+    PairDataset,
+    RowSubsetBatches,
+    TokenBudgetBatchSampler,
+    batch_lengths,
+    collate,
+    eval_shard,
+)
 from seq2seq.config import DataConfig
 from seq2seq.data import PreparedData, is_sgm, load_splits
 from seq2seq.download import ensure_downloaded
@@ -152,8 +160,22 @@ class TranslationDataModule(L.LightningDataModule):
         return self._loader(train, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches sorted by length (fast decoding), every pair on every rank."""
-        return self._eval_loader(self.prepared.valid)
+        """Validation batches sorted by length (fast decoding). Under DDP each rank decodes
+        its share of the pairs (`eval_shard`); the module gathers the shares to score BLEU."""
+        world, rank = self._world()
+        if world == 1:
+            return self._eval_loader(self.prepared.valid)
+        src_lengths, tgt_lengths = batch_lengths(self.prepared.valid)
+        rows = eval_shard(src_lengths, tgt_lengths, world, rank)
+        sampler = TokenBudgetBatchSampler(
+            src_lengths[rows],
+            tgt_lengths[rows],
+            self.cfg.max_tokens,
+            shuffle=False,
+            num_replicas=1,
+            rank=0,
+        )
+        return self._loader(self.prepared.valid, RowSubsetBatches(sampler, rows))
 
     def test_dataloader(self) -> DataLoader:
         if self.prepared.test is None:
@@ -166,7 +188,7 @@ class TranslationDataModule(L.LightningDataModule):
         )
         return self._loader(ds, sampler)
 
-    def _loader(self, ds: Any, sampler: TokenBudgetBatchSampler) -> DataLoader:
+    def _loader(self, ds: Any, sampler: TokenBudgetBatchSampler | RowSubsetBatches) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(
             PairDataset(ds),

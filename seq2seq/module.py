@@ -152,19 +152,31 @@ class TranslationModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         from seq2seq.evaluate import score
 
-        loss, nll, n = self._val_sums.tolist()
+        sums, hyps = self._gather_validation()
+        loss, nll, n = sums
         n = max(n, 1.0)
-        # Every rank scores the whole validation set, so the ranks' values agree; sync_dist
+        # Every rank scores the gathered validation set, so the ranks' values agree; sync_dist
         # states that (a mean of equal values) and keeps Lightning's DDP warning away.
         self.log("val_loss", loss / n, sync_dist=True)
         self.log("val_ppl", math.exp(min(nll / n, 50.0)), sync_dist=True)
-        if not self.valid_refs or len(self._hyps) != len(self.valid_refs):
+        if not self.valid_refs or len(hyps) != len(self.valid_refs):
             return  # e.g. a sanity check over a few batches: no BLEU on a partial set
-        hyps = [self.tokenizer.decode_tgt(self._hyps[i]) for i in range(len(self.valid_refs))]
+        hyps = [self.tokenizer.decode_tgt(hyps[i]) for i in range(len(self.valid_refs))]
         scores = score(hyps, self.valid_refs, ["bleu", "chrf"])
         self.log("val_bleu", scores["bleu"], prog_bar=True, sync_dist=True)
         self.log("val_chrf", scores["chrf"], sync_dist=True)
         self.last_val_scores = scores
+
+    def _gather_validation(self) -> tuple[list[float], dict[int, list[int]]]:
+        """The validation sums (loss, nll, tokens) and hypotheses of all ranks: under DDP each
+        rank decoded its share of the pairs (every rank calls this at the epoch's end)."""
+        sums, hyps = self._val_sums.tolist(), self._hyps
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return sums, hyps
+        shares: list = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shares, (sums, hyps))
+        totals = [sum(share[0][k] for share in shares) for k in range(3)]
+        return totals, {i: h for _, share in shares for i, h in share.items()}
 
     # --- checkpoints: self-contained, and exactly resumable --------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

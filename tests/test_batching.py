@@ -166,3 +166,19 @@ def test_dataloader_batches_stay_within_budget_on_real_data(joint_tokenizer, sli
         )
         seen += expected
     assert sorted(seen) == list(range(len(ds)))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_shards_hold_every_pair_once_and_cost_about_the_same(world: int) -> None:
+    from seq2seq.batching import eval_shard
+
+    rng = np.random.default_rng(5)
+    src, tgt = rng.integers(1, 60, 1001), rng.integers(1, 60, 1001)
+    shards = [eval_shard(src, tgt, world, rank) for rank in range(world)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1001))
+    sizes = [len(shard) for shard in shards]
+    assert max(sizes) - min(sizes) <= 1
+    costs = [int(tgt[shard].sum()) for shard in shards]  # dealt in length order: balanced
+    assert max(costs) - min(costs) <= 60
+    with pytest.raises(ValueError, match="fewer than the 4 ranks"):
+        eval_shard(src[:3], tgt[:3], 4, 0)

@@ -77,6 +77,20 @@ class SaveRankParameters(Callback):
         torch.save(pl_module.model.state_dict(), self.folder / f"rank{trainer.global_rank}.pt")
 
 
+class RecordValidationRows(Callback):
+    """Each DDP rank writes the validation rows it decoded (module level: ddp_spawn pickles it)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.rows = folder, []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, *_):
+        self.rows += batch.index.tolist()
+
+    def on_validation_end(self, trainer, pl_module):
+        path = self.folder / f"val_rows{trainer.global_rank}.json"
+        path.write_text(json.dumps(self.rows))
+
+
 @pytest.fixture(scope="module")
 def trained_run(multi30k_slice, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
@@ -225,7 +239,7 @@ def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path)
 
     def recording_trainer(recipe, run_dir):
         trainer = original(recipe, run_dir)
-        trainer.callbacks.append(SaveRankParameters(tmp_path))
+        trainer.callbacks += [SaveRankParameters(tmp_path), RecordValidationRows(tmp_path)]
         return trainer
 
     recipe = tiny_recipe(
@@ -251,6 +265,12 @@ def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path)
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 6
+    # Validation: each rank decoded its own share of the 60 pairs, and BLEU was scored on
+    # the gathered whole (on a partial set it would not be logged at all).
+    shares = [set(json.loads((tmp_path / f"val_rows{r}.json").read_text())) for r in (0, 1)]
+    assert not shares[0] & shares[1] and shares[0] | shares[1] == set(range(60))
+    with open(tmp_path / "ddp" / "logs" / "metrics.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f) if row.get("val_bleu")] == ["5"]
 
 
 def test_train_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
