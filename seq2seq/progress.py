@@ -41,6 +41,14 @@ class StepProgressBar(TQDMProgressBar):
             file=sys.stderr,
         )
 
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fresh validation bar with its number of batches (Lightning's would set it only at
+        the first validation of the run, and show "0it" at every later one)."""
+        super().on_validation_start(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self.val_progress_bar.reset(total=sum(trainer.num_val_batches))
+            self._current_eval_dataloader_idx = 0  # the total above holds: no reset per batch
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar

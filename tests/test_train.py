@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -184,7 +186,10 @@ def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
         train_module.build_trainer = original
     saved = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == val_every
-    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), resumed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), resumed)
+    assert not [w for w in caught if "resuming from a checkpoint" in str(w.message)]
 
     a = parameters(straight / "checkpoints" / "last.ckpt")
     b = parameters(resumed / "checkpoints" / "last.ckpt")
@@ -313,11 +318,21 @@ def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint
 
 
 def test_progress_bar_counts_updates_to_max_steps_on_stderr(multi30k_slice, tmp_path, capsys):
-    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.max_steps", "20")
+    recipe = tiny_recipe(
+        multi30k_slice,
+        tmp_path / "cache",
+        "--trainer.max_steps",
+        "20",
+        "--trainer.val_check_interval",
+        "10",
+    )
     train(recipe, tmp_path / "bar")
     captured = capsys.readouterr()
     assert "20/20" in captured.err and "train_loss=" in captured.err and "lr=" in captured.err
     assert "20/20" not in captured.out
+    # Both validations (steps 10 and 20) count their batches to the total, not only the first.
+    done = re.findall(r"validate: 100%\|[^|]*\| (\d+)/(\d+)", captured.err)
+    assert len(done) == 2 and all(n == total for n, total in done)
 
 
 def test_a_time_limited_run_shows_the_time_left_instead_of_a_step_eta(
