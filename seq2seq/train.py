@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -93,6 +94,9 @@ class FinalState(Callback):
             }
             (self.run_dir / "train_state.json").write_text(json.dumps(state) + "\n")
 
+
+#: The start of Lightning's warning on a mid-epoch resume (see `train`).
+MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
 #: What a run writes into its directory, and all that --overwrite removes (nothing else).
 RUN_FILES = (
@@ -276,7 +280,12 @@ def train(
 
     trainer = build_trainer(recipe, run_dir)
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        with warnings.catch_warnings():
+            # Lightning warns that resuming mid-epoch with a loader it cannot restore is
+            # unreliable; the data module restores the sampler's position itself (tested:
+            # bit-identical parameters), so the warning would be a false alarm.
+            warnings.filterwarnings("ignore", message=MID_EPOCH_RESUME_WARNING)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except torch.OutOfMemoryError as err:
         raise RuntimeError(
             f"out of memory with data.max_tokens={recipe.data.max_tokens}; try a smaller "
