@@ -507,7 +507,7 @@ def test_the_train_command_under_ddp_runs_two_processes_and_prints_one_result(
     if launcher == "lightning":
         command.append("--overwrite")
     else:  # torchrun starts the ranks together; --overwrite is refused there (test below)
-        command[1:1] = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
