@@ -195,10 +195,10 @@ def use_attention_kernels() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in RUNTIME_ENV.items():
         os.environ.setdefault(key, value)
-    use_attention_kernels()
     parser = build_parser()
     own, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
+    use_attention_kernels()  # after parsing: --help need not import torch
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
