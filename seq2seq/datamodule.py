@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -163,30 +164,24 @@ class TranslationDataModule(L.LightningDataModule):
         """Validation batches sorted by length (fast decoding). Under DDP each rank decodes
         its share of the pairs (`eval_shard`); the module gathers the shares to score BLEU."""
         world, rank = self._world()
-        if world == 1:
-            return self._eval_loader(self.prepared.valid)
-        src_lengths, tgt_lengths = batch_lengths(self.prepared.valid)
-        rows = eval_shard(src_lengths, tgt_lengths, world, rank)
-        sampler = TokenBudgetBatchSampler(
-            src_lengths[rows],
-            tgt_lengths[rows],
-            self.cfg.max_tokens,
-            shuffle=False,
-            num_replicas=1,
-            rank=0,
-        )
-        return self._loader(self.prepared.valid, RowSubsetBatches(sampler, rows))
+        valid = self.prepared.valid
+        rows = None if world == 1 else eval_shard(*batch_lengths(valid), world, rank)
+        return self._eval_loader(valid, rows)
 
     def test_dataloader(self) -> DataLoader:
         if self.prepared.test is None:
             raise ValueError("data.test is not set: there is no test split")
         return self._eval_loader(self.prepared.test)
 
-    def _eval_loader(self, ds: Any) -> DataLoader:
+    def _eval_loader(self, ds: Any, rows: np.ndarray | None = None) -> DataLoader:
+        """Length-sorted batches of `ds`, or of its `rows` only (as the dataset's row numbers)."""
+        src_lengths, tgt_lengths = batch_lengths(ds)
+        if rows is not None:
+            src_lengths, tgt_lengths = src_lengths[rows], tgt_lengths[rows]
         sampler = TokenBudgetBatchSampler(
-            *batch_lengths(ds), self.cfg.max_tokens, shuffle=False, num_replicas=1, rank=0
+            src_lengths, tgt_lengths, self.cfg.max_tokens, shuffle=False, num_replicas=1, rank=0
         )
-        return self._loader(ds, sampler)
+        return self._loader(ds, sampler if rows is None else RowSubsetBatches(sampler, rows))
 
     def _loader(self, ds: Any, sampler: TokenBudgetBatchSampler | RowSubsetBatches) -> DataLoader:
         workers = self.cfg.num_workers
