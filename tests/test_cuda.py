@@ -9,6 +9,7 @@ from test_model import full_and_incremental_logits, random_ids, tiny_model
 from test_search import random_batch
 from test_search import tiny_model as search_model
 
+from seq2seq.batching import collate
 from seq2seq.config import DecodeConfig
 from seq2seq.loss import translation_loss
 from seq2seq.optim import build_optimizer
@@ -46,19 +47,23 @@ def test_on_a_gpu_beam_1_equals_greedy_in_tokens_and_scores():
     assert [h[0].score for h in beam1] == [h[0].score for h in greedy]
 
 
+def padded_batch(lengths):
+    """A collated batch of random pairs with these (source, target) lengths: padded on both sides."""
+    triples = [
+        (row, random_ids(1, n)[0].tolist(), random_ids(1, m)[0].tolist())
+        for row, (n, m) in enumerate(lengths)
+    ]
+    return collate(triples)
+
+
 def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host():
     """Forward, loss, backward, optimizer and schedule with the sync debugger set to raise:
     any .item(), nonzero or device-to-host copy in the step fails this test."""
-    from seq2seq.batching import collate
     from seq2seq.config import OptimConfig
 
     model = tiny_model(torch.float32).cuda().train()
     optimizer, schedule = build_optimizer(model.parameters(), OptimConfig(), 32)
-    triples = [
-        (row, random_ids(1, n)[0].tolist(), random_ids(1, m)[0].tolist())
-        for row, (n, m) in enumerate(((5, 7), (9, 3), (2, 6)))
-    ]
-    batch = collate(triples).to("cuda")
+    batch = padded_batch(((5, 7), (9, 3), (2, 6))).to("cuda")
     losses = []
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -83,14 +88,8 @@ def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance
     """Padded sources and targets through the GPU's attention kernels (memory-efficient
     attention under a key-padding mask; in bf16, flash attention for the causal decoder) give
     the loss and every gradient of the float64 CPU step, to the precision's rounding."""
-    from seq2seq.batching import collate
-
     model = tiny_model(torch.float64, dropout=0.0).train()
-    triples = [
-        (row, random_ids(1, n)[0].tolist(), random_ids(1, m)[0].tolist())
-        for row, (n, m) in enumerate(((5, 7), (9, 3), (2, 6), (7, 9)))
-    ]
-    batch = collate(triples)
+    batch = padded_batch(((5, 7), (9, 3), (2, 6), (7, 9)))
 
     def loss_and_grads(model, batch, autocast_dtype=None):
         model.zero_grad(set_to_none=True)
