@@ -24,10 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seq2seq.linear import matmul_t
 from seq2seq.model import Transformer
 
 
@@ -138,14 +138,14 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             grad_bias = None if bias is None else torch.zeros(V, dtype=acc, device=bias.device)
         for start in range(0, states.size(0), rows):
             h, t = states[start : start + rows], target[start : start + rows]
-            log_probs = torch.log_softmax(F.linear(h, weight, bias).to(acc), dim=-1)
+            log_probs = torch.log_softmax(matmul_t(h, weight, bias).to(acc), dim=-1)
             chunk_nll = -log_probs.gather(-1, t[:, None])
             nll += chunk_nll.sum()
             loss += (1.0 - epsilon) * chunk_nll.sum() - epsilon / V * log_probs.sum()
             if not grads:
                 continue
             g = _minus_smoothed_target_(log_probs.exp_(), t, epsilon)  # in the chunk's buffer
-            grad_states[start : start + rows] = torch.mm(g, w)
+            grad_states[start : start + rows] = matmul_t(g, w.t())  # g @ w
             if autocast:  # the matmul in the autocast dtype, accumulated in `acc`
                 grad_weight += torch.mm(g.t(), h)
             else:  # accumulated in place: no (V, D) temporary per chunk

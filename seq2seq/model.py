@@ -13,7 +13,9 @@ from seeing padding (padding sits only after it).
 On a CPU the encoder runs its position-wise layers (projections, feed-forward, LayerNorm,
 dropout) on the real source tokens only, packed into (N, D), and so do the decoder's
 cross-attention key/value projections; only attention sees the padded (B, S) layout. Source
-padding therefore costs no FLOPs outside attention; the result is the same.
+padding therefore costs no FLOPs outside attention; the result is the same. Linear layers are
+called through `seq2seq.linear.linear`, which in float32 CPU training runs them on oneDNN with
+the bias and the FFN's ReLU fused into the matmul; elsewhere it is the layer's own forward.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor, nn
 from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
 from seq2seq.dropout import Dropout
+from seq2seq.linear import linear
 
 
 # --- 3.5 Positional encoding ----------------------------------------------------------------
@@ -139,7 +142,7 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         """x (B, L, D), or (N, D) real tokens with their `packing`; mask (B, 1, 1, L)
         key-padding mask or None; causal for the decoder."""
-        qkv = self.qkv(x)
+        qkv = linear(self.qkv, x)
         if packing is not None:
             qkv = packing.unpack(qkv)  # (B, L, 3D), zeros at padding (masked keys)
         q, k, v = (split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))
@@ -161,7 +164,7 @@ class SelfAttention(nn.Module):
             is_causal=is_causal,
         )
         y = merge_heads(y)
-        return self.out(y if packing is None else packing.pack(y))
+        return linear(self.out, y if packing is None else packing.pack(y))
 
 
 class CrossAttention(nn.Module):
@@ -186,13 +189,13 @@ class CrossAttention(nn.Module):
             k, v = cache.cross_k, cache.cross_v
         else:
             if memory.packing is not None:  # project real source tokens only (zeros: masked)
-                kv = memory.packing.unpack(self.kv(memory.packed))
+                kv = memory.packing.unpack(linear(self.kv, memory.packed))
             else:
-                kv = self.kv(memory.states)
+                kv = linear(self.kv, memory.states)
             k, v = (split_heads(t, self.n_heads) for t in kv.chunk(2, dim=-1))
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
-        q = split_heads(self.q(x), self.n_heads)  # (R, H, T, Dh)
+        q = split_heads(linear(self.q, x), self.n_heads)  # (R, H, T, Dh)
         R, H, T, Dh = q.shape
         N = k.size(0)
         group = R // N
@@ -203,7 +206,7 @@ class CrossAttention(nn.Module):
         )
         if group > 1:
             y = y.view(N, H, group, T, Dh).transpose(1, 2).reshape(R, H, T, Dh)
-        return self.out(merge_heads(y))
+        return linear(self.out, merge_heads(y))
 
 
 # --- 3.3 Position-wise feed-forward network --------------------------------------------------
@@ -219,7 +222,7 @@ class FeedForward(nn.Module):
             _xavier_per_projection(w, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.dropout(F.relu(self.w1(x))))
+        return linear(self.w2, self.dropout(linear(self.w1, x, relu=True)))
 
 
 # --- 3.1 Residual connection + layer normalisation -------------------------------------------

@@ -85,11 +85,12 @@ def test_training_step_reads_nothing_back_from_the_device():
     """On a GPU, any op whose output size or Python value depends on tensor data (nonzero,
     a boolean-mask gather, .item()) makes the host wait for the device. A training step on a
     collated batch, forward and backward, runs none of them; packing, a CPU-only shortcut
-    that does use nonzero, is what an accelerator turns off."""
+    that does use nonzero, is what an accelerator turns off (and oneDNN's CPU linear)."""
     from unittest import mock
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from seq2seq import linear
     from seq2seq.batching import collate
     from seq2seq.model import Packing
 
@@ -107,7 +108,11 @@ def test_training_step_reads_nothing_back_from_the_device():
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).train()
     batch = collate([(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11])])
-    with mock.patch.object(Packing, "of", return_value=None), Recorder() as seen:
+    with (
+        mock.patch.object(Packing, "of", return_value=None),
+        mock.patch.object(linear, "ENABLED", False),
+        Recorder() as seen,
+    ):
         out = translation_loss(
             model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
         )

@@ -1,0 +1,116 @@
+"""Linear layers on a CPU through oneDNN, with the bias (and a following ReLU) fused in.
+
+For a float32 `F.linear` on a CPU, torch calls MKL's sgemm, after copying the bias into every
+row of the output, and a ReLU after it is one more pass over that output. oneDNN, which torch
+also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend emits
+for a linear layer), adds the bias and applies the ReLU inside the matmul. On this project's
+CPU (2-core AMD EPYC with AVX-512) it ran the model's shapes at about 200 GFLOP/s where MKL ran
+them at 120-185 (`seq2seq bench` and the README give the figures).
+
+`linear(layer, x)` takes that path for an `nn.Linear` in float32 on a CPU in training, in the
+forward pass and for the gradient with respect to the input; the loss's output projection
+calls `matmul_t`. The weight gradient stays with `torch.mm`: oneDNN would first need both of its
+operands transposed. Everywhere else (accelerators, other dtypes, autocast, a quantized layer,
+torch.compile, inference) it is the layer's own forward, then ReLU. Results equal `F.linear`'s
+to float32 rounding; `SEQ2SEQ_ONEDNN=0` turns the path off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+# oneDNN builds a kernel (a "primitive") per matrix shape, and training meets new shapes every
+# step (each batch has its own number of tokens). oneDNN and torch's ideep layer each cache
+# 1,024 of them by default, and they hold scratch memory: a small model's training RSS grew from
+# 2,020 to 4,371 MiB over 200 steps. 32 entries keep one step's shapes (measured: flat near
+# 1,500 MiB over 150 steps, and no slower); set the variables to choose otherwise. oneDNN reads
+# them when it first runs, hence here, at import.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
+os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
+
+#: False when SEQ2SEQ_ONEDNN=0, or when this torch has no oneDNN linear kernel.
+ENABLED = (
+    os.environ.get("SEQ2SEQ_ONEDNN", "1") != "0"
+    and torch.backends.mkldnn.is_available()
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+)
+
+
+def uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether x @ weight.T goes through oneDNN: float32 on a CPU, outside autocast and
+    torch.compile, with at least one row."""
+    return (
+        ENABLED
+        and torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """x (M, K) @ weight.T (K, N) + bias (N,), then ReLU if asked -> (M, N); no autograd.
+
+    `weight` may be any strided view (the input gradient passes `weight.t()`)."""
+    if uses_onednn(x, weight):
+        return torch.ops.mkldnn._linear_pointwise(
+            x, weight, bias, "relu" if relu else "none", [], ""
+        )
+    y = F.linear(x, weight, bias)
+    return y.relu_() if relu else y
+
+
+def linear(layer: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
+    """layer(x) (..., out), then ReLU if asked; through oneDNN where `uses_onednn` says so and
+    gradients are wanted.
+
+    Inference keeps the layer's own forward: decoding meets a new matrix shape at nearly every
+    step (sentences finish), and measured no faster through oneDNN (greedy 269-333 against
+    337-362 sentences/s, beam 5 131-139 against 126-127, README). A layer with forward hooks
+    also runs its own forward, so that the hooks see the call."""
+    if _trains_through_onednn(layer, x):
+        return _OneDnnLinear.apply(x, layer.weight, layer.bias, relu)
+    y = layer(x)
+    return F.relu(y) if relu else y
+
+
+def _trains_through_onednn(layer: nn.Module, x: Tensor) -> bool:
+    if type(layer) is not nn.Linear or layer._forward_hooks or layer._forward_pre_hooks:
+        return False
+    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)
+    grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+    return grads and uses_onednn(x, layer.weight)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x @ weight.T + bias (then ReLU), forward and input gradient through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))  # (M, K)
+        y = matmul_t(x2, weight, bias, relu)  # (M, N)
+        # ReLU's gradient mask is read from its output (y > 0 exactly where the input was).
+        ctx.save_for_backward(x2, weight, y if relu else None)
+        ctx.relu, ctx.x_shape, ctx.has_bias = relu, x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x2, weight, y = ctx.saved_tensors
+        g = grad_y.reshape(-1, weight.size(0))  # (M, N)
+        if ctx.relu:
+            g = torch.ops.aten.threshold_backward(g, y, 0)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = matmul_t(g, weight.t()).view(ctx.x_shape) if need_x else None
+        grad_w = torch.mm(g.t(), x2) if need_w else None
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b, None
