@@ -117,8 +117,14 @@ class TranslationModule(L.LightningModule):
             self._tokens_since, self._time_since = 0, now
 
     def configure_optimizers(self):
+        # Lightning's fp16 gradient scaler cannot clip the gradients of an optimizer that
+        # unscales them itself, as the fused kernel does.
         optimizer, schedule = build_optimizer(
-            self.model.parameters(), self.optim, self.model_cfg.d_model, self.trainer.max_steps
+            self.model.parameters(),
+            self.optim,
+            self.model_cfg.d_model,
+            self.trainer.max_steps,
+            fused=self.trainer.precision != "16-mixed",
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

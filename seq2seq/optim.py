@@ -60,14 +60,26 @@ def schedule_factor(cfg: OptimConfig, max_steps: int | None = None):
     return lambda step: decay_factor(step, cfg.warmup_steps, decay_steps, cfg.schedule)
 
 
+#: Devices on which torch's Adam has a fused kernel (one pass over each parameter).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter],
     cfg: OptimConfig,
     d_model: int,
     max_steps: int | None = None,
+    fused: bool = True,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Adam (AdamW when weight_decay > 0) and its per-step schedule; `max_steps` is where a
-    linear/cosine decay ends when `cfg.decay_steps` is None."""
+    linear/cosine decay ends when `cfg.decay_steps` is None.
+
+    `fused`: torch's fused kernel where every parameter is a float tensor on a device that has
+    one (on a CPU it is one pass per parameter instead of a dozen elementwise ops)."""
+    params = list(params)
+    fused = fused and all(
+        p.device.type in FUSED_ADAM_DEVICES and p.is_floating_point() for p in params
+    )
     kind = torch.optim.AdamW if cfg.weight_decay > 0 else torch.optim.Adam
     optimizer = kind(
         params,
@@ -75,6 +87,7 @@ def build_optimizer(
         betas=cfg.betas,
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
+        fused=fused or None,
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule_factor(cfg, max_steps))
     return optimizer, schedule

@@ -40,6 +40,32 @@ def test_adam_uses_the_paper_betas_and_weight_decay_switches_to_adamw():
     assert type(adamw) is torch.optim.AdamW
 
 
+def test_fused_adam_takes_the_same_steps_as_the_unfused_one():
+    torch.manual_seed(0)
+    start, grads = torch.randn(50), [torch.randn(50) for _ in range(5)]
+    params = {}
+    for fused in (True, False):
+        param = torch.nn.Parameter(start.clone())
+        optimizer, schedule = build_optimizer(
+            [param], OptimConfig(warmup_steps=2), 512, fused=fused
+        )
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+            schedule.step()
+        params[fused] = param.detach()
+    assert not torch.equal(params[True], start)
+    torch.testing.assert_close(params[True], params[False], rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adam_is_used_only_where_every_parameter_allows_it():
+    double = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    on_meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert build_optimizer([double], OptimConfig(), 512)[0].defaults["fused"] is True
+    assert build_optimizer([double, on_meta], OptimConfig(), 512)[0].defaults["fused"] is None
+
+
 def lrs(cfg: OptimConfig, steps: int, max_steps: int | None = None) -> list[float]:
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer, schedule = build_optimizer([param], cfg, 512, max_steps)
