@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from seq2seq import linear
 from seq2seq.config import ModelConfig, Recipe, preset
 from seq2seq.loss import translation_loss
 from seq2seq.model import Transformer
@@ -224,6 +225,7 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_linear": "onednn" if linear.ENABLED and torch.backends.mkldnn.enabled else "torch",
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 

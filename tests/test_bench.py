@@ -43,6 +43,7 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
     assert result["measured_steps"] == 2 and result["warmup_steps"] == 1
     assert result["vocab_size"] == 500 and result["shape"]["d_model"] == 32
     assert result["threads"] >= 1 and result["torch"] == torch.__version__
+    assert result["cpu_linear"] in ("onednn", "torch")
 
     tokenizer = Tokenizer.load(run_dir)  # the bench's own 500-piece vocabulary
     cfg = preset("tiny", src_vocab_size=500, tgt_vocab_size=500)
