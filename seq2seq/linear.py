@@ -13,6 +13,10 @@ calls `matmul_t`. The weight gradient stays with `torch.mm`: oneDNN would first 
 operands transposed. Everywhere else (accelerators, other dtypes, autocast, a quantized layer,
 torch.compile, inference) it is the layer's own forward, then ReLU. Results equal `F.linear`'s
 to float32 rounding; `SEQ2SEQ_ONEDNN=0` turns the path off.
+
+oneDNN builds a kernel per matrix shape and caches them, and every training batch brings new
+shapes: the `seq2seq` command bounds its caches (`cli.RUNTIME_ENV`), and a program that trains
+the model in its own loop should export the same variables.
 """
 
 from __future__ import annotations
@@ -23,15 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-
-# oneDNN builds a kernel (a "primitive") per matrix shape, and training meets new shapes every
-# step (each batch has its own number of tokens). oneDNN and torch's ideep layer each cache
-# 1,024 of them by default, and they hold scratch memory: a small model's training RSS grew from
-# 2,020 to 4,371 MiB over 200 steps. 32 entries keep one step's shapes (measured: flat near
-# 1,500 MiB over 150 steps, and no slower); set the variables to choose otherwise. oneDNN reads
-# them when it first runs, hence here, at import.
-os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "32")
-os.environ.setdefault("LRU_CACHE_CAPACITY", "32")
 
 #: False when SEQ2SEQ_ONEDNN=0, or when this torch has no oneDNN linear kernel.
 ENABLED = (
