@@ -117,14 +117,15 @@ class TranslationModule(L.LightningModule):
             self._tokens_since, self._time_since = 0, now
 
     def configure_optimizers(self):
-        # Lightning's fp16 gradient scaler cannot clip the gradients of an optimizer that
-        # unscales them itself, as the fused kernel does.
+        # Lightning's mixed-precision plugin (bf16 or fp16) refuses to clip the gradients of an
+        # optimizer that could unscale them itself, as fused Adam can.
+        clipped_mixed = bool(self.trainer.gradient_clip_val) and "mixed" in self.trainer.precision
         optimizer, schedule = build_optimizer(
             self.model.parameters(),
             self.optim,
             self.model_cfg.d_model,
             self.trainer.max_steps,
-            fused=self.trainer.precision != "16-mixed",
+            fused=not clipped_mixed,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
