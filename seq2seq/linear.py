@@ -36,12 +36,16 @@ ENABLED = (
 )
 
 
+def available() -> bool:
+    """Whether the oneDNN path is on in this process (torch.backends.mkldnn.enabled included)."""
+    return ENABLED and torch.backends.mkldnn.enabled
+
+
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through oneDNN: float32 on a CPU, outside autocast and
     torch.compile, with at least one row."""
     return (
-        ENABLED
-        and torch.backends.mkldnn.enabled
+        available()
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -56,11 +60,13 @@ def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool =
 
     `weight` may be any strided view (the input gradient passes `weight.t()`)."""
     if uses_onednn(x, weight):
-        return torch.ops.mkldnn._linear_pointwise(
-            x, weight, bias, "relu" if relu else "none", [], ""
-        )
+        return _onednn_matmul_t(x, weight, bias, relu)
     y = F.linear(x, weight, bias)
     return y.relu_() if relu else y
+
+
+def _onednn_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
 def linear(layer: nn.Module, x: Tensor, relu: bool = False) -> Tensor:
@@ -91,7 +97,7 @@ class _OneDnnLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
         x2 = x.reshape(-1, x.size(-1))  # (M, K)
-        y = matmul_t(x2, weight, bias, relu)  # (M, N)
+        y = _onednn_matmul_t(x2, weight, bias, relu)  # (M, N); `linear` checked the case
         # ReLU's gradient mask is read from its output (y > 0 exactly where the input was).
         ctx.save_for_backward(x2, weight, y if relu else None)
         ctx.relu, ctx.x_shape, ctx.has_bias = relu, x.shape, bias is not None
@@ -105,7 +111,7 @@ class _OneDnnLinear(torch.autograd.Function):
         if ctx.relu:
             g = torch.ops.aten.threshold_backward(g, y, 0)
         need_x, need_w, need_b, _ = ctx.needs_input_grad
-        grad_x = matmul_t(g, weight.t()).view(ctx.x_shape) if need_x else None
+        grad_x = _onednn_matmul_t(g, weight.t(), None, False).view(ctx.x_shape) if need_x else None
         grad_w = torch.mm(g.t(), x2) if need_w else None
         grad_b = g.sum(0) if ctx.has_bias and need_b else None
         return grad_x, grad_w, grad_b, None
