@@ -225,7 +225,6 @@ def machine() -> dict:
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_linear": "onednn" if linear.ENABLED and torch.backends.mkldnn.enabled else "torch",
         "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
 
@@ -254,6 +253,11 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
         "max_tokens": args.max_tokens,
     }
     result["compile"] = args.compile
+    # seq2seq.linear's oneDNN path runs in float32 CPU training only (not under autocast or
+    # torch.compile).
+    cpu_fp32 = device.type == "cpu" and args.precision == "32-true" and not args.compile
+    onednn = cpu_fp32 and linear.available()
+    result["cpu_linear"] = "onednn" if onednn else "torch"
     result.update(measure_training(cfg, batches, device, args.precision, args.warmup, args.compile))
     if args.model:
         result.update(

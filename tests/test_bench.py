@@ -4,6 +4,7 @@ import json
 
 import torch
 
+from seq2seq import linear
 from seq2seq.checkpoint import inference_state
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
@@ -43,7 +44,7 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
     assert result["measured_steps"] == 2 and result["warmup_steps"] == 1
     assert result["vocab_size"] == 500 and result["shape"]["d_model"] == 32
     assert result["threads"] >= 1 and result["torch"] == torch.__version__
-    assert result["cpu_linear"] in ("onednn", "torch")
+    assert result["cpu_linear"] == ("onednn" if linear.available() else "torch")  # fp32, CPU
 
     tokenizer = Tokenizer.load(run_dir)  # the bench's own 500-piece vocabulary
     cfg = preset("tiny", src_vocab_size=500, tgt_vocab_size=500)
@@ -100,4 +101,5 @@ def test_a_budget_larger_than_the_corpus_takes_its_batches_again_and_compile_run
     assert main([*args, "--compile"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["measured_steps"] == 3 and result["compile"] is True
+    assert result["cpu_linear"] == "torch"  # compiled: the layers' own forward
     assert 10_000 < result["mean_tgt_tokens_per_batch"] <= 20_000
