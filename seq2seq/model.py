@@ -146,15 +146,17 @@ class SelfAttention(nn.Module):
         if packing is not None:
             qkv = packing.unpack(qkv)  # (B, L, 3D), zeros at padding (masked keys)
         q, k, v = (split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))
-        past = 0
+        # A Python bool, never a shape comparison: under torch.compile with dynamic shapes
+        # that would be a symbolic bool, which SDPA's is_causal refuses (a graph break).
+        fresh = cache is None or cache.self_k is None  # no earlier positions to attend to
         if cache is not None:
-            past = 0 if cache.self_k is None else cache.self_k.size(2)
+            past = 0 if fresh else cache.self_k.size(2)
             k, v = cache.append_self(k, v)  # (B, H, past + L, Dh)
-        if causal and past > 0 and q.size(2) > 1:
-            # New queries see all cached positions and the causal part of the new ones.
-            L, total = q.size(2), k.size(2)
-            mask = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(past)
-        is_causal = causal and past == 0 and q.size(2) > 1
+            if causal and not fresh and q.size(2) > 1:
+                # New queries see all cached positions and the causal part of the new ones.
+                L, total = q.size(2), k.size(2)
+                mask = torch.ones(L, total, dtype=torch.bool, device=x.device).tril(past)
+        is_causal = causal and fresh
         y = F.scaled_dot_product_attention(
             q,
             k,
