@@ -186,6 +186,9 @@ class Batch:
     tgt_positions: Tensor
     """(n_tgt_tokens,) flat positions b * T + t of the real tokens of `tgt_out`, found on the
     host while collating, so the loss never has to ask the device how many there are."""
+    src_positions: Tensor
+    """(n_src_tokens,) flat positions b * S + s of the real tokens of `src`, likewise: the
+    encoder skips source padding on any device without asking the device where it is."""
     n_src_tokens: int
     """Real (non-pad) source tokens."""
     n_tgt_tokens: int
@@ -227,13 +230,15 @@ def collate(items: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> Batch:
         tgt_out[row, : len(t)] = t
         tgt_out[row, len(t)] = EOS_ID
     tgt_positions = np.flatnonzero(tgt_out != PAD_ID)
+    src_positions = np.flatnonzero(src != PAD_ID)
     return Batch(
         src=torch.from_numpy(src),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
         index=torch.tensor([i for i, _, _ in items], dtype=torch.long),
         tgt_positions=torch.from_numpy(tgt_positions),
-        n_src_tokens=sum(len(s) for _, s, _ in items),
+        src_positions=torch.from_numpy(src_positions),
+        n_src_tokens=len(src_positions),
         n_tgt_tokens=len(tgt_positions),
     )
 

@@ -145,7 +145,13 @@ def measure_training(
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
             loss = translation_loss(
-                forward, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+                forward,
+                batch.src,
+                batch.tgt_in,
+                batch.tgt_out,
+                0.1,
+                batch.tgt_positions,
+                batch.src_positions,
             ).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

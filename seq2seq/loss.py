@@ -183,6 +183,7 @@ def translation_loss(
     tgt_out: Tensor,
     epsilon: float,
     positions: Tensor | None = None,
+    src_positions: Tensor | None = None,
 ) -> LossOutput:
     """Teacher-forced loss of a batch. The output projection runs only on real target
     positions: padding costs no vocabulary-sized FLOPs.
@@ -191,8 +192,10 @@ def translation_loss(
     `positions` (N,) are the flat positions of the real tokens of tgt_out, as a collated
     `Batch` carries them. Without them they are found from the padding mask, which on an
     accelerator makes the host wait for the device (the count decides a tensor's size).
+    `src_positions`, those of src's real tokens, let the encoder skip source padding on an
+    accelerator too (`Transformer.encode`).
     """
-    states = model(src, tgt_in)  # (B, T, D)
+    states = model(src, tgt_in, src_positions)  # (B, T, D)
     if positions is None:
         positions = (tgt_out != model.cfg.pad_id).reshape(-1).nonzero().squeeze(1)
     states = states.reshape(-1, states.size(-1)).index_select(0, positions)  # (N, D)

@@ -10,10 +10,11 @@ Masks are boolean with True = "may attend", as `F.scaled_dot_product_attention` 
 Padding is always on the right, so the causal mask alone keeps every real target position
 from seeing padding (padding sits only after it).
 
-On a CPU the encoder runs its position-wise layers (projections, feed-forward, LayerNorm,
-dropout) on the real source tokens only, packed into (N, D), and so do the decoder's
-cross-attention key/value projections; only attention sees the padded (B, S) layout. Source
-padding therefore costs no FLOPs outside attention; the result is the same. Linear layers are
+The encoder runs its position-wise layers (projections, feed-forward, LayerNorm, dropout) on
+the real source tokens only, packed into (N, D), and so do the decoder's cross-attention
+key/value projections; only attention sees the padded (B, S) layout. Source padding therefore
+costs no FLOPs outside attention; the result is the same. On a CPU the real tokens are found
+from the ids; on an accelerator only a training batch's host-made `src_positions` say where. Linear layers are
 called through `seq2seq.linear.linear`, which in float32 CPU training runs them on oneDNN with
 the bias and the FFN's ReLU fused into the matmul; elsewhere it is the layer's own forward.
 """
@@ -97,13 +98,17 @@ class Packing:
     L: int
 
     @classmethod
-    def of(cls, real: Tensor) -> Packing | None:
-        """For a (B, L) mask of real tokens; None when there is no padding to skip, and on
-        accelerators, where finding the real tokens (a data-dependent size) would make the
-        host wait for the device in every step."""
+    def of(cls, real: Tensor, index: Tensor | None = None) -> Packing | None:
+        """For a (B, L) mask of real tokens, or their flat positions `index` (N,) when the
+        host already knows them (a collated batch carries them). None when there is no
+        padding to skip, and on accelerators without `index`: finding the real tokens (a
+        data-dependent size) would make the host wait for the device in every step."""
+        B, L = real.shape
+        if index is not None:  # only shapes are compared: no device sync
+            return None if index.numel() == B * L else cls(index, B, L)
         if real.device.type != "cpu" or bool(real.all()):
             return None
-        return cls(real.reshape(-1).nonzero().squeeze(1), real.size(0), real.size(1))
+        return cls(real.reshape(-1).nonzero().squeeze(1), B, L)
 
     def pack(self, x: Tensor) -> Tensor:
         return x.reshape(self.B * self.L, x.size(-1)).index_select(0, self.index)  # (N, C)
@@ -329,11 +334,13 @@ class Transformer(nn.Module):
             emb.weight[cfg.pad_id].zero_()
         return emb
 
-    def encode(self, src: Tensor) -> Memory:
-        """src (B, S) ids, right-padded -> Memory with states (B, S, D)."""
+    def encode(self, src: Tensor, src_positions: Tensor | None = None) -> Memory:
+        """src (B, S) ids, right-padded -> Memory with states (B, S, D). `src_positions` (N,)
+        are the flat positions of src's real tokens, as a collated batch carries them: with
+        them the layers skip padding on every device, without them on a CPU only."""
         real = src != self.cfg.pad_id  # (B, S)
         mask = real[:, None, None, :]  # (B, 1, 1, S)
-        packing = Packing.of(real)
+        packing = Packing.of(real, src_positions)
         x = self.src_embed(src)
         if packing is not None:
             x = packing.pack(x)  # (N, D): the layers below skip padding
@@ -354,9 +361,9 @@ class Transformer(nn.Module):
             cache.length += tgt_in.size(1)
         return self.decoder_norm(x)
 
-    def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
+    def forward(self, src: Tensor, tgt_in: Tensor, src_positions: Tensor | None = None) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder states (B, T, D)."""
-        return self.decode(tgt_in, self.encode(src))
+        return self.decode(tgt_in, self.encode(src, src_positions))
 
     def project(self, states: Tensor) -> Tensor:
         """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""

@@ -62,6 +62,7 @@ class TranslationModule(L.LightningModule):
             batch.tgt_out,
             self.optim.label_smoothing,
             batch.tgt_positions,
+            batch.src_positions,
         )
         self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens
@@ -142,6 +143,7 @@ class TranslationModule(L.LightningModule):
             batch.tgt_out,
             self.optim.label_smoothing,
             batch.tgt_positions,
+            batch.src_positions,
         )
         n = out.n_tokens
         self._val_sums += torch.tensor(

@@ -133,6 +133,8 @@ def test_collate_pads_with_zero_and_adds_bos_and_eos() -> None:
     # the real target tokens' flat positions (row * T + column), found on the host
     assert batch.tgt_positions.tolist() == [0, 1, 4, 5, 6, 7]
     assert batch.tgt_out.flatten()[batch.tgt_positions].tolist() == [20, EOS_ID, 21, 22, 23, EOS_ID]
+    assert batch.src_positions.tolist() == [0, 1, 2, 3, 4]  # and the real source tokens
+    assert batch.src.flatten()[batch.src_positions].tolist() == [10, 11, EOS_ID, 12, EOS_ID]
 
 
 def test_lightning_moves_a_batch_with_its_to_method() -> None:

@@ -71,7 +71,13 @@ def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host():
         for _ in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = translation_loss(
-                    model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+                    model,
+                    batch.src,
+                    batch.tgt_in,
+                    batch.tgt_out,
+                    0.1,
+                    batch.tgt_positions,
+                    batch.src_positions,
                 )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -95,7 +101,13 @@ def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = translation_loss(
-                model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+                model,
+                batch.src,
+                batch.tgt_in,
+                batch.tgt_out,
+                0.1,
+                batch.tgt_positions,
+                batch.src_positions,
             )
         out.loss.backward()
         return out.loss.double().cpu(), {

@@ -84,8 +84,9 @@ def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
 def test_training_step_reads_nothing_back_from_the_device():
     """On a GPU, any op whose output size or Python value depends on tensor data (nonzero,
     a boolean-mask gather, .item()) makes the host wait for the device. A training step on a
-    collated batch, forward and backward, runs none of them; packing, a CPU-only shortcut
-    that does use nonzero, is what an accelerator turns off (and oneDNN's CPU linear)."""
+    collated batch, forward and backward, runs none of them. The encoder packs its real
+    tokens from the batch's host-made positions; finding them itself (nonzero) is CPU-only,
+    and turned off here as on an accelerator (and so is oneDNN's CPU linear)."""
     from unittest import mock
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -105,19 +106,31 @@ def test_training_step_reads_nothing_back_from_the_device():
             self.ops.append("index(bool)" if bool_index else str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
+    find_or_take = Packing.of
+
+    def host_positions_only(real, index=None):
+        return None if index is None else find_or_take(real, index)
+
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).train()
     batch = collate([(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11])])
     with (
-        mock.patch.object(Packing, "of", return_value=None),
+        mock.patch.object(Packing, "of", side_effect=host_positions_only),
         mock.patch.object(linear, "ENABLED", False),
         Recorder() as seen,
     ):
         out = translation_loss(
-            model, batch.src, batch.tgt_in, batch.tgt_out, 0.1, batch.tgt_positions
+            model,
+            batch.src,
+            batch.tgt_in,
+            batch.tgt_out,
+            0.1,
+            batch.tgt_positions,
+            batch.src_positions,
         )
         out.loss.backward()
     assert out.n_tokens == batch.n_tgt_tokens == 8
+    assert "aten.index_copy_" in seen.ops  # the encoder packed: source padding skipped
     reads_back = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "index(bool)"}
     assert "aten.addmm" in seen.ops and "aten.index_select" in seen.ops  # the recorder works
     assert reads_back.isdisjoint(seen.ops), reads_back & set(seen.ops)

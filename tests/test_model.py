@@ -105,15 +105,19 @@ def test_outputs_are_the_same_alone_and_inside_a_padded_batch():
     torch.testing.assert_close(batched[1], alone_b[0], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("found_by", ["model", "host"])
 def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_gradients(
-    monkeypatch,
+    found_by, monkeypatch
 ):
+    """The real source tokens found by the model (CPU) or given as a batch's host-made
+    `src_positions` (any device) give the padded path's states and gradients."""
     from seq2seq import model as model_module
 
     model = tiny_model(torch.float64)
     src = random_ids(3, 6)
     src[0, 2:], src[2, 4:] = PAD, PAD  # 2 + 6 + 4 = 12 real tokens out of 18
     tgt = random_ids(3, 4)
+    positions = (src != PAD).flatten().nonzero().squeeze(1) if found_by == "host" else None
     rows_seen, kv_rows_seen = [], []
     model.encoder_layers[0].ffn.w1.register_forward_hook(
         lambda module, args, out: rows_seen.append(args[0].shape[:-1].numel())
@@ -124,12 +128,12 @@ def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_
 
     def grads_and_states():
         model.zero_grad()
-        states = model(src, tgt)
+        states = model(src, tgt, positions)
         states.pow(2).sum().backward()
         return states, [p.grad.clone() for p in model.parameters()]
 
     packed_states, packed_grads = grads_and_states()
-    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real: None))
+    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real, index=None: None))
     padded_states, padded_grads = grads_and_states()
     assert rows_seen == [12, 18]  # the feed-forward network saw only real tokens
     assert kv_rows_seen == [12, 18]  # and so did the cross-attention key/value projection
@@ -140,11 +144,14 @@ def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_
         torch.testing.assert_close(packed, padded, rtol=0, atol=1e-10)
 
 
-def test_packing_is_cpu_only_so_accelerator_steps_never_wait_on_the_host():
+def test_only_host_positions_pack_on_an_accelerator_so_its_steps_never_wait_on_the_host():
     from seq2seq.model import Packing
 
     real = torch.ones(2, 3, dtype=torch.bool, device="meta")  # any non-CPU device
-    assert Packing.of(real) is None
+    assert Packing.of(real) is None  # finding the real tokens would read the device
+    given = Packing.of(real, torch.arange(5, device="meta"))  # a batch's host-made positions
+    assert given is not None and (given.B, given.L) == (2, 3)
+    assert Packing.of(real, torch.arange(6, device="meta")) is None  # no padding: no packing
     assert Packing.of(torch.tensor([[True, True], [True, False]])) is not None
     assert Packing.of(torch.ones(2, 2, dtype=torch.bool)) is None  # no padding: nothing to skip
 
@@ -259,13 +266,19 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
     """`--trainer.compile` on a GPU: nothing in the forward pass breaks the graph (no
     `.item()`, no data-dependent shape, no symbolic bool handed to SDPA), and with dynamic
     shapes batches of other sizes reuse that one graph instead of recompiling. Simulated on
-    the CPU by taking the accelerator's paths: no packing, and `nn.functional.dropout`."""
+    the CPU by taking the accelerator's paths: packing only from the batch's host-made
+    source positions, and `nn.functional.dropout`."""
     import torch.nn.functional as F
 
     from seq2seq import dropout as dropout_module
     from seq2seq import model as model_module
 
-    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real: None))
+    find_or_take = model_module.Packing.of
+
+    def host_positions_only(cls, real, index=None):
+        return None if index is None else find_or_take(real, index)
+
+    monkeypatch.setattr(model_module.Packing, "of", classmethod(host_positions_only))
     monkeypatch.setattr(
         dropout_module.Dropout, "forward", lambda self, x: F.dropout(x, self.p, self.training)
     )
@@ -282,5 +295,7 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
     for B, S, T in ((3, 7, 6), (5, 9, 4), (2, 4, 11)):
         src = torch.randint(4, 50, (B, S))
         src[0, S - 2 :] = cfg.pad_id
-        compiled(src, torch.randint(4, 50, (B, T))).sum().backward()
+        positions = (src != cfg.pad_id).flatten().nonzero().squeeze(1)  # as collate makes them
+        compiled(src, torch.randint(4, 50, (B, T)), positions).sum().backward()
     assert len(graphs) == 1
+    assert "index_copy" in graphs[0].code  # the encoder packed inside the graph
