@@ -25,7 +25,8 @@ from seq2seq.batching import (
     eval_shard,
 )
 from seq2seq.config import DataConfig
-from seq2seq.data import PreparedData, is_sgm, load_splits
+from seq2seq.corpus import is_sgm
+from seq2seq.data import PreparedData, load_splits
 from seq2seq.download import ensure_downloaded
 from seq2seq.tokenizer import Tokenizer
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from seq2seq.config import CleanConfig, CorpusConfig, DataConfig, TokenizerConfig
-from seq2seq.data import DataError, clean, load_splits, read_corpus, tokenize
+from seq2seq.corpus import DataError, read_corpus
+from seq2seq.data import clean, load_splits, tokenize
 
 LONG = " ".join(["A brown dog runs across the green grass"] * 4)
 PAIRS = [
