@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from seq2seq.data import id_lengths
+from seq2seq.model import Rows
 from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
@@ -193,12 +194,15 @@ class Batch:
     """Real (non-pad) source tokens."""
     n_tgt_tokens: int
     """Real (non-pad) tokens in `tgt_out`: the loss's token count."""
+    rows: Rows | None = None
+    """With `collate(row_tokens=...)`: each row holds several pairs, and this says which token
+    belongs to which (then B above counts rows, not pairs)."""
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         move = {
             f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
             for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), Tensor | Rows)
         }
         return dataclasses.replace(self, **move)
 
@@ -209,38 +213,81 @@ class Batch:
             for f in dataclasses.fields(self)
             if isinstance(getattr(self, f.name), Tensor)
         }
+        if self.rows is not None:
+            pinned["rows"] = Rows(*(t.pin_memory() for t in vars(self.rows).values()))
         return dataclasses.replace(self, **pinned)
 
     def __len__(self) -> int:
         return self.src.shape[0]
 
 
-def collate(items: Sequence[tuple[int, Sequence[int], Sequence[int]]]) -> Batch:
-    """Pad (row index, src_ids, tgt_ids) triples into a `Batch`; adds BOS/EOS to the target."""
-    B = len(items)
-    S = max(len(src) for _, src, _ in items)
-    T = max(len(tgt) for _, _, tgt in items) + 1
+def collate(
+    items: Sequence[tuple[int, Sequence[int], Sequence[int]]], row_tokens: int | None = None
+) -> Batch:
+    """Pad (row index, src_ids, tgt_ids) triples into a `Batch`; adds BOS/EOS to the target.
+
+    With `row_tokens`, pairs are packed side by side, in their order, into rows of up to
+    `row_tokens` tokens a side (at least the longest pair's), a new row when the next pair
+    does not fit (`Rows`); otherwise each pair is its own row.
+    """
+    if row_tokens is None:
+        rows = [[i] for i in range(len(items))]
+    else:
+        rows = _pack_rows(
+            [len(s) for _, s, _ in items], [len(t) + 1 for _, _, t in items], row_tokens
+        )
+    B = len(rows)
+    S = max(sum(len(items[i][1]) for i in row) for row in rows)
+    T = max(sum(len(items[i][2]) + 1 for i in row) for row in rows)
     src = np.full((B, S), PAD_ID, dtype=np.int64)
     tgt_in = np.full((B, T), PAD_ID, dtype=np.int64)
     tgt_out = np.full((B, T), PAD_ID, dtype=np.int64)
-    for row, (_, s, t) in enumerate(items):
-        src[row, : len(s)] = s
-        tgt_in[row, 0] = BOS_ID
-        tgt_in[row, 1 : len(t) + 1] = t
-        tgt_out[row, : len(t)] = t
-        tgt_out[row, len(t)] = EOS_ID
+    # Rows: each token's sentence in its row (-1 at padding) and position in that sentence.
+    src_sentence, tgt_sentence = np.full((B, S), -1), np.full((B, T), -1)
+    src_position, tgt_position = np.zeros((B, S), np.int64), np.zeros((B, T), np.int64)
+    for r, row in enumerate(rows):
+        s_at = t_at = 0  # where the row's next sentence starts, on each side
+        for k, i in enumerate(row):
+            _, s, t = items[i]
+            s_end, t_end = s_at + len(s), t_at + len(t) + 1
+            src[r, s_at:s_end] = s
+            tgt_in[r, t_at], tgt_in[r, t_at + 1 : t_end] = BOS_ID, t
+            tgt_out[r, t_at : t_end - 1], tgt_out[r, t_end - 1] = t, EOS_ID
+            if row_tokens is not None:
+                src_sentence[r, s_at:s_end], tgt_sentence[r, t_at:t_end] = k, k
+                src_position[r, s_at:s_end] = np.arange(len(s))
+                tgt_position[r, t_at:t_end] = np.arange(len(t) + 1)
+            s_at, t_at = s_end, t_end
     tgt_positions = np.flatnonzero(tgt_out != PAD_ID)
     src_positions = np.flatnonzero(src != PAD_ID)
+    layout = (src_sentence, src_position, tgt_sentence, tgt_position)
+    packed = None if row_tokens is None else Rows(*(torch.from_numpy(a) for a in layout))
     return Batch(
         src=torch.from_numpy(src),
         tgt_in=torch.from_numpy(tgt_in),
         tgt_out=torch.from_numpy(tgt_out),
-        index=torch.tensor([i for i, _, _ in items], dtype=torch.long),
+        index=torch.tensor([items[i][0] for row in rows for i in row], dtype=torch.long),
         tgt_positions=torch.from_numpy(tgt_positions),
         src_positions=torch.from_numpy(src_positions),
         n_src_tokens=len(src_positions),
         n_tgt_tokens=len(tgt_positions),
+        rows=packed,
     )
+
+
+def _pack_rows(src_lengths: list[int], tgt_lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Next fit: pairs in order, a new row when the next one would pass the capacity of
+    either side (`row_tokens`, or the longest pair's length on that side)."""
+    cap_s, cap_t = max(row_tokens, *src_lengths), max(row_tokens, *tgt_lengths)
+    rows: list[list[int]] = []
+    used_s = used_t = cap_s + cap_t  # no open row yet
+    for i, (ls, lt) in enumerate(zip(src_lengths, tgt_lengths, strict=True)):
+        if used_s + ls > cap_s or used_t + lt > cap_t:
+            rows.append([])
+            used_s = used_t = 0
+        rows[-1].append(i)
+        used_s, used_t = used_s + ls, used_t + lt
+    return rows
 
 
 class PairDataset(torch.utils.data.Dataset):

@@ -74,10 +74,13 @@ def comparison_batches(tgt_lengths: np.ndarray, src_lengths: np.ndarray, max_tok
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> tuple[list, object]:
+def training_batches(
+    recipe: Recipe, run_dir: str, max_tokens: int, n: int, row_tokens: int | None = None
+) -> tuple[list, object]:
     """`n` training batches of real Multi30k pairs of at most `max_tokens` target tokens each,
     as the peers' scripts cut them, and the tokenizer. When the corpus cuts into fewer than
-    `n` batches (large GPU budgets), they are taken again in the same order."""
+    `n` batches (large GPU budgets), they are taken again in the same order. With
+    `row_tokens`, each batch's pairs share rows (`collate`)."""
     from seq2seq.batching import PairDataset, batch_lengths, collate
     from seq2seq.data import load_splits
     from seq2seq.download import ensure_downloaded
@@ -88,7 +91,7 @@ def training_batches(recipe: Recipe, run_dir: str, max_tokens: int, n: int) -> t
     pairs = PairDataset(prepared.train)
     cut = comparison_batches(tgt_lengths, src_lengths, max_tokens)
     chosen = [cut[k % len(cut)] for k in range(n)]
-    return [collate(pairs.__getitems__(rows)) for rows in chosen], prepared.tokenizer
+    return [collate(pairs.__getitems__(rows), row_tokens) for rows in chosen], prepared.tokenizer
 
 
 def model_flops(cfg: ModelConfig, n_src: int, n_tgt: int, src_len: int, tgt_len: int) -> float:
@@ -108,6 +111,14 @@ def model_flops(cfg: ModelConfig, n_src: int, n_tgt: int, src_len: int, tgt_len:
         )
     )
     return 3.0 * forward
+
+
+def sentence_lengths(batch) -> tuple[int, int]:
+    """The longest source and target sentence of a (host) batch: the key lengths its
+    attention FLOPs are counted over, whether pairs have rows of their own or share them."""
+    if batch.rows is None:
+        return batch.src.size(1), batch.tgt_in.size(1)
+    return int(batch.rows.src_position.max()) + 1, int(batch.rows.tgt_position.max()) + 1
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -139,6 +150,7 @@ def measure_training(
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     records = []
     for k, batch in enumerate(batches):
+        lengths = sentence_lengths(batch)
         batch = batch.to(device)
         _sync(device)
         start = time.perf_counter()
@@ -152,6 +164,7 @@ def measure_training(
                 0.1,
                 batch.tgt_positions,
                 batch.src_positions,
+                batch.rows,
             ).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -166,8 +179,7 @@ def measure_training(
                     seconds,
                     batch.n_src_tokens,
                     batch.n_tgt_tokens,
-                    batch.src.shape,
-                    batch.tgt_in.shape,
+                    *lengths,
                 )
             )
     step = statistics.median(r[0] for r in records)
@@ -184,9 +196,7 @@ def measure_training(
         "train_peak_mem_mib": round(peak_memory_mib(device), 1),
     }
     if device.type == "cuda":
-        flops = statistics.median(
-            model_flops(cfg, r[1], r[2], r[3][1], r[4][1]) / r[0] for r in records
-        )
+        flops = statistics.median(model_flops(cfg, r[1], r[2], r[3], r[4]) / r[0] for r in records)
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
         result["model_tflops_per_s"] = round(flops / 1e12, 1)
@@ -241,7 +251,7 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
     recipe = bench_recipe(args.recipe, args.preset, overrides)
     run_dir = args.run_dir or os.path.join("runs", "bench-multi30k")
     batches, tokenizer = training_batches(
-        recipe, run_dir, args.max_tokens, args.warmup + args.steps
+        recipe, run_dir, args.max_tokens, args.warmup + args.steps, args.row_tokens
     )
     cfg = dataclasses.replace(
         recipe.model,
@@ -257,6 +267,7 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
         "vocab_size": cfg.tgt_vocab_size,
         "precision": args.precision,
         "max_tokens": args.max_tokens,
+        "row_tokens": args.row_tokens,
     }
     result["compile"] = args.compile
     # seq2seq.linear's oneDNN path runs in float32 CPU training only (not under autocast or

@@ -103,6 +103,11 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     p.add_argument("--max-tokens", type=int, default=4000, help="target tokens per training batch")
+    p.add_argument(
+        "--row-tokens",
+        type=int,
+        help="pack each batch's pairs into rows of this many tokens (data.row_tokens)",
+    )
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up steps")
     p.add_argument(

@@ -162,12 +162,19 @@ class DataConfig:
     """Training-pair filters."""
     max_tokens: int = 4096
     """Token budget of one batch, padding included, bounding both source and target."""
+    row_tokens: int | None = None
+    """Pack training pairs side by side into rows of this many tokens (e.g. 128), attention
+    masked per sentence: fewer, fuller attention tiles on a GPU; None: a row per pair."""
     num_workers: int = 0
     """DataLoader worker processes."""
     num_proc: int = 1
     """Processes for `datasets.map` when tokenizing."""
     seed: int = 1
     """Seed of the per-epoch batch shuffle."""
+
+    def __post_init__(self) -> None:
+        if self.row_tokens is not None and self.row_tokens < 1:
+            raise ValueError(f"data.row_tokens={self.row_tokens} must be positive (or null)")
 
 
 SCHEDULES = ("inverse_sqrt", "linear", "cosine")

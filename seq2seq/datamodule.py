@@ -7,6 +7,7 @@ across ranks itself (Lightning would otherwise try to wrap it in a DistributedSa
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -159,7 +160,7 @@ class TranslationDataModule(L.LightningDataModule):
             self._resume = None
         self._train_sampler = sampler
         self._epoch, self._consumed = sampler.epoch, sampler.state_dict()["position"]
-        return self._loader(train, sampler)
+        return self._loader(train, sampler, row_tokens=self.cfg.row_tokens)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches sorted by length (fast decoding). Under DDP each rank decodes
@@ -184,12 +185,19 @@ class TranslationDataModule(L.LightningDataModule):
         )
         return self._loader(ds, sampler if rows is None else RowSubsetBatches(sampler, rows))
 
-    def _loader(self, ds: Any, sampler: TokenBudgetBatchSampler | RowSubsetBatches) -> DataLoader:
+    def _loader(
+        self,
+        ds: Any,
+        sampler: TokenBudgetBatchSampler | RowSubsetBatches,
+        row_tokens: int | None = None,
+    ) -> DataLoader:
+        """Batches of `sampler`; with `row_tokens` (training only: validation decodes each
+        row as one sentence) several pairs share a row."""
         workers = self.cfg.num_workers
         return DataLoader(
             PairDataset(ds),
             batch_sampler=sampler,
-            collate_fn=collate,
+            collate_fn=collate if row_tokens is None else partial(collate, row_tokens=row_tokens),
             num_workers=workers,
             persistent_workers=False,
             # Its own generator: creating an iterator must not draw from torch's global RNG,

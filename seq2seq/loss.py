@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seq2seq.linear import matmul_t
-from seq2seq.model import Transformer
+from seq2seq.model import Rows, Transformer
 
 
 @dataclass
@@ -184,6 +184,7 @@ def translation_loss(
     epsilon: float,
     positions: Tensor | None = None,
     src_positions: Tensor | None = None,
+    rows: Rows | None = None,
 ) -> LossOutput:
     """Teacher-forced loss of a batch. The output projection runs only on real target
     positions: padding costs no vocabulary-sized FLOPs.
@@ -193,9 +194,9 @@ def translation_loss(
     `Batch` carries them. Without them they are found from the padding mask, which on an
     accelerator makes the host wait for the device (the count decides a tensor's size).
     `src_positions`, those of src's real tokens, let the encoder skip source padding on an
-    accelerator too (`Transformer.encode`).
+    accelerator too (`Transformer.encode`). With `rows`, each row holds several pairs (`Rows`).
     """
-    states = model(src, tgt_in, src_positions)  # (B, T, D)
+    states = model(src, tgt_in, src_positions, rows)  # (B, T, D)
     if positions is None:
         positions = (tgt_out != model.cfg.pad_id).reshape(-1).nonzero().squeeze(1)
     states = states.reshape(-1, states.size(-1)).index_select(0, positions)  # (N, D)

@@ -63,17 +63,19 @@ class Embedding(nn.Module):
         )
         self.dropout = Dropout(cfg.dropout)
 
-    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
-        """ids (B, L) -> (B, L, D); `offset` is the position of ids[:, 0] (incremental decoding)."""
-        L = ids.size(1)
-        if offset + L > self.positions.size(0):
-            raise ValueError(
-                f"sequence of {offset + L} positions exceeds model.max_positions={self.positions.size(0)}"
-            )
-        x = self.tokens(ids) * self.scale + self.positions[offset : offset + L].to(
-            self.tokens.weight.dtype
-        )
-        return self.dropout(x)
+    def forward(self, ids: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """ids (B, L) -> (B, L, D); `offset` is the position of ids[:, 0] (incremental decoding),
+        or `positions` (B, L) give each token's position in its sentence (`Rows`)."""
+        if positions is not None:  # sentence lengths were checked on the host, before training
+            pe = self.positions[positions]  # (B, L, D)
+        else:
+            L = ids.size(1)
+            if offset + L > self.positions.size(0):
+                raise ValueError(
+                    f"sequence of {offset + L} positions exceeds model.max_positions={self.positions.size(0)}"
+                )
+            pe = self.positions[offset : offset + L]  # (L, D)
+        return self.dropout(self.tokens(ids) * self.scale + pe.to(self.tokens.weight.dtype))
 
 
 # --- 3.2 Attention ----------------------------------------------------------------------------
@@ -117,6 +119,44 @@ class Packing:
         # In place into fresh zeros: the out-of-place index_copy would copy the zeros first.
         full = x.new_zeros(self.B * self.L, x.size(-1)).index_copy_(0, self.index, x)
         return full.view(self.B, self.L, x.size(-1))  # (B, L, C)
+
+
+@dataclass
+class Rows:
+    """Several sentence pairs packed side by side into each row of a training batch, so that
+    attention runs over a few long rows instead of many short sentences (on a GPU, whose
+    attention kernels tile 64-128 query rows per sentence and head). Per token of src (B, S)
+    and tgt_in (B, T): `*_sentence`, which pair of its row it belongs to (-1 at padding), and
+    `*_position`, its position within that sentence. Masks keep every sentence to itself, so
+    each one's states are what it would get alone. Made on the host (`batching.collate`)."""
+
+    src_sentence: Tensor
+    src_position: Tensor
+    tgt_sentence: Tensor
+    tgt_position: Tensor
+
+    @staticmethod
+    def same_sentence(queries: Tensor, keys: Tensor) -> Tensor:
+        """(B, Lq), (B, Lk) sentence numbers -> (B, 1, Lq, Lk) mask: a query sees its own
+        sentence's keys; a padding query sees every key (its output is never used, and a
+        query that sees no key would give NaN)."""
+        q = queries[:, None, :, None]
+        return (q == keys[:, None, None, :]) | (q < 0)
+
+    def src_mask(self) -> Tensor:
+        return self.same_sentence(self.src_sentence, self.src_sentence)  # (B, 1, S, S)
+
+    def tgt_mask(self) -> Tensor:
+        """Its own sentence's keys up to the query (causal)."""
+        T = self.tgt_sentence.size(1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.tgt_sentence.device).tril()
+        return self.same_sentence(self.tgt_sentence, self.tgt_sentence) & causal  # (B, 1, T, T)
+
+    def cross_mask(self) -> Tensor:
+        return self.same_sentence(self.tgt_sentence, self.src_sentence)  # (B, 1, T, S)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rows:
+        return Rows(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
 
 
 def _xavier_per_projection(linear: nn.Linear, n_parts: int) -> None:
@@ -269,15 +309,20 @@ class DecoderLayer(nn.Module):
         self.cross_attn, self.cross_attn_res = CrossAttention(cfg), Residual(cfg)
         self.ffn, self.ffn_res = FeedForward(cfg), Residual(cfg)
 
-    def forward(self, x: Tensor, memory: Memory, cache: LayerCache | None) -> Tensor:
-        x = self.self_attn_res(x, lambda h: self.self_attn(h, None, causal=True, cache=cache))
+    def forward(
+        self, x: Tensor, memory: Memory, cache: LayerCache | None, self_mask: Tensor | None = None
+    ) -> Tensor:
+        """`self_mask` (B, 1, T, T) replaces the causal mask (`Rows`: causal within sentences)."""
+        causal = self_mask is None
+        x = self.self_attn_res(x, lambda h: self.self_attn(h, self_mask, causal, cache=cache))
         x = self.cross_attn_res(x, lambda h: self.cross_attn(h, memory, cache))
         return self.ffn_res(x, self.ffn)
 
 
 @dataclass
 class Memory:
-    """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens.
+    """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens
+    (with `Rows`, (B, 1, T, S): each target token sees its own sentence's source).
 
     On a CPU also the real tokens' states `packed` (N, D) and their `packing`, so that each
     decoder layer projects its cross-attention keys and values from real tokens only.
@@ -334,36 +379,55 @@ class Transformer(nn.Module):
             emb.weight[cfg.pad_id].zero_()
         return emb
 
-    def encode(self, src: Tensor, src_positions: Tensor | None = None) -> Memory:
+    def encode(
+        self, src: Tensor, src_positions: Tensor | None = None, rows: Rows | None = None
+    ) -> Memory:
         """src (B, S) ids, right-padded -> Memory with states (B, S, D). `src_positions` (N,)
         are the flat positions of src's real tokens, as a collated batch carries them: with
-        them the layers skip padding on every device, without them on a CPU only."""
+        them the layers skip padding on every device, without them on a CPU only. With `rows`,
+        each row of src holds several sentences."""
         real = src != self.cfg.pad_id  # (B, S)
-        mask = real[:, None, None, :]  # (B, 1, 1, S)
+        mask = real[:, None, None, :] if rows is None else rows.src_mask()  # (B, 1, 1 or S, S)
         packing = Packing.of(real, src_positions)
-        x = self.src_embed(src)
+        x = self.src_embed(src, positions=None if rows is None else rows.src_position)
         if packing is not None:
             x = packing.pack(x)  # (N, D): the layers below skip padding
         for layer in self.encoder_layers:
             x = layer(x, mask, packing)
         x = self.encoder_norm(x)
+        memory_mask = real[:, None, None, :] if rows is None else rows.cross_mask()
         if packing is None:
-            return Memory(x, mask)
-        return Memory(packing.unpack(x), mask, packed=x, packing=packing)
+            return Memory(x, memory_mask)
+        return Memory(packing.unpack(x), memory_mask, packed=x, packing=packing)
 
-    def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache | None = None) -> Tensor:
+    def decode(
+        self,
+        tgt_in: Tensor,
+        memory: Memory,
+        cache: DecoderCache | None = None,
+        rows: Rows | None = None,
+    ) -> Tensor:
         """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D)."""
         offset = 0 if cache is None else cache.length
-        x = self.tgt_embed(tgt_in, offset)
+        if rows is None:
+            x, self_mask = self.tgt_embed(tgt_in, offset), None
+        else:
+            x, self_mask = self.tgt_embed(tgt_in, positions=rows.tgt_position), rows.tgt_mask()
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, None if cache is None else cache.layers[i])
+            x = layer(x, memory, None if cache is None else cache.layers[i], self_mask)
         if cache is not None:
             cache.length += tgt_in.size(1)
         return self.decoder_norm(x)
 
-    def forward(self, src: Tensor, tgt_in: Tensor, src_positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        src: Tensor,
+        tgt_in: Tensor,
+        src_positions: Tensor | None = None,
+        rows: Rows | None = None,
+    ) -> Tensor:
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder states (B, T, D)."""
-        return self.decode(tgt_in, self.encode(src, src_positions))
+        return self.decode(tgt_in, self.encode(src, src_positions, rows), rows=rows)
 
     def project(self, states: Tensor) -> Tensor:
         """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""

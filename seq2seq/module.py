@@ -63,6 +63,7 @@ class TranslationModule(L.LightningModule):
             self.optim.label_smoothing,
             batch.tgt_positions,
             batch.src_positions,
+            batch.rows,
         )
         self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens

@@ -103,3 +103,18 @@ def test_a_budget_larger_than_the_corpus_takes_its_batches_again_and_compile_run
     assert result["measured_steps"] == 3 and result["compile"] is True
     assert result["cpu_linear"] == "torch"  # compiled: the layers' own forward
     assert 10_000 < result["mean_tgt_tokens_per_batch"] <= 20_000
+
+
+def test_row_tokens_packs_the_benchmark_batches_and_counts_flops_per_sentence(
+    multi30k_slice, tmp_path, capsys
+):
+    from seq2seq.batching import collate
+    from seq2seq.bench import sentence_lengths
+
+    assert main([*bench_args(multi30k_slice, tmp_path / "bench"), "--row-tokens", "128"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["row_tokens"] == 128 and result["measured_steps"] == 2
+    assert result["train_tgt_tokens_per_s"] > 0
+    items = [(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11]), (2, [5, 6, 3], [8])]
+    # attention FLOPs are counted over the longest sentence, not the row it shares
+    assert sentence_lengths(collate(items, 64)) == sentence_lengths(collate(items)) == (4, 5)

@@ -47,23 +47,25 @@ def test_on_a_gpu_beam_1_equals_greedy_in_tokens_and_scores():
     assert [h[0].score for h in beam1] == [h[0].score for h in greedy]
 
 
-def padded_batch(lengths):
-    """A collated batch of random pairs with these (source, target) lengths: padded on both sides."""
+def padded_batch(lengths, row_tokens=None):
+    """A collated batch of random pairs with these (source, target) lengths: padded on both
+    sides; with `row_tokens`, pairs share rows."""
     triples = [
         (row, random_ids(1, n)[0].tolist(), random_ids(1, m)[0].tolist())
         for row, (n, m) in enumerate(lengths)
     ]
-    return collate(triples)
+    return collate(triples, row_tokens)
 
 
-def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host():
+@pytest.mark.parametrize("row_tokens", [None, 16])
+def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host(row_tokens):
     """Forward, loss, backward, optimizer and schedule with the sync debugger set to raise:
     any .item(), nonzero or device-to-host copy in the step fails this test."""
     from seq2seq.config import OptimConfig
 
     model = tiny_model(torch.float32).cuda().train()
     optimizer, schedule = build_optimizer(model.parameters(), OptimConfig(), 32)
-    batch = padded_batch(((5, 7), (9, 3), (2, 6))).to("cuda")
+    batch = padded_batch(((5, 7), (9, 3), (2, 6)), row_tokens).to("cuda")
     losses = []
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -78,6 +80,7 @@ def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host():
                     0.1,
                     batch.tgt_positions,
                     batch.src_positions,
+                    batch.rows,
                 )
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -89,13 +92,15 @@ def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host():
     assert all(torch.isfinite(loss).item() for loss in losses)
 
 
+@pytest.mark.parametrize("row_tokens", [None, 16])
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-4), (torch.bfloat16, 8e-2)])
-def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance):
+def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance, row_tokens):
     """Padded sources and targets through the GPU's attention kernels (memory-efficient
-    attention under a key-padding mask; in bf16, flash attention for the causal decoder) give
-    the loss and every gradient of the float64 CPU step, to the precision's rounding."""
+    attention under a key-padding mask, or under the per-sentence masks of shared rows; in
+    bf16, flash attention for the causal decoder) give the loss and every gradient of the
+    float64 CPU step, to the precision's rounding."""
     model = tiny_model(torch.float64, dropout=0.0).train()
-    batch = padded_batch(((5, 7), (9, 3), (2, 6), (7, 9)))
+    batch = padded_batch(((5, 7), (9, 3), (2, 6), (7, 9)), row_tokens)
 
     def loss_and_grads(model, batch, autocast_dtype=None):
         model.zero_grad(set_to_none=True)
@@ -108,6 +113,7 @@ def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance
                 0.1,
                 batch.tgt_positions,
                 batch.src_positions,
+                batch.rows,
             )
         out.loss.backward()
         return out.loss.double().cpu(), {

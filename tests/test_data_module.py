@@ -160,3 +160,22 @@ def test_a_too_long_evaluation_pair_is_named_in_the_unit_its_file_counts(tmp_pat
         "more than model.max_positions=32; raise model.max_positions or remove that "
         + named.split(") ")[1].split()[0]
     )
+
+
+def test_row_tokens_packs_the_training_batches_and_leaves_validation_one_pair_a_row(
+    cfg: DataConfig, run_dir: Path
+) -> None:
+    dm = TranslationDataModule(dataclasses.replace(cfg, row_tokens=150), run_dir)
+    dm.setup("fit")
+    dm.trainer = _fake_trainer()
+    plain = TranslationDataModule(cfg, run_dir)
+    plain.setup("fit")
+    plain.trainer = _fake_trainer()
+    packed_batch, plain_batch = (
+        next(iter(dm.train_dataloader())),
+        next(iter(plain.train_dataloader())),
+    )
+    assert packed_batch.rows is not None and plain_batch.rows is None
+    assert packed_batch.index.tolist() == plain_batch.index.tolist()  # the same pairs
+    assert packed_batch.src.size(0) < plain_batch.src.size(0)  # in fewer rows
+    assert all(b.rows is None and b.src.size(0) == len(b.index) for b in dm.val_dataloader())

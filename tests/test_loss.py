@@ -81,7 +81,8 @@ def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
     assert out.n_tokens == 13
 
 
-def test_training_step_reads_nothing_back_from_the_device():
+@pytest.mark.parametrize("row_tokens", [None, 8])
+def test_training_step_reads_nothing_back_from_the_device(row_tokens):
     """On a GPU, any op whose output size or Python value depends on tensor data (nonzero,
     a boolean-mask gather, .item()) makes the host wait for the device. A training step on a
     collated batch, forward and backward, runs none of them. The encoder packs its real
@@ -113,7 +114,8 @@ def test_training_step_reads_nothing_back_from_the_device():
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).train()
-    batch = collate([(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11])])
+    items = [(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11]), (2, [5, 6, 3], [8])]
+    batch = collate(items, row_tokens)  # with row_tokens, pairs share rows (`Rows`)
     with (
         mock.patch.object(Packing, "of", side_effect=host_positions_only),
         mock.patch.object(linear, "ENABLED", False),
@@ -127,9 +129,11 @@ def test_training_step_reads_nothing_back_from_the_device():
             0.1,
             batch.tgt_positions,
             batch.src_positions,
+            batch.rows,
         )
         out.loss.backward()
-    assert out.n_tokens == batch.n_tgt_tokens == 8
+    assert out.n_tokens == batch.n_tgt_tokens == 10
+    assert batch.src.size(0) == (3 if row_tokens is None else 2)
     assert "aten.index_copy_" in seen.ops  # the encoder packed: source padding skipped
     reads_back = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "index(bool)"}
     assert "aten.addmm" in seen.ops and "aten.index_select" in seen.ops  # the recorder works

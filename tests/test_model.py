@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from seq2seq.batching import collate
 from seq2seq.config import ModelConfig, preset
 from seq2seq.model import Transformer, sinusoidal_positions
 
@@ -260,8 +261,9 @@ def test_beams_sharing_their_sentences_cross_attention_match_the_full_forward_pa
             torch.testing.assert_close(step, full[rows, t], rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("row_tokens", [None, 12])
 def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_batch_shape(
-    monkeypatch,
+    row_tokens, monkeypatch
 ):
     """`--trainer.compile` on a GPU: nothing in the forward pass breaks the graph (no
     `.item()`, no data-dependent shape, no symbolic bool handed to SDPA), and with dynamic
@@ -292,10 +294,14 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=count_graphs, fullgraph=True, dynamic=True)
-    for B, S, T in ((3, 7, 6), (5, 9, 4), (2, 4, 11)):
-        src = torch.randint(4, 50, (B, S))
-        src[0, S - 2 :] = cfg.pad_id
-        positions = (src != cfg.pad_id).flatten().nonzero().squeeze(1)  # as collate makes them
-        compiled(src, torch.randint(4, 50, (B, T)), positions).sum().backward()
+    for B, S, T in ((3, 7, 4), (5, 9, 3), (4, 4, 10)):  # no two sizes alike at first (duck sizing)
+        src_lengths = [S - 2] + [S] * (B - 1)
+        items = [
+            (i, random_ids(1, n)[0].tolist(), random_ids(1, T)[0].tolist())
+            for i, n in enumerate(src_lengths)
+        ]
+        batch = collate(items, row_tokens)  # with row_tokens, pairs share rows
+        out = compiled(batch.src, batch.tgt_in, batch.src_positions, batch.rows)
+        out.sum().backward()
     assert len(graphs) == 1
     assert "index_copy" in graphs[0].code  # the encoder packed inside the graph
