@@ -26,7 +26,7 @@ import yaml
 
 from seq2seq import linear
 from seq2seq.config import ModelConfig, Recipe, preset
-from seq2seq.loss import translation_loss
+from seq2seq.loss import batch_loss
 from seq2seq.model import Transformer
 from seq2seq.optim import build_optimizer
 
@@ -156,16 +156,7 @@ def measure_training(
         start = time.perf_counter()
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            loss = translation_loss(
-                forward,
-                batch.src,
-                batch.tgt_in,
-                batch.tgt_out,
-                0.1,
-                batch.tgt_positions,
-                batch.src_positions,
-                batch.rows,
-            ).loss
+            loss = batch_loss(forward, batch, 0.1).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

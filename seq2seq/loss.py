@@ -22,6 +22,7 @@ is gone. The matmuls are the same three as autograd's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,6 +30,9 @@ from torch.autograd.function import once_differentiable
 
 from seq2seq.linear import matmul_t
 from seq2seq.model import Rows, Transformer
+
+if TYPE_CHECKING:
+    from seq2seq.batching import Batch
 
 
 @dataclass
@@ -203,3 +207,17 @@ def translation_loss(
     target = tgt_out.reshape(-1).index_select(0, positions)  # (N,)
     weight, bias = model.output_projection()
     return projected_cross_entropy(states, weight, bias, target, epsilon)
+
+
+def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> LossOutput:
+    """`translation_loss` of a collated `Batch`, with the positions (and rows) it carries."""
+    return translation_loss(
+        model,
+        batch.src,
+        batch.tgt_in,
+        batch.tgt_out,
+        epsilon,
+        batch.tgt_positions,
+        batch.src_positions,
+        batch.rows,
+    )

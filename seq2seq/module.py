@@ -19,7 +19,7 @@ import torch
 
 from seq2seq.checkpoint import KEY, inference_state
 from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig
-from seq2seq.loss import translation_loss
+from seq2seq.loss import batch_loss
 from seq2seq.model import Transformer
 from seq2seq.optim import build_optimizer
 
@@ -55,16 +55,7 @@ class TranslationModule(L.LightningModule):
 
     # --- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        out = translation_loss(
-            self._forward,
-            batch.src,
-            batch.tgt_in,
-            batch.tgt_out,
-            self.optim.label_smoothing,
-            batch.tgt_positions,
-            batch.src_positions,
-            batch.rows,
-        )
+        out = batch_loss(self._forward, batch, self.optim.label_smoothing)
         self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens
         self.log("train_loss", out.loss, prog_bar=True, batch_size=out.n_tokens)
@@ -137,15 +128,7 @@ class TranslationModule(L.LightningModule):
         self._val_sums.zero_()
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        out = translation_loss(
-            self.model,
-            batch.src,
-            batch.tgt_in,
-            batch.tgt_out,
-            self.optim.label_smoothing,
-            batch.tgt_positions,
-            batch.src_positions,
-        )
+        out = batch_loss(self.model, batch, self.optim.label_smoothing)
         n = out.n_tokens
         self._val_sums += torch.tensor(
             [out.loss.item() * n, out.nll.item() * n, n], dtype=torch.float64

@@ -11,7 +11,7 @@ from test_search import tiny_model as search_model
 
 from seq2seq.batching import collate
 from seq2seq.config import DecodeConfig
-from seq2seq.loss import translation_loss
+from seq2seq.loss import batch_loss
 from seq2seq.optim import build_optimizer
 from seq2seq.search import beam_search, greedy_search
 
@@ -72,16 +72,7 @@ def test_a_bf16_training_step_on_a_gpu_never_waits_on_the_host(row_tokens):
     try:
         for _ in range(2):
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = translation_loss(
-                    model,
-                    batch.src,
-                    batch.tgt_in,
-                    batch.tgt_out,
-                    0.1,
-                    batch.tgt_positions,
-                    batch.src_positions,
-                    batch.rows,
-                )
+                out = batch_loss(model, batch, 0.1)
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
@@ -105,16 +96,7 @@ def test_on_a_gpu_training_gradients_equal_the_cpu_float64_ones(dtype, tolerance
     def loss_and_grads(model, batch, autocast_dtype=None):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = translation_loss(
-                model,
-                batch.src,
-                batch.tgt_in,
-                batch.tgt_out,
-                0.1,
-                batch.tgt_positions,
-                batch.src_positions,
-                batch.rows,
-            )
+            out = batch_loss(model, batch, 0.1)
         out.loss.backward()
         return out.loss.double().cpu(), {
             n: p.grad.double().cpu() for n, p in model.named_parameters()

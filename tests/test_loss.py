@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import preset
-from seq2seq.loss import label_smoothed_cross_entropy, projected_cross_entropy, translation_loss
+from seq2seq.loss import (
+    batch_loss,
+    label_smoothed_cross_entropy,
+    projected_cross_entropy,
+    translation_loss,
+)
 from seq2seq.model import Transformer
 
 PAD = 0
@@ -121,16 +126,7 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens):
         mock.patch.object(linear, "ENABLED", False),
         Recorder() as seen,
     ):
-        out = translation_loss(
-            model,
-            batch.src,
-            batch.tgt_in,
-            batch.tgt_out,
-            0.1,
-            batch.tgt_positions,
-            batch.src_positions,
-            batch.rows,
-        )
+        out = batch_loss(model, batch, 0.1)
         out.loss.backward()
     assert out.n_tokens == batch.n_tgt_tokens == 10
     assert batch.src.size(0) == (3 if row_tokens is None else 2)

@@ -291,7 +291,7 @@ def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint
 ):
     import seq2seq.module as module_file
 
-    real_loss = module_file.translation_loss
+    real_loss = module_file.batch_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -301,7 +301,7 @@ def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(module_file, "translation_loss", poisoned)
+    monkeypatch.setattr(module_file, "batch_loss", poisoned)
     recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.val_check_interval", "25")
     monkeypatch.setattr("seq2seq.recipe.load_recipe", lambda *a, **k: recipe)
     run = tmp_path / "nan"
@@ -358,7 +358,7 @@ def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, m
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(module_file, "translation_loss", exhausted)
+    monkeypatch.setattr(module_file, "batch_loss", exhausted)
     recipe = tiny_recipe(multi30k_slice, tmp_path / "cache")
     monkeypatch.setattr("seq2seq.recipe.load_recipe", lambda *a, **k: recipe)
     assert main(["train", RECIPE, "--run-dir", str(tmp_path / "oom")]) == 1
