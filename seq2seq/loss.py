@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seq2seq.layout import Rows
 from seq2seq.linear import matmul_t
-from seq2seq.model import Rows, Transformer
+from seq2seq.model import Transformer
 
 if TYPE_CHECKING:
     from seq2seq.batching import Batch

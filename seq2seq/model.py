@@ -11,12 +11,15 @@ Padding is always on the right, so the causal mask alone keeps every real target
 from seeing padding (padding sits only after it).
 
 The encoder runs its position-wise layers (projections, feed-forward, LayerNorm, dropout) on
-the real source tokens only, packed into (N, D), and so do the decoder's cross-attention
-key/value projections; only attention sees the padded (B, S) layout. Source padding therefore
-costs no FLOPs outside attention; the result is the same. On a CPU the real tokens are found
-from the ids; on an accelerator only a training batch's host-made `src_positions` say where. Linear layers are
-called through `seq2seq.linear.linear`, which in float32 CPU training runs them on oneDNN with
-the bias and the FFN's ReLU fused into the matmul; elsewhere it is the layer's own forward.
+the real source tokens only, packed into (N, D) (`seq2seq.layout.Packing`), and so do the
+decoder's cross-attention key/value projections; only attention sees the padded (B, S)
+layout. Source padding therefore costs no FLOPs outside attention; the result is the same. On
+a CPU the real tokens are found from the ids; on an accelerator only a training batch's
+host-made `src_positions` say where. A training batch may also put several sentences in each
+row (`seq2seq.layout.Rows`): positions then restart per sentence and attention is masked per
+sentence. Linear layers are called through `seq2seq.linear.linear`, which in float32 CPU
+training runs them on oneDNN with the bias and the FFN's ReLU fused into the matmul; elsewhere
+it is the layer's own forward.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
 from seq2seq.dropout import Dropout
+from seq2seq.layout import Packing, Rows
 from seq2seq.linear import linear
 
 
@@ -87,76 +91,6 @@ def split_heads(x: Tensor, n_heads: int) -> Tensor:
 def merge_heads(x: Tensor) -> Tensor:
     B, H, L, Dh = x.shape
     return x.transpose(1, 2).reshape(B, L, H * Dh)  # (B, L, D)
-
-
-@dataclass
-class Packing:
-    """Where the real tokens of a right-padded (B, L) batch are: `index` (N,) holds their flat
-    positions b * L + l. `pack` keeps those rows of (B, L, C); `unpack` puts them back, with
-    zeros at padding."""
-
-    index: Tensor
-    B: int
-    L: int
-
-    @classmethod
-    def of(cls, real: Tensor, index: Tensor | None = None) -> Packing | None:
-        """For a (B, L) mask of real tokens, or their flat positions `index` (N,) when the
-        host already knows them (a collated batch carries them). None when there is no
-        padding to skip, and on accelerators without `index`: finding the real tokens (a
-        data-dependent size) would make the host wait for the device in every step."""
-        B, L = real.shape
-        if index is not None:  # only shapes are compared: no device sync
-            return None if index.numel() == B * L else cls(index, B, L)
-        if real.device.type != "cpu" or bool(real.all()):
-            return None
-        return cls(real.reshape(-1).nonzero().squeeze(1), B, L)
-
-    def pack(self, x: Tensor) -> Tensor:
-        return x.reshape(self.B * self.L, x.size(-1)).index_select(0, self.index)  # (N, C)
-
-    def unpack(self, x: Tensor) -> Tensor:
-        # In place into fresh zeros: the out-of-place index_copy would copy the zeros first.
-        full = x.new_zeros(self.B * self.L, x.size(-1)).index_copy_(0, self.index, x)
-        return full.view(self.B, self.L, x.size(-1))  # (B, L, C)
-
-
-@dataclass
-class Rows:
-    """Several sentence pairs packed side by side into each row of a training batch, so that
-    attention runs over a few long rows instead of many short sentences (on a GPU, whose
-    attention kernels tile 64-128 query rows per sentence and head). Per token of src (B, S)
-    and tgt_in (B, T): `*_sentence`, which pair of its row it belongs to (-1 at padding), and
-    `*_position`, its position within that sentence. Masks keep every sentence to itself, so
-    each one's states are what it would get alone. Made on the host (`batching.collate`)."""
-
-    src_sentence: Tensor
-    src_position: Tensor
-    tgt_sentence: Tensor
-    tgt_position: Tensor
-
-    @staticmethod
-    def same_sentence(queries: Tensor, keys: Tensor) -> Tensor:
-        """(B, Lq), (B, Lk) sentence numbers -> (B, 1, Lq, Lk) mask: a query sees its own
-        sentence's keys; a padding query sees every key (its output is never used, and a
-        query that sees no key would give NaN)."""
-        q = queries[:, None, :, None]
-        return (q == keys[:, None, None, :]) | (q < 0)
-
-    def src_mask(self) -> Tensor:
-        return self.same_sentence(self.src_sentence, self.src_sentence)  # (B, 1, S, S)
-
-    def tgt_mask(self) -> Tensor:
-        """Its own sentence's keys up to the query (causal)."""
-        T = self.tgt_sentence.size(1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=self.tgt_sentence.device).tril()
-        return self.same_sentence(self.tgt_sentence, self.tgt_sentence) & causal  # (B, 1, T, T)
-
-    def cross_mask(self) -> Tensor:
-        return self.same_sentence(self.tgt_sentence, self.src_sentence)  # (B, 1, T, S)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Rows:
-        return Rows(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
 
 
 def _xavier_per_projection(linear: nn.Linear, n_parts: int) -> None:

@@ -99,7 +99,7 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens):
 
     from seq2seq import linear
     from seq2seq.batching import collate
-    from seq2seq.model import Packing
+    from seq2seq.layout import Packing
 
     class Recorder(TorchDispatchMode):
         def __init__(self):

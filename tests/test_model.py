@@ -112,7 +112,7 @@ def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_
 ):
     """The real source tokens found by the model (CPU) or given as a batch's host-made
     `src_positions` (any device) give the padded path's states and gradients."""
-    from seq2seq import model as model_module
+    from seq2seq import layout
 
     model = tiny_model(torch.float64)
     src = random_ids(3, 6)
@@ -134,7 +134,7 @@ def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_
         return states, [p.grad.clone() for p in model.parameters()]
 
     packed_states, packed_grads = grads_and_states()
-    monkeypatch.setattr(model_module.Packing, "of", classmethod(lambda cls, real, index=None: None))
+    monkeypatch.setattr(layout.Packing, "of", classmethod(lambda cls, real, index=None: None))
     padded_states, padded_grads = grads_and_states()
     assert rows_seen == [12, 18]  # the feed-forward network saw only real tokens
     assert kv_rows_seen == [12, 18]  # and so did the cross-attention key/value projection
@@ -146,7 +146,7 @@ def test_encoder_and_cross_attention_projections_skip_padding_with_the_unpacked_
 
 
 def test_only_host_positions_pack_on_an_accelerator_so_its_steps_never_wait_on_the_host():
-    from seq2seq.model import Packing
+    from seq2seq.layout import Packing
 
     real = torch.ones(2, 3, dtype=torch.bool, device="meta")  # any non-CPU device
     assert Packing.of(real) is None  # finding the real tokens would read the device
@@ -273,14 +273,14 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
     import torch.nn.functional as F
 
     from seq2seq import dropout as dropout_module
-    from seq2seq import model as model_module
+    from seq2seq import layout
 
-    find_or_take = model_module.Packing.of
+    find_or_take = layout.Packing.of
 
     def host_positions_only(cls, real, index=None):
         return None if index is None else find_or_take(real, index)
 
-    monkeypatch.setattr(model_module.Packing, "of", classmethod(host_positions_only))
+    monkeypatch.setattr(layout.Packing, "of", classmethod(host_positions_only))
     monkeypatch.setattr(
         dropout_module.Dropout, "forward", lambda self, x: F.dropout(x, self.p, self.training)
     )
