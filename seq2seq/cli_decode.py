@@ -12,6 +12,19 @@ Handler = Callable[[argparse.Namespace, list[str]], int]
 DECODE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than `minimum` (argparse names the option)."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's message: "invalid integer value: ..."
+    return parse
+
+
 def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p = sub.add_parser(
         "translate",
@@ -102,14 +115,16 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("-m", "--model", help="a trained model: also measure decoding")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
-    p.add_argument("--max-tokens", type=int, default=4000, help="target tokens per training batch")
+    p.add_argument(
+        "--max-tokens", type=at_least(1), default=4000, help="target tokens per training batch"
+    )
     p.add_argument(
         "--row-tokens",
-        type=int,
+        type=at_least(1),
         help="pack each batch's pairs into rows of this many tokens (data.row_tokens)",
     )
-    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="unmeasured warm-up steps")
+    p.add_argument("--steps", type=at_least(1), default=20, help="measured optimizer steps")
+    p.add_argument("--warmup", type=at_least(0), default=3, help="unmeasured warm-up steps")
     p.add_argument(
         "--compile",
         action="store_true",

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from seq2seq import linear
@@ -118,3 +119,20 @@ def test_row_tokens_packs_the_benchmark_batches_and_counts_flops_per_sentence(
     items = [(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11]), (2, [5, 6, 3], [8])]
     # attention FLOPs are counted over the longest sentence, not the row it shares
     assert sentence_lengths(collate(items, 64)) == sentence_lengths(collate(items)) == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--max-tokens", "0", "argument --max-tokens: must be at least 1, got 0"),
+        ("--row-tokens", "-5", "argument --row-tokens: must be at least 1, got -5"),
+        ("--steps", "0", "argument --steps: must be at least 1, got 0"),
+        ("--warmup", "-1", "argument --warmup: must be at least 0, got -1"),
+        ("--max-tokens", "many", "argument --max-tokens: invalid integer value: 'many'"),
+    ],
+)
+def test_a_count_below_its_minimum_is_one_clear_line(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", option, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
