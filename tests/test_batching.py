@@ -137,11 +137,15 @@ def test_collate_pads_with_zero_and_adds_bos_and_eos() -> None:
     assert batch.src.flatten()[batch.src_positions].tolist() == [10, 11, EOS_ID, 12, EOS_ID]
 
 
-def test_lightning_moves_a_batch_with_its_to_method() -> None:
-    batch = collate([(0, [10, EOS_ID], [20])])
+@pytest.mark.parametrize("row_tokens", [None, 8])
+def test_lightning_moves_a_batch_with_its_to_method(row_tokens) -> None:
+    batch = collate([(0, [10, EOS_ID], [20]), (1, [11, EOS_ID], [21])], row_tokens)
     moved = move_data_to_device(batch, torch.device("meta"))
     assert isinstance(moved, Batch) and moved.src.is_meta and moved.index.is_meta
+    assert moved.src_positions.is_meta and moved.tgt_positions.is_meta
     assert moved.n_tgt_tokens == batch.n_tgt_tokens and not batch.src.is_meta
+    if row_tokens is not None:  # the rows' sentence numbers and positions go along
+        assert all(t.is_meta for t in vars(moved.rows).values())
 
 
 def test_dataloader_batches_stay_within_budget_on_real_data(joint_tokenizer, slice_lines) -> None:
