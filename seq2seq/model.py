@@ -258,8 +258,9 @@ class Memory:
     """The encoder's output: states (B, S, D) and key mask (B, 1, 1, S), True at real tokens
     (with `Rows`, (B, 1, T, S): each target token sees its own sentence's source).
 
-    On a CPU also the real tokens' states `packed` (N, D) and their `packing`, so that each
-    decoder layer projects its cross-attention keys and values from real tokens only.
+    Where the encoder skipped padding, also the real tokens' states `packed` (N, D) and their
+    `packing`, so that each decoder layer projects its cross-attention keys and values from
+    real tokens only.
     """
 
     states: Tensor
@@ -321,15 +322,17 @@ class Transformer(nn.Module):
         them the layers skip padding on every device, without them on a CPU only. With `rows`,
         each row of src holds several sentences."""
         real = src != self.cfg.pad_id  # (B, S)
-        mask = real[:, None, None, :] if rows is None else rows.src_mask()  # (B, 1, 1 or S, S)
+        key_mask = real[:, None, None, :]  # (B, 1, 1, S)
+        self_mask, memory_mask = (
+            (key_mask, key_mask) if rows is None else (rows.src_mask(), rows.cross_mask())
+        )
         packing = Packing.of(real, src_positions)
         x = self.src_embed(src, positions=None if rows is None else rows.src_position)
         if packing is not None:
             x = packing.pack(x)  # (N, D): the layers below skip padding
         for layer in self.encoder_layers:
-            x = layer(x, mask, packing)
+            x = layer(x, self_mask, packing)
         x = self.encoder_norm(x)
-        memory_mask = real[:, None, None, :] if rows is None else rows.cross_mask()
         if packing is None:
             return Memory(x, memory_mask)
         return Memory(packing.unpack(x), memory_mask, packed=x, packing=packing)
@@ -341,7 +344,9 @@ class Transformer(nn.Module):
         cache: DecoderCache | None = None,
         rows: Rows | None = None,
     ) -> Tensor:
-        """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D)."""
+        """tgt_in (B, T) ids (BOS + target, or the newest tokens when cached) -> states (B, T, D).
+        With `rows` (training), each row holds several sentences: positions restart and the
+        causal mask stops at each sentence."""
         offset = 0 if cache is None else cache.length
         if rows is None:
             x, self_mask = self.tgt_embed(tgt_in, offset), None

@@ -73,6 +73,13 @@ def test_dotted_overrides_are_applied_and_type_checked():
         load_recipe("recipes/multi30k_en_de.yaml", ["--trainer.max_steps", "many"])
 
 
+def test_a_row_tokens_below_one_is_refused_with_the_key_named():
+    recipe = load_recipe("recipes/multi30k_en_de_base.yaml", ["--data.row_tokens", "128"])
+    assert recipe.data.row_tokens == 128
+    with pytest.raises(RecipeError, match=r"data.row_tokens=0 must be positive"):
+        load_recipe("recipes/multi30k_en_de_base.yaml", ["--data.row_tokens", "0"])
+
+
 def test_unknown_key_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  d_modle: 256\n")
