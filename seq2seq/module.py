@@ -51,6 +51,8 @@ class TranslationModule(L.LightningModule):
         self._train_tokens, self._train_seconds, self._step_start = 0, 0.0, 0.0
         self.last_saved_step = -1  # global step of the latest checkpoint written
         self._nonfinite: torch.Tensor | None = None  # count of NaN/inf losses, on the device
+        self._interval_sums: torch.Tensor | None = None  # (loss, nll) * tokens since the last log
+        self._interval_tokens, self._logged_step = 0, -1
         self._lr = 0.0  # learning rate of the latest update
 
     # --- training -------------------------------------------------------------------------
@@ -58,8 +60,10 @@ class TranslationModule(L.LightningModule):
         out = batch_loss(self._forward, batch, self.optim.label_smoothing)
         self._note_nonfinite(out.loss)
         self._tokens_since += batch.n_tgt_tokens
-        self.log("train_loss", out.loss, prog_bar=True, batch_size=out.n_tokens)
-        self.log("train_nll", out.nll, batch_size=out.n_tokens)
+        # Summed over the logging interval on the device (no host sync); logged as means.
+        sums = torch.stack([out.loss.detach(), out.nll.detach()]) * out.n_tokens
+        self._interval_sums = sums if self._interval_sums is None else self._interval_sums + sums
+        self._interval_tokens += out.n_tokens
         self._lr = self.lr_schedulers().get_last_lr()[0]  # this update's; logged at log steps
         return out.loss
 
@@ -100,14 +104,22 @@ class TranslationModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._train_tokens += batch.n_tgt_tokens
         self._train_seconds += time.perf_counter() - self._step_start
-        if self.global_step % max(self.trainer.log_every_n_steps, 1) == 0:
+        step = self.global_step
+        if step % max(self.trainer.log_every_n_steps, 1) == 0 and step != self._logged_step:
             now = time.perf_counter()
             rate = self._tokens_since / max(now - self._time_since, 1e-9)
             self.log("tgt_tokens_per_s", rate, prog_bar=True)
             # Host numbers become device tensors when logged (a blocking copy on a GPU), so they
             # are logged at logging steps only, not every step.
             self.log("lr", self._lr, prog_bar=True)
+            # The token-weighted means over the updates since the last log (as fairseq's
+            # log-interval averages), not one batch's values: those swing with batch lengths.
+            loss, nll = self._interval_sums / max(self._interval_tokens, 1)
+            self.log("train_loss", loss, prog_bar=True)
+            self.log("train_nll", nll)
             self._tokens_since, self._time_since = 0, now
+            self._interval_sums, self._interval_tokens = None, 0
+            self._logged_step = step  # once per update, also with gradient accumulation
 
     def configure_optimizers(self):
         # Lightning's mixed-precision plugin (bf16 or fp16) refuses to clip the gradients of an

@@ -286,6 +286,39 @@ def test_train_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "bad.ckpt" in err and "not a readable checkpoint" in err
 
 
+def test_the_logged_training_loss_is_the_token_weighted_mean_since_the_last_log(
+    multi30k_slice, tmp_path, monkeypatch
+):
+    """Each training update's loss is replaced by its number (1, 2, ...), with gradient zero:
+    the train_loss logged every 5 updates must be the mean over those 5 updates, weighted by
+    their target tokens, not the last batch's value."""
+    import seq2seq.module as module_file
+    from seq2seq.plot import read_metrics
+
+    real_loss = module_file.batch_loss
+    tokens = []
+
+    def numbered(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if torch.is_grad_enabled():  # training, not validation
+            tokens.append(out.n_tokens)
+            out.loss = out.loss * 0 + len(tokens)
+        return out
+
+    monkeypatch.setattr(module_file, "batch_loss", numbered)
+    extra = ("--trainer.max_steps", "10", "--trainer.average_last", "0")
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
+    logged = read_metrics(tmp_path / "run")["train_loss"]
+    expected = [
+        sum(k * n for k, n in enumerate(tokens[start : start + 5], start + 1))
+        / sum(tokens[start : start + 5])
+        for start in (0, 5)
+    ]
+    assert len(tokens) == 10 and len(set(tokens)) > 1  # batches of different sizes
+    assert [step for step, _ in logged] == [4, 9]
+    assert [value for _, value in logged] == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint(
     multi30k_slice, tmp_path, monkeypatch, capsys
 ):
