@@ -28,6 +28,8 @@ from seq2seq.config import DecodeConfig, ModelConfig
 from seq2seq.model import Transformer
 
 KEY = "seq2seq"
+#: A run directory's lock file, held while its data is prepared (`TranslationDataModule`).
+PREPARE_LOCK = ".prepare.lock"
 FORMAT_VERSION = 1
 #: Best-k checkpoint files, as train.py's ModelCheckpoint names them:
 #: step{step:07d}-bleu{val_bleu:.2f}.ckpt

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from seq2seq.batching import (
@@ -25,6 +26,7 @@ from seq2seq.batching import (
     collate,
     eval_shard,
 )
+from seq2seq.checkpoint import PREPARE_LOCK
 from seq2seq.config import DataConfig
 from seq2seq.corpus import is_sgm
 from seq2seq.data import PreparedData, load_splits
@@ -57,9 +59,15 @@ class TranslationDataModule(L.LightningDataModule):
     # ---- preparing ------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
-        """Download (if configured), train the tokenizer and tokenize: once, on local rank 0."""
-        ensure_downloaded(self.cfg)
-        load_splits(self.cfg, self.run_dir)
+        """Download (if configured), train the tokenizer and tokenize: once. Lightning calls
+        this on local rank 0 only, but `train` calls it in every process, and ranks that a
+        launcher started together (torchrun, srun) get there at once: a file lock in the run
+        directory lets one prepare while the others wait, then find its work and reuse it
+        (one tokenizer for all ranks, trained once)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.run_dir / PREPARE_LOCK):
+            ensure_downloaded(self.cfg)
+            load_splits(self.cfg, self.run_dir)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the prepared splits (memory-mapped caches) on every rank."""

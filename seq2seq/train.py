@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq.checkpoint import (
+    PREPARE_LOCK,
     checkpoint_dir,
     checkpoints_by_step,
     last_checkpoint,
@@ -104,6 +105,7 @@ RUN_FILES = (
     "recipe.yaml",
     "train_state.json",
     "curves.png",
+    PREPARE_LOCK,
     *(f"spm{part}.{ext}" for part in ("", ".src", ".tgt") for ext in ("model", "vocab")),
 )
 RUN_FOLDERS = ("checkpoints", "logs", "cache")

@@ -179,3 +179,34 @@ def test_row_tokens_packs_the_training_batches_and_leaves_validation_one_pair_a_
     assert packed_batch.index.tolist() == plain_batch.index.tolist()  # the same pairs
     assert packed_batch.src.size(0) < plain_batch.src.size(0)  # in fewer rows
     assert all(b.rows is None and b.src.size(0) == len(b.index) for b in dm.val_dataloader())
+
+
+def test_ranks_started_together_prepare_the_data_one_at_a_time(
+    cfg: DataConfig, tmp_path: Path
+) -> None:
+    """torchrun starts every rank at once and each calls prepare_data: while one holds the
+    run directory's lock, another waits instead of training a second tokenizer beside it;
+    once the lock is free it reuses what the first one prepared."""
+    import threading
+    import time
+
+    from filelock import FileLock
+
+    from seq2seq.checkpoint import PREPARE_LOCK
+    from seq2seq.data import load_splits
+
+    run = tmp_path / "run"
+    run.mkdir()
+    done = threading.Event()
+    other_rank = threading.Thread(
+        target=lambda: (TranslationDataModule(cfg, run).prepare_data(), done.set())
+    )
+    with FileLock(run / PREPARE_LOCK):  # "rank 0" is preparing
+        other_rank.start()
+        time.sleep(1.0)
+        assert not done.is_set() and not (run / "spm.model").exists()  # it waits
+        load_splits(cfg, run)  # rank 0's preparation, inside its lock
+    trained = (run / "spm.model").stat().st_mtime_ns
+    other_rank.join(timeout=60)
+    assert done.is_set()
+    assert (run / "spm.model").stat().st_mtime_ns == trained  # reused, not trained again
