@@ -42,6 +42,9 @@ def test_rows_hold_every_pair_once_in_order_within_their_capacity():
     assert batch.tgt_out.flatten()[batch.tgt_positions].tolist() == (
         plain.tgt_out.flatten()[plain.tgt_positions].tolist()
     )
+    assert batch.src.flatten()[batch.src_positions].tolist() == (
+        plain.src.flatten()[plain.src_positions].tolist()
+    )
 
 
 def test_a_pair_longer_than_row_tokens_gets_a_row_of_its_own():
