@@ -47,12 +47,12 @@ class TranslationModule(L.LightningModule):
         self.valid_refs: list[str] = []  # raw validation references, set by train()
         self._hyps: dict[int, list[int]] = {}
         self._val_sums = torch.zeros(3, dtype=torch.float64)  # loss, nll, tokens
-        self._tokens_since, self._time_since = 0, time.perf_counter()
+        self._tokens_since, self._time_since = 0, time.perf_counter()  # since the last log
         self._train_tokens, self._train_seconds, self._step_start = 0, 0.0, 0.0
         self.last_saved_step = -1  # global step of the latest checkpoint written
         self._nonfinite: torch.Tensor | None = None  # count of NaN/inf losses, on the device
         self._interval_sums: torch.Tensor | None = None  # (loss, nll) * tokens since the last log
-        self._interval_tokens, self._logged_step = 0, -1
+        self._logged_step = -1
         self._lr = 0.0  # learning rate of the latest update
 
     # --- training -------------------------------------------------------------------------
@@ -63,7 +63,6 @@ class TranslationModule(L.LightningModule):
         # Summed over the logging interval on the device (no host sync); logged as means.
         sums = torch.stack([out.loss.detach(), out.nll.detach()]) * out.n_tokens
         self._interval_sums = sums if self._interval_sums is None else self._interval_sums + sums
-        self._interval_tokens += out.n_tokens
         self._lr = self.lr_schedulers().get_last_lr()[0]  # this update's; logged at log steps
         return out.loss
 
@@ -114,11 +113,10 @@ class TranslationModule(L.LightningModule):
             self.log("lr", self._lr, prog_bar=True)
             # The token-weighted means over the updates since the last log (as fairseq's
             # log-interval averages), not one batch's values: those swing with batch lengths.
-            loss, nll = self._interval_sums / max(self._interval_tokens, 1)
+            loss, nll = self._interval_sums / max(self._tokens_since, 1)
             self.log("train_loss", loss, prog_bar=True)
             self.log("train_nll", nll)
-            self._tokens_since, self._time_since = 0, now
-            self._interval_sums, self._interval_tokens = None, 0
+            self._tokens_since, self._time_since, self._interval_sums = 0, now, None
             self._logged_step = step  # once per update, also with gradient accumulation
 
     def configure_optimizers(self):
