@@ -211,10 +211,8 @@ class Batch:
         pinned = {
             f.name: getattr(self, f.name).pin_memory()
             for f in dataclasses.fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), Tensor | Rows)
         }
-        if self.rows is not None:
-            pinned["rows"] = Rows(*(t.pin_memory() for t in vars(self.rows).values()))
         return dataclasses.replace(self, **pinned)
 
     def __len__(self) -> int:
@@ -242,26 +240,17 @@ def collate(
     src = np.full((B, S), PAD_ID, dtype=np.int64)
     tgt_in = np.full((B, T), PAD_ID, dtype=np.int64)
     tgt_out = np.full((B, T), PAD_ID, dtype=np.int64)
-    # Rows: each token's sentence in its row (-1 at padding) and position in that sentence.
-    src_sentence, tgt_sentence = np.full((B, S), -1), np.full((B, T), -1)
-    src_position, tgt_position = np.zeros((B, S), np.int64), np.zeros((B, T), np.int64)
     for r, row in enumerate(rows):
         s_at = t_at = 0  # where the row's next sentence starts, on each side
-        for k, i in enumerate(row):
+        for i in row:
             _, s, t = items[i]
             s_end, t_end = s_at + len(s), t_at + len(t) + 1
             src[r, s_at:s_end] = s
             tgt_in[r, t_at], tgt_in[r, t_at + 1 : t_end] = BOS_ID, t
             tgt_out[r, t_at : t_end - 1], tgt_out[r, t_end - 1] = t, EOS_ID
-            if row_tokens is not None:
-                src_sentence[r, s_at:s_end], tgt_sentence[r, t_at:t_end] = k, k
-                src_position[r, s_at:s_end] = np.arange(len(s))
-                tgt_position[r, t_at:t_end] = np.arange(len(t) + 1)
             s_at, t_at = s_end, t_end
     tgt_positions = np.flatnonzero(tgt_out != PAD_ID)
     src_positions = np.flatnonzero(src != PAD_ID)
-    layout = (src_sentence, src_position, tgt_sentence, tgt_position)
-    packed = None if row_tokens is None else Rows(*(torch.from_numpy(a) for a in layout))
     return Batch(
         src=torch.from_numpy(src),
         tgt_in=torch.from_numpy(tgt_in),
@@ -271,8 +260,29 @@ def collate(
         src_positions=torch.from_numpy(src_positions),
         n_src_tokens=len(src_positions),
         n_tgt_tokens=len(tgt_positions),
-        rows=packed,
+        rows=None if row_tokens is None else _row_layout(items, rows, S, T),
     )
+
+
+def _row_layout(
+    items: Sequence[tuple[int, Sequence[int], Sequence[int]]], rows: list[list[int]], S: int, T: int
+) -> Rows:
+    """The `Rows` of `collate`'s rows: source (B, S) and target (B, T, BOS/EOS included)."""
+    src = _numbering([[len(items[i][1]) for i in row] for row in rows], S)
+    tgt = _numbering([[len(items[i][2]) + 1 for i in row] for row in rows], T)
+    return Rows(*(torch.from_numpy(a) for a in (*src, *tgt)))
+
+
+def _numbering(lengths: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of sentences of these lengths side by side: each token's sentence in its row
+    (-1 at padding) and its position in that sentence, (B, width) each."""
+    sentence = np.full((len(lengths), width), -1, dtype=np.int64)
+    position = np.zeros_like(sentence)
+    for r, lens in enumerate(lengths):
+        n = sum(lens)
+        sentence[r, :n] = np.repeat(np.arange(len(lens)), lens)
+        position[r, :n] = np.arange(n) - np.repeat(np.cumsum(lens) - lens, lens)  # - its start
+    return sentence, position
 
 
 def _pack_rows(src_lengths: list[int], tgt_lengths: list[int], row_tokens: int) -> list[list[int]]:

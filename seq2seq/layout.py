@@ -81,3 +81,6 @@ class Rows:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Rows:
         return Rows(*(t.to(device, non_blocking=non_blocking) for t in vars(self).values()))
+
+    def pin_memory(self) -> Rows:
+        return Rows(*(t.pin_memory() for t in vars(self).values()))
