@@ -1,4 +1,5 @@
-"""Shared fixtures for the data tests: small slices of Multi30k and a tokenizer trained on them."""
+"""Shared fixtures: small slices of Multi30k, a tokenizer trained on them, and packing as on
+an accelerator."""
 
 from __future__ import annotations
 
@@ -65,3 +66,17 @@ def joint_tokenizer(slice_lines, tmp_path_factory: pytest.TempPathFactory):
     return Tokenizer.train(
         iter(slice_lines[0]), iter(slice_lines[1]), TokenizerConfig(vocab_size=1000), out
     )
+
+
+@pytest.fixture
+def accelerator_packing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Packing.of` as on an accelerator, simulated on the CPU: it packs from a batch's
+    host-made positions only, never finding the real tokens itself (nonzero reads the device)."""
+    from seq2seq.layout import Packing
+
+    find_or_take = Packing.of
+
+    def host_positions_only(cls, real, index=None):
+        return None if index is None else find_or_take(real, index)
+
+    monkeypatch.setattr(Packing, "of", classmethod(host_positions_only))

@@ -87,7 +87,7 @@ def test_translation_loss_equals_full_logits_loss_with_padding_ignored():
 
 
 @pytest.mark.parametrize("row_tokens", [None, 8])
-def test_training_step_reads_nothing_back_from_the_device(row_tokens):
+def test_training_step_reads_nothing_back_from_the_device(row_tokens, accelerator_packing):
     """On a GPU, any op whose output size or Python value depends on tensor data (nonzero,
     a boolean-mask gather, .item()) makes the host wait for the device. A training step on a
     collated batch, forward and backward, runs none of them. The encoder packs its real
@@ -99,7 +99,6 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens):
 
     from seq2seq import linear
     from seq2seq.batching import collate
-    from seq2seq.layout import Packing
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -112,17 +111,11 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens):
             self.ops.append("index(bool)" if bool_index else str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    find_or_take = Packing.of
-
-    def host_positions_only(real, index=None):
-        return None if index is None else find_or_take(real, index)
-
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).train()
     items = [(0, [5, 6, 7, 3], [8, 9]), (1, [5, 3], [8, 9, 10, 11]), (2, [5, 6, 3], [8])]
     batch = collate(items, row_tokens)  # with row_tokens, pairs share rows (`Rows`)
     with (
-        mock.patch.object(Packing, "of", side_effect=host_positions_only),
         mock.patch.object(linear, "ENABLED", False),
         Recorder() as seen,
     ):

@@ -263,7 +263,7 @@ def test_beams_sharing_their_sentences_cross_attention_match_the_full_forward_pa
 
 @pytest.mark.parametrize("row_tokens", [None, 12])
 def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_batch_shape(
-    row_tokens, monkeypatch
+    row_tokens, monkeypatch, accelerator_packing
 ):
     """`--trainer.compile` on a GPU: nothing in the forward pass breaks the graph (no
     `.item()`, no data-dependent shape, no symbolic bool handed to SDPA), and with dynamic
@@ -273,14 +273,7 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
     import torch.nn.functional as F
 
     from seq2seq import dropout as dropout_module
-    from seq2seq import layout
 
-    find_or_take = layout.Packing.of
-
-    def host_positions_only(cls, real, index=None):
-        return None if index is None else find_or_take(real, index)
-
-    monkeypatch.setattr(layout.Packing, "of", classmethod(host_positions_only))
     monkeypatch.setattr(
         dropout_module.Dropout, "forward", lambda self, x: F.dropout(x, self.p, self.training)
     )
