@@ -5,6 +5,8 @@ Per decoder layer:
 - cross-attention keys/values are projected from the encoder memory once per sentence, and
   stay one row per sentence: with beam search, a sentence's k beams (rows sentence-major,
   row = sentence * k + beam) share them instead of holding k copies.
+Besides, the output projection's weight in the form the search's steps use (packed once per
+search for the CPU's kernel).
 
 `reorder(index)` reselects rows when every row is its own sentence (greedy search);
 `reorder_beams(rows, sentences)` follows the surviving beams and drops finished sentences.
@@ -48,6 +50,9 @@ class DecoderCache:
 
     layers: list[LayerCache] = field(default_factory=list)
     length: int = 0
+    output_weight: Tensor | None = None
+    """The output projection's weight as the search's steps use it: packed for the CPU's
+    kernel (`seq2seq.linear.pack`) at the first step, or the weight itself."""
 
     @classmethod
     def empty(cls, n_layers: int) -> DecoderCache:

@@ -19,7 +19,8 @@ host-made `src_positions` say where. A training batch may also put several sente
 row (`seq2seq.layout.Rows`): positions then restart per sentence and attention is masked per
 sentence. Linear layers are called through `seq2seq.linear.linear`, which in float32 CPU
 training runs them on oneDNN with the bias and the FFN's ReLU fused into the matmul; elsewhere
-it is the layer's own forward.
+it is the layer's own forward. When decoding on a CPU, the output projection runs on oneDNN
+with its weight packed once per search (`decode_step`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
 from seq2seq.dropout import Dropout
 from seq2seq.layout import Packing, Rows
-from seq2seq.linear import linear
+from seq2seq.linear import linear, pack, packed_matmul_t
 
 
 # --- 3.5 Positional encoding ----------------------------------------------------------------
@@ -384,5 +385,14 @@ class Transformer(nn.Module):
         return DecoderCache.empty(len(self.decoder_layers))
 
     def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
-        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt)."""
-        return self.project(self.decode(tgt_in, memory, cache))
+        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt).
+
+        The output projection's weight is packed for the CPU's kernel once per search and kept
+        in the cache, as cross-attention keys and values are (`seq2seq.linear.pack`)."""
+        states = self.decode(tgt_in, memory, cache)
+        if self.output_layer is not None:
+            return self.output_layer(states)
+        weight, bias = self.output_projection()
+        if cache.output_weight is None:
+            cache.output_weight = pack(weight, states)
+        return packed_matmul_t(states, cache.output_weight, bias)

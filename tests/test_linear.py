@@ -12,7 +12,7 @@ from torch import nn
 
 from seq2seq import linear as linear_module
 from seq2seq.config import preset
-from seq2seq.linear import linear, uses_onednn
+from seq2seq.linear import linear, pack, packed_matmul_t, uses_onednn
 from seq2seq.loss import translation_loss
 from seq2seq.model import Transformer
 
@@ -106,3 +106,65 @@ def test_seq2seq_onednn_0_turns_the_path_off():
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def count_packings(monkeypatch) -> list:
+    packings = []
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(
+        torch.ops.mkldnn,
+        "_reorder_linear_weight",
+        lambda *a: packings.append(1) or reorder(*a),
+    )
+    return packings
+
+
+@needs_onednn
+def test_a_packed_weight_gives_f_linear_for_every_row_count():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 24), torch.randn(300)
+    with torch.inference_mode():
+        packed = pack(weight, torch.randn(1, 24))
+        assert packed.is_mkldnn
+        for rows in (1, 7, 64, 7):  # the row count changes as sentences finish
+            x = torch.randn(rows, 1, 24)
+            got = packed_matmul_t(x, packed, bias)
+            assert got.shape == (rows, 1, 300)
+            torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_without_onednn_or_with_gradients_the_weight_stays_as_it_is():
+    torch.manual_seed(0)
+    weight = torch.randn(30, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    assert pack(weight, x) is weight  # gradients wanted
+    got = packed_matmul_t(x, pack(weight, x))
+    assert got.requires_grad and torch.equal(got, F.linear(x, weight))
+    with torch.inference_mode():
+        assert pack(weight.double(), x.double()).dtype == torch.float64  # not oneDNN's case
+        bf16 = weight.detach().bfloat16()
+        assert pack(bf16, x.bfloat16()) is bf16
+
+
+@needs_onednn
+def test_each_search_packs_the_current_output_weights_once(monkeypatch):
+    """Validation decodes between updates (fused Adam changes the weights without bumping
+    their version): every search packs the weights as they are then, once."""
+    packings = count_packings(monkeypatch)
+    torch.manual_seed(0)
+    cfg = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
+    model = Transformer(cfg)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    src, tgt = torch.randint(4, 40, (3, 7)), torch.randint(4, 40, (3, 6))
+    for search in range(2):
+        model.eval()
+        with torch.inference_mode():
+            memory, cache = model.encode(src), model.new_cache()
+            steps = [model.decode_step(tgt[:, t : t + 1], memory, cache) for t in range(3)]
+            states = model.decode(tgt[:, :3], model.encode(src))
+            want = F.linear(states, model.output_projection()[0])
+        assert len(packings) == search + 1
+        torch.testing.assert_close(torch.cat(steps, dim=1), want, rtol=1e-4, atol=1e-5)
+        model.train()
+        translation_loss(model, src, tgt, tgt, 0.1).loss.backward()
+        optimizer.step()  # changes the tied weights in place
