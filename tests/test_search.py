@@ -239,3 +239,20 @@ def test_stop_best_gives_the_same_1best_without_length_penalty_in_fewer_decoder_
 def test_an_unknown_stop_rule_is_refused():
     with pytest.raises(ValueError, match="decode.stop='never' must be 'beam' or 'best'"):
         DecodeConfig(stop="never")
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_float32_search_scores_are_the_log_probabilities_of_a_full_forward_pass(beam):
+    """The float32 CPU path (the output projection on oneDNN with a packed weight, the
+    log-softmax written over the logits) scores each hypothesis as the model does."""
+    model, src = tiny_model(dtype=torch.float32), random_batch([6, 3, 8])
+    settings = cfg(beam=beam, nbest=beam, max_len_a=1.0, max_len_b=3)
+    for i, hyps in enumerate(search(model, src, settings)):
+        n = int((src[i] != PAD).sum())
+        for h in hyps:
+            tgt_in = torch.tensor([[BOS, *h.tokens]])
+            with torch.inference_mode():
+                logits = model.project(model(src[i : i + 1, :n], tgt_in))
+            log_probs = F.log_softmax(logits.double(), dim=-1)[0]
+            want = sum(log_probs[t, tok].item() for t, tok in enumerate([*h.tokens, EOS]))
+            assert h.log_prob == pytest.approx(want, rel=1e-5, abs=1e-5)
