@@ -73,6 +73,10 @@ def _onednn_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu" if relu else "none", [], "")
 
 
+#: Whether this torch can pack a weight for oneDNN's linear kernel.
+_PACKING = ENABLED and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 def pack(weight: Tensor, x: Tensor) -> Tensor:
     """`weight` (N, K) packed into oneDNN's own layout for `packed_matmul_t`, where x @ weight.T
     runs on oneDNN without gradients; otherwise `weight` itself. The packed copy does not
@@ -80,7 +84,7 @@ def pack(weight: Tensor, x: Tensor) -> Tensor:
     (`DecoderCache.output_weight`) and then runs it at every step.
 
     On this project's CPU a beam-5 decode spent a quarter of its time in that matmul through
-    MKL (8,000 x 256 weight, 1-320 rows a step); packed oneDNN ran it 1.5-2x as fast (README).
+    MKL (8,000 x 256 weight, 5-1,575 rows a step); packed oneDNN ran it 1.5-2x as fast (README).
     For the decoder's smaller layers, the row counts that change as sentences finish cost
     oneDNN more than it gains."""
     if not _PACKING or torch.is_grad_enabled() or not uses_onednn(x, weight):
@@ -95,10 +99,6 @@ def packed_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
         return F.linear(x, weight, bias)
     y = _onednn_matmul_t(x.reshape(-1, x.size(-1)), weight, bias, False)
     return y.view(*x.shape[:-1], y.size(-1))
-
-
-#: Whether this torch can pack a weight for oneDNN's linear kernel.
-_PACKING = ENABLED and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def linear(layer: nn.Module, x: Tensor, relu: bool = False) -> Tensor:

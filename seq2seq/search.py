@@ -45,7 +45,8 @@ class Decoder(Protocol):
 
     def new_cache(self) -> DecoderCache: ...
 
-    def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor: ...
+    def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
+        """Logits (R, L, V) in a new tensor: the search overwrites them."""
 
 
 @dataclass
