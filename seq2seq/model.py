@@ -20,7 +20,7 @@ row (`seq2seq.layout.Rows`): positions then restart per sentence and attention i
 sentence. Linear layers are called through `seq2seq.linear.linear`, which in float32 CPU
 training runs them on oneDNN with the bias and the FFN's ReLU fused into the matmul; elsewhere
 it is the layer's own forward. When decoding on a CPU, the output projection runs on oneDNN
-with its weight packed once per search (`decode_step`).
+with its weight packed once per search (`project`).
 """
 
 from __future__ import annotations
@@ -369,11 +369,18 @@ class Transformer(nn.Module):
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder states (B, T, D)."""
         return self.decode(tgt_in, self.encode(src, src_positions, rows), rows=rows)
 
-    def project(self, states: Tensor) -> Tensor:
-        """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""
+    def project(self, states: Tensor, cache: DecoderCache | None = None) -> Tensor:
+        """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt). With a decoding
+        `cache`, the weight is packed for the CPU's kernel at a search's first step and kept
+        there, as cross-attention keys and values are (`seq2seq.linear.pack`)."""
         if self.output_layer is not None:
             return self.output_layer(states)
-        return F.linear(states, *self.output_projection())
+        weight, bias = self.output_projection()
+        if cache is None:
+            return F.linear(states, weight, bias)
+        if cache.output_weight is None:
+            cache.output_weight = pack(weight, states)
+        return packed_matmul_t(states, cache.output_weight, bias)
 
     def output_projection(self) -> tuple[Tensor, Tensor | None]:
         """The pre-softmax linear's weight (V_tgt, D), tied to the target embedding by
@@ -385,14 +392,5 @@ class Transformer(nn.Module):
         return DecoderCache.empty(len(self.decoder_layers))
 
     def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
-        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt).
-
-        The output projection's weight is packed for the CPU's kernel once per search and kept
-        in the cache, as cross-attention keys and values are (`seq2seq.linear.pack`)."""
-        states = self.decode(tgt_in, memory, cache)
-        if self.output_layer is not None:
-            return self.output_layer(states)
-        weight, bias = self.output_projection()
-        if cache.output_weight is None:
-            cache.output_weight = pack(weight, states)
-        return packed_matmul_t(states, cache.output_weight, bias)
+        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt)."""
+        return self.project(self.decode(tgt_in, memory, cache), cache)
