@@ -388,9 +388,14 @@ class Transformer(nn.Module):
         weight = self.tgt_embed.tokens.weight if self.output_weight is None else self.output_weight
         return weight, self.output_bias
 
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self.cfg.tgt_vocab_size
+
     def new_cache(self) -> DecoderCache:
         return DecoderCache.empty(len(self.decoder_layers))
 
     def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
-        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt)."""
+        """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt).
+        (Search calls `decode` and `project` itself, to project a step's rows in pieces.)"""
         return self.project(self.decode(tgt_in, memory, cache), cache)

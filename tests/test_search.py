@@ -32,7 +32,7 @@ class ScriptedDecoder:
     """Next-token probabilities fixed per prefix; a prefix not in the script gets `default`."""
 
     def __init__(self, script: dict[tuple[int, ...], dict[int, float]], default=None):
-        self.script, self.default, self.vocab = script, default or {EOS: 1.0}, 6
+        self.script, self.default, self.tgt_vocab_size = script, default or {EOS: 1.0}, 6
         self.rows_per_step: list[int] = []
 
     def encode(self, src: torch.Tensor) -> Memory:
@@ -41,18 +41,21 @@ class ScriptedDecoder:
     def new_cache(self) -> PrefixCache:
         return PrefixCache()
 
-    def decode_step(self, tgt_in, memory, cache):
+    def decode(self, tgt_in, memory, cache):
         old = cache.prefixes
         cache.prefixes = tgt_in if old is None else torch.cat([old, tgt_in], dim=1)
         cache.length += tgt_in.size(1)
         self.rows_per_step.append(tgt_in.size(0))
         rows = []
         for prefix in cache.prefixes.tolist():
-            probs = torch.full((self.vocab,), 1e-30, dtype=torch.float64)
+            probs = torch.full((self.tgt_vocab_size,), 1e-30, dtype=torch.float64)
             for token, p in self.script.get(tuple(prefix[1:]), self.default).items():
                 probs[token] = p
             rows.append(probs.log())
-        return torch.stack(rows)[:, None, :]  # (R, 1, V): log-probs are valid logits
+        return torch.stack(rows)[:, None, :]  # (R, 1, V): log-probs, the "states"
+
+    def project(self, states, cache):
+        return states.clone()  # log-probs are valid logits
 
 
 def lp(length: int, alpha: float) -> float:
@@ -256,3 +259,26 @@ def test_float32_search_scores_are_the_log_probabilities_of_a_full_forward_pass(
             log_probs = F.log_softmax(logits.double(), dim=-1)[0]
             want = sum(log_probs[t, tok].item() for t, tok in enumerate([*h.tokens, EOS]))
             assert h.log_prob == pytest.approx(want, rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch):
+    """On a CPU a step's rows are projected and ranked in pieces of logits under glibc's mmap
+    size; in pieces of 2 rows, with min_len and max_len applying to some rows, nothing changes."""
+    model, src = tiny_model(), random_batch([6, 3, 8, 1, 5])
+    settings = cfg(beam=beam, nbest=beam, max_len_a=0.5, max_len_b=2, min_len=2, lenpen=1.0)
+    whole = search(model, src, settings)
+    projected_rows = []
+    project = model.project
+    monkeypatch.setattr(
+        model, "project", lambda s, c: projected_rows.append(len(s)) or project(s, c)
+    )
+    row_bytes = model.tgt_vocab_size * 8  # float64
+    monkeypatch.setattr("seq2seq.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)
+    pieces = search(model, src, settings)
+    assert max(projected_rows) == 2 and len(projected_rows) > 2 * len(whole)
+    assert [[h.tokens for h in hyps] for hyps in pieces] == [
+        [h.tokens for h in hyps] for hyps in whole
+    ]
+    for got, want in zip(pieces, whole, strict=True):  # a matmul's rounding may vary with rows
+        assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-12)
