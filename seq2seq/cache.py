@@ -10,6 +10,9 @@ search for the CPU's kernel).
 
 `reorder(index)` reselects rows when every row is its own sentence (greedy search);
 `reorder_beams(rows, sentences)` follows the surviving beams and drops finished sentences.
+The self-attention keys/values are reselected lazily, by the next step's `append_self`, which
+gathers the kept rows and appends the new position in one copy instead of two (an
+index_select and a cat): 9% of a beam-5 decode on a CPU went to those two copies.
 """
 
 from __future__ import annotations
@@ -26,22 +29,39 @@ class LayerCache:
 
     self_k: Tensor | None = None
     self_v: Tensor | None = None
+    self_rows: Tensor | None = None
+    """The rows of self_k / self_v that the next step keeps (None: all, in order)."""
     cross_k: Tensor | None = None
     cross_v: Tensor | None = None
 
     def append_self(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add this step's self-attention keys/values; return all keys/values so far."""
         if self.self_k is not None:
-            k = torch.cat([self.self_k, k], dim=2)  # (B, H, T_past + T_new, Dh)
-            v = torch.cat([self.self_v, v], dim=2)
-        self.self_k, self.self_v = k, v
+            k = _gather_append(self.self_k, self.self_rows, k)  # (B, H, T_past + T_new, Dh)
+            v = _gather_append(self.self_v, self.self_rows, v)
+        self.self_k, self.self_v, self.self_rows = k, v, None
         return k, v
 
-    def select(self, names: tuple[str, ...], index: Tensor) -> None:
-        for name in names:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.index_select(0, index))
+    def select_self(self, rows: Tensor) -> None:
+        """Keep self-attention rows `rows`, at the next `append_self`."""
+        self.self_rows = rows if self.self_rows is None else self.self_rows[rows]
+
+    def select_cross(self, index: Tensor) -> None:
+        if self.cross_k is not None:
+            self.cross_k = self.cross_k.index_select(0, index)
+            self.cross_v = self.cross_v.index_select(0, index)
+
+
+def _gather_append(past: Tensor, rows: Tensor | None, new: Tensor) -> Tensor:
+    """cat([past[rows], new], dim=2), writing each element once."""
+    T = past.size(2)
+    out = past.new_empty(new.size(0), past.size(1), T + new.size(2), past.size(3))
+    if rows is None:
+        out[:, :, :T] = past
+    else:
+        torch.index_select(past, 0, rows, out=out[:, :, :T])
+    out[:, :, T:] = new
+    return out
 
 
 @dataclass
@@ -62,16 +82,13 @@ class DecoderCache:
         """Keep rows `index` (B_new,), in that order, when each row is its own sentence;
         B_new may be smaller than B."""
         for layer in self.layers:
-            layer.select(_ALL, index)
+            layer.select_self(index)
+            layer.select_cross(index)
 
     def reorder_beams(self, rows: Tensor, sentences: Tensor | None) -> None:
         """Beam search: self-attention K/V keep `rows` (N' * k,); the per-sentence
         cross-attention K/V keep `sentences` (N',), or stay as they are when None."""
         for layer in self.layers:
-            layer.select(_SELF, rows)
+            layer.select_self(rows)
             if sentences is not None:
-                layer.select(_CROSS, sentences)
-
-
-_SELF, _CROSS = ("self_k", "self_v"), ("cross_k", "cross_v")
-_ALL = _SELF + _CROSS
+                layer.select_cross(sentences)

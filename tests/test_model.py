@@ -198,6 +198,25 @@ def test_incremental_decoding_equals_full_forward_after_reorder():
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
 
 
+def test_two_reorders_before_the_next_step_keep_the_second_of_the_first():
+    """The cache reselects self-attention rows lazily, at the next step's append: two
+    reorders in a row must compose (rows `second` of the rows `first`)."""
+    model = tiny_model(torch.float64)
+    src, tgt = random_ids(4, 6), random_ids(4, 7)
+    first, second = torch.tensor([3, 1, 0, 1]), torch.tensor([1, 1, 2])
+    kept = first[second]  # original rows 1, 1, 0
+    with torch.no_grad():
+        full = model.project(model.decode(tgt, model.encode(src)))[kept]
+        memory, cache = model.encode(src), model.new_cache()
+        for t in range(3):
+            model.decode_step(tgt[:, t : t + 1], memory, cache)
+        cache.reorder(first)
+        cache.reorder(second)
+        memory, tgt = memory.select(kept), tgt[kept]
+        steps = [model.decode_step(tgt[:, t : t + 1], memory, cache)[:, 0] for t in range(3, 7)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 3:], rtol=0, atol=1e-10)
+
+
 def test_several_new_tokens_at_once_after_a_cached_prefix_match_full_forward():
     model = tiny_model(torch.float64)
     src, tgt = random_ids(2, 6), random_ids(2, 7)
