@@ -202,6 +202,12 @@ def prepare_model(model: Transformer, device: str, precision: str) -> Transforme
         raise ValueError("--device cuda: no CUDA device is available")
     if precision == "int8" and device != "cpu":
         raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
+    if precision == "int8" and not hasattr(torch.ao.quantization, "quantize_dynamic"):
+        # Deprecated since torch 2.10 in favour of the torchao package, and due to go.
+        raise ValueError(
+            f"--precision int8 needs torch.ao.quantization.quantize_dynamic, which torch "
+            f"{torch.__version__} no longer has; use --precision fp32 or an earlier torch"
+        )
     model = model.to(device).eval()
     if precision == "int8":
         weight, bias = model.output_projection()

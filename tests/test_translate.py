@@ -153,6 +153,16 @@ def test_device_auto_runs_int8_on_the_cpu_even_where_a_gpu_is_present(checkpoint
         translate.prepare_model(load_model(checkpoint).model, "cuda", "int8")
 
 
+def test_int8_names_the_missing_quantizer_where_torch_has_dropped_it(
+    tmp_path, checkpoint, monkeypatch, capsys
+):
+    monkeypatch.delattr(torch.ao.quantization, "quantize_dynamic")
+    code, out = run_translate(tmp_path, checkpoint, b"A dog.\n", "--precision", "int8")
+    err = capsys.readouterr().err
+    assert code == 1 and out == [] and len(err.strip().splitlines()) == 1
+    assert "--precision int8 needs torch.ao.quantization.quantize_dynamic" in err
+
+
 def test_int8_quantizes_the_linear_layers_and_the_output_projection_only(checkpoint):
     original = load_model(checkpoint).model.eval()
     model = translate.prepare_model(original, "cpu", "int8")
