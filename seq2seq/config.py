@@ -8,6 +8,7 @@ and wrong types fail with the key and the file named.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -301,6 +302,15 @@ class DecodeConfig:
             )
         if self.max_tokens < 1:
             raise ValueError(f"decode.max_tokens={self.max_tokens} must be positive")
+        if not math.isfinite(self.lenpen):
+            raise ValueError(f"decode.lenpen={self.lenpen} must be a finite number")
+        if not (math.isfinite(self.max_len_a) and self.max_len_a >= 0):
+            raise ValueError(f"decode.max_len_a={self.max_len_a} must be a finite number >= 0")
+        for name in ("max_len_b", "min_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"decode.{name}={getattr(self, name)} must be >= 0")
+        if self.max_len_a == 0 and self.max_len_b == 0:
+            raise ValueError("decode.max_len_a=0 and decode.max_len_b=0 leave no room for output")
 
 
 @dataclass

@@ -138,6 +138,28 @@ def test_nbest_larger_than_beam_is_one_clear_error(tmp_path, checkpoint, capsys)
     assert code == 1 and "decode.nbest=3" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (("--lenpen", "nan"), "decode.lenpen=nan must be a finite number"),
+        (("--max-len-a", "inf"), "decode.max_len_a=inf must be a finite number >= 0"),
+        (("--max-len-a", "-1"), "decode.max_len_a=-1.0 must be a finite number >= 0"),
+        (("--max-len-b", "-100"), "decode.max_len_b=-100 must be >= 0"),
+        (("--min-len", "-3"), "decode.min_len=-3 must be >= 0"),
+        (("--max-len-a", "0", "--max-len-b", "0"), "leave no room for output"),
+    ],
+)
+def test_nonsense_length_and_penalty_settings_are_one_clear_error(
+    tmp_path, checkpoint, capsys, options, message
+):
+    """Before, --max-len-a inf or --max-len-b -100 silently cut every translation to 1 token
+    and --lenpen nan ranked hypotheses by NaN."""
+    code, out = run_translate(tmp_path, checkpoint, b"A dog.\n", *options)
+    err = capsys.readouterr().err
+    assert code == 1 and out == [] and len(err.strip().splitlines()) == 1
+    assert message in err
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precisions_translate_every_line(tmp_path, checkpoint, precision):
     code, out = run_translate(tmp_path, checkpoint, b"A dog.\nA cat.\n", "--precision", precision)
