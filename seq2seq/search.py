@@ -150,7 +150,7 @@ def _next_tokens(
     On a CPU the rows are projected and ranked in pieces of under 32 MiB of logits. glibc maps
     every allocation of 32 MiB or more afresh from the kernel and pays a page fault per 4 kB
     page of it; a beam-5 step's logits reach 1,575 x 8,000 floats (50 MB), and in pieces beam 5
-    ran about 8% faster (README). Accelerators take all rows at once.
+    ran about 6% faster (README). Accelerators take all rows at once.
     """
     states = model.decode(last, memory, cache)[:, -1]  # (R, D)
     piece = states.size(0)

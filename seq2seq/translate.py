@@ -202,8 +202,9 @@ def prepare_model(model: Transformer, device: str, precision: str) -> Transforme
         raise ValueError("--device cuda: no CUDA device is available")
     if precision == "int8" and device != "cpu":
         raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
-    if precision == "int8" and not hasattr(torch.ao.quantization, "quantize_dynamic"):
-        # Deprecated since torch 2.10 in favour of the torchao package, and due to go.
+    # Deprecated since torch 2.10 in favour of the torchao package, and due to go.
+    quantize_dynamic = getattr(getattr(torch.ao, "quantization", None), "quantize_dynamic", None)
+    if precision == "int8" and quantize_dynamic is None:
         raise ValueError(
             f"--precision int8 needs torch.ao.quantization.quantize_dynamic, which torch "
             f"{torch.__version__} no longer has; use --precision fp32 or an earlier torch"
@@ -219,9 +220,7 @@ def prepare_model(model: Transformer, device: str, precision: str) -> Transforme
             warnings.simplefilter("ignore")
             model = copy.deepcopy(model)
             model.output_layer = output_layer
-            return torch.ao.quantization.quantize_dynamic(
-                model, {nn.Linear}, dtype=torch.qint8, inplace=True
-            )
+            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
     return model.to(PRECISIONS[precision])
 
 
