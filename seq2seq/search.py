@@ -176,6 +176,8 @@ def _rank(logits: Tensor, rules: _StepRules, n: int) -> tuple[Tensor, Tensor]:
     # a new (R, V) tensor of 32 MiB or more would pay glibc's page faults again (README).
     log_probs = torch.log_softmax(logits, dim=-1, out=logits)
     rules.apply(log_probs)
+    if n == 1:  # greedy: on a CPU max ran in about 60% of topk(1)'s time
+        return log_probs.max(dim=-1, keepdim=True)
     return log_probs.topk(min(n, log_probs.size(-1)), dim=-1)
 
 
