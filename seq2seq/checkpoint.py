@@ -145,7 +145,11 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
     file = resolve_checkpoint(path)
     ckpt = read_checkpoint(file)
     extra = ckpt[KEY]
-    cfg = ModelConfig(**_tuples(extra["model_config"]))
+    try:
+        cfg = ModelConfig(**_tuples(extra["model_config"]))
+        decode = DecodeConfig(**extra["decode"])
+    except (TypeError, ValueError) as err:  # unknown keys, or values this version refuses
+        raise CheckpointError(f"{file}: {err}") from None
     tokenizer = Tokenizer.from_state(extra["tokenizer"])
     if (tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) != (
         cfg.src_vocab_size,
@@ -162,7 +166,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> L
         first = str(err).splitlines()[0]
         raise CheckpointError(f"{file}: weights do not fit the model config ({first})") from None
     model.to(device).eval()
-    return LoadedModel(model, tokenizer, DecodeConfig(**extra["decode"]), file)
+    return LoadedModel(model, tokenizer, decode, file)
 
 
 def _tuples(d: dict) -> dict:

@@ -160,6 +160,19 @@ def test_nonsense_length_and_penalty_settings_are_one_clear_error(
     assert message in err
 
 
+def test_a_checkpoint_whose_saved_decoding_settings_are_refused_names_the_file(
+    tmp_path, checkpoint, capsys
+):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["seq2seq"]["decode"]["max_len_b"] = -5  # accepted by an older version
+    bad = tmp_path / "old.ckpt"
+    torch.save(ckpt, bad)
+    code, out = run_translate(tmp_path, bad, b"A dog.\n")
+    err = capsys.readouterr().err
+    assert code == 1 and out == [] and len(err.strip().splitlines()) == 1
+    assert "old.ckpt: decode.max_len_b=-5 must be >= 0" in err
+
+
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_reduced_precisions_translate_every_line(tmp_path, checkpoint, precision):
     code, out = run_translate(tmp_path, checkpoint, b"A dog.\nA cat.\n", "--precision", precision)
