@@ -34,6 +34,8 @@ FORMAT_VERSION = 1
 #: Best-k checkpoint files, as train.py's ModelCheckpoint names them:
 #: step{step:07d}-bleu{val_bleu:.2f}.ckpt
 _KEPT = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
+#: The last-N checkpoints (trainer.keep_last), whatever their BLEU: recent-step{step:07d}.ckpt
+_RECENT = re.compile(r"^recent-step(\d+)\.ckpt$")
 
 
 class CheckpointError(ValueError):
@@ -74,6 +76,16 @@ def ranked_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 def checkpoints_by_step(run_dir: str | os.PathLike) -> list[Path]:
     """The kept best-k checkpoints of a run, oldest step first."""
     return [p for _, _, p in sorted(kept_checkpoints(run_dir), key=lambda kept: kept[0])]
+
+
+def recent_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoints of the last validations (trainer.keep_last), oldest step first."""
+    found = []
+    for path in checkpoint_dir(run_dir).glob("recent-step*.ckpt"):
+        match = _RECENT.match(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

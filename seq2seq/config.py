@@ -248,8 +248,12 @@ class TrainerConfig:
     """Log training metrics every this many updates."""
     save_top_k: int = 5
     """Keep the best k checkpoints by validation BLEU (plus last.ckpt)."""
+    keep_last: int = 0
+    """Also keep the checkpoints of the last N validations (recent-stepNNNNNNN.ckpt), whatever
+    their BLEU: what `average_last` averages when set (fairseq's last-N averaging)."""
     average_last: int = 0
-    """At the end, average the last N kept checkpoints into averaged.ckpt (0: off)."""
+    """At the end, average the last N checkpoints by step into averaged.ckpt, which is then
+    scored: of the `keep_last` ones when kept, else of the best k (0: off)."""
     val_beam: int = 1
     """Beam for validation BLEU (1: greedy, fast); final scores use the `decode` section."""
     early_stopping_patience: int | None = None

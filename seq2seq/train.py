@@ -30,6 +30,7 @@ from seq2seq.checkpoint import (
     checkpoints_by_step,
     last_checkpoint,
     load_model,
+    recent_checkpoints,
     resolve_checkpoint,
 )
 from seq2seq.config import Recipe
@@ -188,8 +189,19 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         save_top_k=t.save_top_k,
         save_last=True,
     )
-    callbacks: list[Callback] = [
-        best,
+    callbacks: list[Callback] = [best]
+    if t.keep_last > 0:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir(run_dir),
+                filename="recent-step{step:07d}",
+                auto_insert_metric_name=False,
+                monitor="step",
+                mode="max",
+                save_top_k=t.keep_last,
+            )
+        )
+    callbacks += [
         CurvesCallback(run_dir),
         ValidateFinalUpdate(),
         FinalState(run_dir),
@@ -310,7 +322,8 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall:
     from seq2seq.translate import translate_texts
 
     if recipe.trainer.average_last > 1:
-        kept = checkpoints_by_step(run_dir)[-recipe.trainer.average_last :]
+        by_step = recent_checkpoints(run_dir) if recipe.trainer.keep_last else None
+        kept = (by_step or checkpoints_by_step(run_dir))[-recipe.trainer.average_last :]
         if len(kept) > 1:
             average_checkpoints(kept, checkpoint_dir(run_dir) / "averaged.ckpt")
     chosen = resolve_checkpoint(run_dir)

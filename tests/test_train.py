@@ -568,3 +568,23 @@ def test_overwrite_is_refused_when_a_launcher_started_all_ranks_together(
     with pytest.raises(RunDirError, match="started together"):
         train(tiny_recipe(multi30k_slice, run / "cache"), run, overwrite=True)
     assert (run / "results.json").exists()  # nothing was removed
+
+
+def test_keep_last_keeps_the_last_validations_and_average_last_averages_them(
+    multi30k_slice, tmp_path
+):
+    extra = ("--trainer.val_check_interval", "10", "--trainer.save_top_k", "1")
+    extra += ("--trainer.keep_last", "3", "--trainer.average_last", "3")
+    results = train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
+    folder = tmp_path / "run" / "checkpoints"
+    recent = sorted(path.name for path in folder.glob("recent-step*.ckpt"))
+    assert recent == ["recent-step0000040.ckpt", "recent-step0000050.ckpt", "recent-step0000060.ckpt"]
+    assert results["checkpoint"] == str(folder / "averaged.ckpt")
+    averaged = parameters(folder / "averaged.ckpt")
+    mean = {
+        name: sum(parameters(folder / n)[name].double() for n in recent) / 3
+        for name in averaged
+        if averaged[name].is_floating_point()
+    }
+    for name, value in mean.items():
+        torch.testing.assert_close(averaged[name].double(), value, rtol=1e-6, atol=1e-7)
