@@ -16,22 +16,21 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from seq2seq.checkpoint import (
-    KEY,
-    CheckpointError,
-    checkpoint_dir,
-    checkpoints_by_step,
-    read_checkpoint,
-)
+from seq2seq.checkpoint import KEY, CheckpointError, read_checkpoint
+from seq2seq.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
 
 def last_checkpoints(run_dir: str | os.PathLike, n: int | None) -> list[Path]:
-    """The last n kept checkpoints by step (all of them when n is None)."""
-    paths = checkpoints_by_step(run_dir)
+    """The last n checkpoints by step (all of them when n is None): of the last validations'
+    (recent-step*.ckpt, trainer.keep_last) when the run kept them, else of the best k."""
+    run = RunDir(run_dir)
+    paths = run.recent() or run.best_by_step()
     if not paths:
-        raise CheckpointError(f"{run_dir}: no step*-bleu*.ckpt in {checkpoint_dir(run_dir)}")
+        raise CheckpointError(
+            f"{run_dir}: no recent-step*.ckpt or step*-bleu*.ckpt in {run.checkpoints}"
+        )
     if n is not None and len(paths) < n:
         log.warning("%s: only %d checkpoints to average, not %d", run_dir, len(paths), n)
     return paths if n is None else paths[-n:]
@@ -97,7 +96,7 @@ def average_cli(args: argparse.Namespace) -> int:
         raise ValueError("give either checkpoint files or --run-dir (with --last N)")
     if args.run_dir:
         paths = last_checkpoints(args.run_dir, args.last)
-        output = args.output or checkpoint_dir(args.run_dir) / "averaged.ckpt"
+        output = args.output or RunDir(args.run_dir).averaged
     else:
         if args.output is None:
             raise ValueError("-o/--output is required when averaging checkpoint files")

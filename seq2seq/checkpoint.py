@@ -1,24 +1,16 @@
-"""Run-directory layout and loading a trained model for inference (no Lightning import).
-
-A run directory holds:
-    recipe.yaml                 the resolved recipe
-    tokenizer/                  the SentencePiece model(s)
-    checkpoints/stepNNNNNNN-bleuXX.XX.ckpt   best k by validation BLEU
-    checkpoints/last.ckpt       the latest state (resume point)
-    checkpoints/averaged.ckpt   average of the last N kept checkpoints (if the recipe asks)
-    logs/                       TensorBoard and CSV logs
-    curves.png, results.json
+"""Loading a trained model for inference (no Lightning import).
 
 Every checkpoint is self-contained: besides Lightning's state it carries, under the key
 "seq2seq", the model config, the tokenizer (serialized SentencePiece models), the decoding
-defaults and the resolved recipe, so a checkpoint alone translates raw text.
+defaults and the resolved recipe, so a checkpoint alone translates raw text. Where a run
+directory keeps its checkpoints is `seq2seq.rundir`'s business.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import re
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,66 +18,18 @@ import torch
 
 from seq2seq.config import DecodeConfig, ModelConfig
 from seq2seq.model import Transformer
+from seq2seq.rundir import RunDir
 
 KEY = "seq2seq"
-#: A run directory's lock file, held while its data is prepared (`TranslationDataModule`).
-PREPARE_LOCK = ".prepare.lock"
 FORMAT_VERSION = 1
-#: Best-k checkpoint files, as train.py's ModelCheckpoint names them:
-#: step{step:07d}-bleu{val_bleu:.2f}.ckpt
-_KEPT = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
-#: The last-N checkpoints (trainer.keep_last), whatever their BLEU: recent-step{step:07d}.ckpt
-_RECENT = re.compile(r"^recent-step(\d+)\.ckpt$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: one line naming the file and the problem."""
 
 
-def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def last_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    path = checkpoint_dir(run_dir) / "last.ckpt"
-    return path if path.is_file() else None
-
-
-def kept_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, float | None, Path]]:
-    """(step, validation BLEU, path) of every best-k checkpoint file of a run; BLEU is None
-    when the name carries no number."""
-    found = []
-    for path in checkpoint_dir(run_dir).glob("step*-bleu*.ckpt"):
-        match = _KEPT.match(path.name)
-        if match:
-            found.append((int(match.group(1)), _number(match.group(2)), path))
-    return found
-
-
-def _number(text: str) -> float | None:
-    """A plain decimal such as '35.75' (not 'nan' or 'inf': those rank nothing)."""
-    return float(text) if text.lstrip("-").replace(".", "", 1).isdigit() else None
-
-
-def ranked_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Best-k checkpoints, best validation BLEU first (ties: later step first)."""
-    scored = [(bleu, step, p) for step, bleu, p in kept_checkpoints(run_dir) if bleu is not None]
-    return [p for _, _, p in sorted(scored, reverse=True)]
-
-
-def checkpoints_by_step(run_dir: str | os.PathLike) -> list[Path]:
-    """The kept best-k checkpoints of a run, oldest step first."""
-    return [p for _, _, p in sorted(kept_checkpoints(run_dir), key=lambda kept: kept[0])]
-
-
-def recent_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoints of the last validations (trainer.keep_last), oldest step first."""
-    found = []
-    for path in checkpoint_dir(run_dir).glob("recent-step*.ckpt"):
-        match = _RECENT.match(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    return [p for _, p in sorted(found)]
+class UnsafeCheckpointError(CheckpointError):
+    """A file that would run code when unpickled: refused, never loaded."""
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -96,29 +40,52 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return path
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint file or run directory")
-    averaged = checkpoint_dir(path) / "averaged.ckpt"
-    candidates = [averaged] if averaged.is_file() else []
-    candidates += ranked_checkpoints(path) + [checkpoint_dir(path) / "last.ckpt"]
-    for candidate in candidates:
+    run = RunDir(path)
+    for candidate in [run.averaged, *run.ranked(), run.last]:
         if candidate.is_file():
             return candidate
-    raise CheckpointError(f"{path}: run directory has no checkpoints in {checkpoint_dir(path)}")
+    raise CheckpointError(f"{path}: run directory has no checkpoints in {run.checkpoints}")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    """torch.load with one-line errors for missing, truncated or foreign files."""
+    """A seq2seq checkpoint, loaded without running code: `torch.load(weights_only=True)`,
+    whose unpickler builds only tensors and plain containers. Our checkpoints need nothing
+    more (tested); a file that asks for any other global (a pickle payload, someone else's
+    classes) is refused with one line naming the file and what it asked for. Missing,
+    truncated and foreign files get one line too."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: refused: loading it would run code outside tensors and plain data "
+                f"(it asks for {', '.join(unsafe[:3])}); seq2seq never writes such a file"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
     except Exception as err:
         raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {err})"
+            f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)})"
         ) from None
     if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a seq2seq checkpoint (no '{KEY}' section)")
     return ckpt
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a pickle asks for beyond the weights-only set (read, never imported)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not even a zip/pickle torch can list
+        return []
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def inference_state(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def _add_model_choice(p: argparse.ArgumentParser) -> None:
@@ -54,15 +56,21 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(dump_recipe(recipe), end="")
         return 0
-    from seq2seq.train import train
+    from seq2seq.train import Interrupted, train
 
-    results = train(
-        recipe,
-        args.run_dir or _default_run_dir(args.recipe),
-        init_from=args.init_from,
-        recipe_path=args.recipe,
-        overwrite=args.overwrite,
-    )
+    run_dir = args.run_dir or _default_run_dir(args.recipe)
+    try:
+        results = train(
+            recipe,
+            run_dir,
+            init_from=args.init_from,
+            recipe_path=args.recipe,
+            overwrite=args.overwrite,
+        )
+    except Interrupted:
+        raise
+    except KeyboardInterrupt as err:  # before training began (data preparation)
+        raise Interrupted(Path(run_dir), terminated=isinstance(err, Terminated)) from err
     if results:  # DDP's other ranks return none: one JSON object on stdout
         print(json.dumps(results, indent=2))
     return 0
@@ -193,6 +201,17 @@ def use_attention_kernels() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that files being written are cleaned up and the
+    command ends with one line and exit 143 (128 + SIGTERM), as Ctrl-C ends with 130."""
+
+    exit_code = 143
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated("terminated")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for key, value in RUNTIME_ENV.items():
         os.environ.setdefault(key, value)
@@ -202,17 +221,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     use_attention_kernels()  # after parsing: --help need not import torch
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.handler(args, extra)
     except KeyboardInterrupt as err:
         print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
-        return 130
+        return getattr(err, "exit_code", 130)
     except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("SEQ2SEQ_DEBUG"):
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"seq2seq {args.command}: error: {message}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

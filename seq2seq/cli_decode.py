@@ -85,6 +85,12 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--metrics", nargs="+", default=["bleu", "chrf"], choices=["bleu", "chrf", "ter"]
     )
+    p.add_argument(
+        "--lowercase",
+        action="store_true",
+        help="case-insensitive scores (sacreBLEU's -lc; signature case:lc), as papers on "
+        "Multi30k report",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with -m")
     p.add_argument("--json", action="store_true", help="print scores and signatures as JSON")
     p.set_defaults(handler=handler)

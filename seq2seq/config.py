@@ -50,6 +50,13 @@ class ModelConfig:
     """Padding id (fixed by the tokenizer: pad 0, unk 1, bos 2, eos 3)."""
 
     def __post_init__(self) -> None:
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"model.{name}={value} must be in [0, 1)")
+        for name in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)} must be at least 1")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}"
@@ -174,6 +181,8 @@ class DataConfig:
     """Seed of the per-epoch batch shuffle."""
 
     def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"data.max_tokens={self.max_tokens} must be at least 1")
         if self.row_tokens is not None and self.row_tokens < 1:
             raise ValueError(f"data.row_tokens={self.row_tokens} must be positive (or null)")
 
@@ -248,6 +257,9 @@ class TrainerConfig:
     """Log training metrics every this many updates."""
     save_top_k: int = 5
     """Keep the best k checkpoints by validation BLEU (plus last.ckpt)."""
+    save_every_minutes: float | None = 10.0
+    """Also save last.ckpt after the first update this many minutes after the previous save,
+    so a kill loses at most that much training (None: save only at validations)."""
     keep_last: int = 0
     """Also keep the checkpoints of the last N validations (recent-stepNNNNNNN.ckpt), whatever
     their BLEU: what `average_last` averages when set (fairseq's last-N averaging)."""
@@ -264,6 +276,26 @@ class TrainerConfig:
     """Seed for weights, dropout and data order."""
     threads: int | None = None
     """CPU threads for torch (None: torch's default)."""
+
+    def __post_init__(self) -> None:
+        capped = self.max_time_minutes is not None or self.max_epochs is not None
+        if self.max_steps < 1 and not (self.max_steps == -1 and capped):
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps} must be at least 1 (-1, no step limit, "
+                "only with trainer.max_time_minutes or trainer.max_epochs)"
+            )
+        for name in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be at least 1")
+        for name in ("save_top_k", "keep_last", "average_last"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 0")
+        for name in ("max_time_minutes", "save_every_minutes", "gradient_clip_val"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"trainer.{name}={value} must be a positive number (or null)")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise ValueError(f"trainer.max_epochs={self.max_epochs} must be at least 1 (or null)")
 
 
 #: Beam search's stopping rules (DecodeConfig.stop): fairseq's and CTranslate2's.

@@ -50,6 +50,10 @@ def read_corpus(
         raise DataError(
             f"data.{name}: give exactly one of src+tgt, tsv or dataset (got {given or 'none'})"
         )
+    if corpus.max_pairs is not None and corpus.max_pairs < 1:
+        raise DataError(
+            f"data.{name}.max_pairs={corpus.max_pairs} leaves the {name} set empty (at least 1)"
+        )
     if corpus.dataset:
         return _read_dataset(corpus, cfg, Path(cache_dir), name)
     if corpus.tsv:
@@ -78,6 +82,11 @@ def read_corpus(
         if isinstance(e.__cause__, DataError):
             raise e.__cause__ from None
         raise
+    except ValueError as e:  # datasets: 'Instruction "train" corresponds to no data!'
+        if "corresponds to no data" not in str(e):
+            raise
+        files = " and ".join(str(p) for p in paths)
+        raise DataError(f"data.{name}: the {name} set is empty ({files} hold no pairs)") from None
 
 
 def _existing(root: str, path: str, key: str) -> Path:

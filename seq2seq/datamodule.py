@@ -26,11 +26,11 @@ from seq2seq.batching import (
     collate,
     eval_shard,
 )
-from seq2seq.checkpoint import PREPARE_LOCK
 from seq2seq.config import DataConfig
 from seq2seq.corpus import is_sgm
 from seq2seq.data import PreparedData, load_splits
 from seq2seq.download import ensure_downloaded
+from seq2seq.rundir import PREPARE_LOCK
 from seq2seq.tokenizer import Tokenizer
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,10 +25,26 @@ class LineCountError(ValueError):
 
 
 def read_text(path: str | Path) -> list[str]:
-    """Lines of a plain or .gz UTF-8 file, split on "\\n", trailing whitespace stripped."""
+    """Lines of a plain or .gz UTF-8 file, split on "\\n", trailing whitespace stripped.
+
+    Raises:
+        ValueError: invalid UTF-8 (naming the file and the 1-based line), or a .gz file
+            that is not gzip; FileNotFoundError naming the file.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8", newline="\n") as f:
-        return [line.rstrip() for line in f]
+    lines = []
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    lines.append(raw.decode("utf-8").rstrip())
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{path}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start})"
+                    ) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+    return lines
 
 
 def check_aligned(a: Sequence[str], a_name: str, b: Sequence[str], b_name: str) -> None:
@@ -38,10 +55,14 @@ def check_aligned(a: Sequence[str], a_name: str, b: Sequence[str], b_name: str) 
 
 
 def corpus_scores(
-    hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str]
+    hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str], lowercase: bool = False
 ) -> dict[str, tuple[Score, str]]:
-    """sacreBLEU's Score object and signature per metric name (bleu, chrf, ter)."""
+    """sacreBLEU's Score object and signature per metric name (bleu, chrf, ter); with
+    `lowercase`, sacreBLEU's case-insensitive variants (signature case:lc), as papers that
+    report lowercased BLEU score."""
     check_aligned(hyps, "the hypotheses", refs, "the references")
+    if not refs:
+        raise ValueError("nothing to score: the hypotheses and the references are empty")
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise ValueError(
@@ -49,21 +70,33 @@ def corpus_scores(
         )
     out = {}
     for name in metrics:
-        metric = METRICS[name]()
+        metric = _metric(name, lowercase)
         result = metric.corpus_score(list(hyps), [list(refs)])
         out[name] = (result, str(metric.get_signature()))
     return out
 
 
+def _metric(name: str, lowercase: bool) -> Metric:
+    if not lowercase:
+        return METRICS[name]()
+    return TER(case_sensitive=False) if name == "ter" else METRICS[name](lowercase=True)
+
+
 def score(
     hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str] = ("bleu", "chrf")
 ) -> dict[str, float | str]:
-    """Corpus scores of detokenized hypotheses against one reference each.
+    """Corpus scores of detokenized hypotheses against one reference each, with lowercased
+    BLEU beside the cased one (papers on Multi30k report lowercased BLEU).
 
     Returns:
-        {"bleu": 35.1, "bleu_signature": "nrefs:1|case:mixed|...", "chrf": ..., ...}
+        {"bleu": 35.1, "bleu_signature": "nrefs:1|case:mixed|...", "chrf": ..., ...,
+         "bleu_lc": 35.6, "bleu_lc_signature": "nrefs:1|case:lc|..."}
     """
-    return as_dict(corpus_scores(hyps, refs, metrics))
+    out = as_dict(corpus_scores(hyps, refs, metrics))
+    if "bleu" in metrics:
+        lowered = as_dict(corpus_scores(hyps, refs, ["bleu"], lowercase=True))
+        out["bleu_lc"], out["bleu_lc_signature"] = lowered["bleu"], lowered["bleu_signature"]
+    return out
 
 
 def as_dict(results: dict[str, tuple[Score, str]]) -> dict[str, float | str]:
@@ -76,16 +109,23 @@ def as_dict(results: dict[str, tuple[Score, str]]) -> dict[str, float | str]:
 
 
 def evaluate_files(
-    hyp: str | Path, ref: str | Path, metrics: Sequence[str]
+    hyp: str | Path, ref: str | Path, metrics: Sequence[str], lowercase: bool = False
 ) -> dict[str, tuple[Score, str]]:
     """Score a hypothesis file against a reference file; mismatched line counts name both."""
     hyps, refs = read_text(hyp), read_text(ref)
     check_aligned(hyps, str(hyp), refs, str(ref))
-    return corpus_scores(hyps, refs, metrics)
+    if not refs:
+        raise ValueError(f"{hyp} and {ref} are empty: nothing to score")
+    return corpus_scores(hyps, refs, metrics, lowercase)
 
 
 def translate_and_score(
-    model_path: str, src: str, ref: str, metrics: Sequence[str], device: str = "auto"
+    model_path: str,
+    src: str,
+    ref: str,
+    metrics: Sequence[str],
+    device: str = "auto",
+    lowercase: bool = False,
 ) -> dict[str, tuple[Score, str]]:
     """Translate `src` with the model's saved decoding defaults, then score against `ref`."""
     from seq2seq.checkpoint import load_model
@@ -96,7 +136,7 @@ def translate_and_score(
     loaded = load_model(model_path)
     model = prepare_model(loaded.model, device, "fp32")
     hyps = translate_texts(model, loaded.tokenizer, sources, loaded.decode)
-    return corpus_scores(hyps, refs, metrics)
+    return corpus_scores(hyps, refs, metrics, lowercase)
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
@@ -104,9 +144,11 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     if (args.hyp is None) == (args.model is None) or (args.model is None) != (args.src is None):
         raise ValueError("give either --hyp, or -m/--model with --src")
     if args.hyp is not None:
-        results = evaluate_files(args.hyp, args.ref, args.metrics)
+        results = evaluate_files(args.hyp, args.ref, args.metrics, args.lowercase)
     else:
-        results = translate_and_score(args.model, args.src, args.ref, args.metrics, args.device)
+        results = translate_and_score(
+            args.model, args.src, args.ref, args.metrics, args.device, args.lowercase
+        )
     if args.json:
         print(json.dumps(as_dict(results), indent=2))
     else:

@@ -6,20 +6,39 @@ import csv
 import os
 from pathlib import Path
 
+from seq2seq.rundir import RunDir
+
 
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series per metric from the run's CSV log (logs/metrics.csv)."""
-    path = Path(run_dir) / "logs" / "metrics.csv"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics logged yet (is {run_dir} a run directory?)")
+    """(step, value) series per metric from the run's CSV logs, joined across resumes: each
+    earlier attempt's rows count up to the step the next attempt resumed from (the later
+    ones were trained again), so a resumed run reads like an uninterrupted one."""
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
+        raise FileNotFoundError(
+            f"{run.metrics}: no metrics logged yet (is {run_dir} a run directory?)"
+        )
+    rows: list[tuple[int, str, float]] = []
+    for until, path in [*run.earlier_metrics(), (None, run.metrics)]:
+        rows += _rows(path)
+        if until is not None:
+            rows = [row for row in rows if row[0] <= until]
     series: dict[str, list[tuple[int, float]]] = {}
+    for step, key, value in rows:
+        series.setdefault(key, []).append((step, value))
+    return series
+
+
+def _rows(path: Path) -> list[tuple[int, str, float]]:
+    """(step, metric, value) of every value in one CSV log, in file order."""
+    found = []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             step = int(row.get("step") or 0)
             for key, value in row.items():
                 if key not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(key, []).append((step, float(value)))
-    return series
+                    found.append((step, key, float(value)))
+    return found
 
 
 def plot_run(run_dir: str | os.PathLike) -> Path:
@@ -45,7 +64,7 @@ def plot_run(run_dir: str | os.PathLike) -> Path:
         ax.grid(alpha=0.3)
     fig.suptitle(Path(run_dir).resolve().name)
     fig.tight_layout()
-    out = Path(run_dir) / "curves.png"
+    out = RunDir(run_dir).curves
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

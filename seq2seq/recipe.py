@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
@@ -34,6 +35,8 @@ def load_recipe(path: str | None, overrides: Sequence[str] = ()) -> Recipe:
 def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Recipe:
     """`config` is a recipe path or YAML text; errors are one line starting with `name`."""
     argv = (["--config", config] if config else []) + list(overrides)
+    if config:
+        _check_corpora(config, name)
     parser = recipe_parser()
     try:
         sections = parser.instantiate(parser.parse_args(argv))
@@ -41,6 +44,23 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
     except Exception as err:  # jsonargparse raises ArgumentError, dataclasses raise ValueError
         detail = " ".join(str(err).split())
         raise RecipeError(f"{name}: {detail}") from err
+
+
+def _check_corpora(config: str, name: str) -> None:
+    """Each of data.train/valid/test is one corpus (a mapping): say so plainly, where
+    jsonargparse would report an internal error about `**` and a mapping."""
+    try:
+        doc = yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
+    except (OSError, yaml.YAMLError):
+        return  # jsonargparse reports unreadable YAML with its position
+    data = doc.get("data") if isinstance(doc, dict) else None
+    for split in ("train", "valid", "test"):
+        value = data.get(split) if isinstance(data, dict) else None
+        if isinstance(value, list):
+            raise RecipeError(
+                f"{name}: data.{split} is a list; give one corpus (src and tgt files, a tsv, "
+                "or a dataset)"
+            )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,13 +23,13 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from seq2seq import rundir
+from seq2seq.atomic import write_atomically
 from seq2seq.checkpoint import (
-    PREPARE_LOCK,
-    checkpoint_dir,
-    checkpoints_by_step,
-    last_checkpoint,
+    CheckpointError,
+    UnsafeCheckpointError,
     load_model,
-    recent_checkpoints,
+    read_checkpoint,
     resolve_checkpoint,
 )
 from seq2seq.config import Recipe
@@ -38,9 +37,22 @@ from seq2seq.module import TranslationModule
 from seq2seq.optim import schedule_factor
 from seq2seq.progress import StepProgressBar
 from seq2seq.recipe import dump_recipe, recipe_to_dict
+from seq2seq.rundir import RunDir
 from seq2seq.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); the run resumes from its
+    last checkpoint when the same command runs again."""
+
+    def __init__(self, run_dir: Path, terminated: bool = False) -> None:
+        self.exit_code = 143 if terminated else 130
+        how = "terminated" if terminated else "interrupted"
+        super().__init__(
+            f"{how}: run the same command to resume {run_dir} from its last checkpoint"
+        )
 
 
 class RunDirError(ValueError):
@@ -88,38 +100,41 @@ class FinalState(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.last_saved_step != trainer.global_step:
-            trainer.save_checkpoint(checkpoint_dir(self.run_dir) / "last.ckpt")
+            trainer.save_checkpoint(RunDir(self.run_dir).last)
         if trainer.is_global_zero:
             state = {
                 "steps": trainer.global_step,
                 "train_tgt_tokens_per_s": pl_module.tokens_per_second(),
             }
-            (self.run_dir / "train_state.json").write_text(json.dumps(state) + "\n")
+            write_atomically(RunDir(self.run_dir).train_state, json.dumps(state) + "\n")
+
+
+class SaveEveryMinutes(Callback):
+    """Save last.ckpt at the first update boundary `minutes` after the previous save (of any
+    kind), so a kill loses at most that much work between validations. Rank 0's clock decides
+    for every rank (saving is collective). The CSV rows logged so far are flushed first, so
+    the log on disk always reaches the checkpoint's step."""
+
+    def __init__(self, run_dir: Path, minutes: float):
+        self.last, self.seconds = RunDir(run_dir).last, minutes * 60
+        self.saved_at, self.step = time.monotonic(), -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:  # inside an accumulation of batches
+            return
+        self.step = trainer.global_step
+        due = trainer.strategy.broadcast(time.monotonic() - self.saved_at >= self.seconds)
+        if due:
+            for logger in trainer.loggers:
+                logger.save()
+            trainer.save_checkpoint(self.last)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        self.saved_at = time.monotonic()
 
 
 #: The start of Lightning's warning on a mid-epoch resume (see `train`).
 MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
-
-#: What a run writes into its directory, and all that --overwrite removes (nothing else).
-RUN_FILES = (
-    "results.json",
-    "recipe.yaml",
-    "train_state.json",
-    "curves.png",
-    PREPARE_LOCK,
-    *(f"spm{part}.{ext}" for part in ("", ".src", ".tgt") for ext in ("model", "vocab")),
-)
-RUN_FOLDERS = ("checkpoints", "logs", "cache")
-
-
-def _clear_run_dir(run_dir: Path) -> None:
-    """Remove an earlier run's files (checkpoints, logs, tokenizer, caches, results) so the
-    run starts afresh, whatever the new recipe; other files in the folder are left alone."""
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for name in RUN_FOLDERS:
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-
 
 def _ranks_started_together() -> bool:
     """Whether an outside launcher (torchrun, SLURM's srun) started all ranks at once, rather
@@ -131,7 +146,8 @@ def _ranks_started_together() -> bool:
 
 def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
     """The checkpoint to resume from, or None for a fresh run. Refuses to clobber."""
-    results = run_dir / "results.json"
+    run = RunDir(run_dir)
+    results = run.results
     if results.exists() and not overwrite:
         raise RunDirError(
             f"{run_dir}: this run finished ({results} exists); pass --overwrite to train it "
@@ -147,9 +163,9 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
         # Lightning's own launcher runs this command again for the other ranks once rank 0
         # has prepared the run: they must not remove what it prepared.
         if rank_zero_only.rank == 0:
-            _clear_run_dir(run_dir)
+            run.clear()
         return None
-    saved = run_dir / "recipe.yaml"
+    saved = run.recipe
     if saved.exists():
         before = yaml.safe_load(saved.read_text())
         now = recipe_to_dict(recipe)
@@ -162,7 +178,38 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
                     f"{run_dir}: the recipe's '{section}' section differs from the one this run "
                     f"was started with ({saved}); resume with the same recipe or use another --run-dir"
                 )
-    return last_checkpoint(run_dir)
+    return _resume_point(run)
+
+
+def _resume_point(run: RunDir) -> Path | None:
+    """The checkpoint to resume from: last.ckpt, or, when it is truncated or corrupt (a full
+    disk, a kill while saving), the newest other checkpoint that loads, with one warning naming
+    both. None when the run has no checkpoint yet. A file that would run code is refused."""
+    others = sorted(run.recent() + run.best_by_step(), key=_step_of, reverse=True)
+    candidates = ([run.last] if run.last.is_file() else []) + others
+    broken: CheckpointError | None = None
+    for path in candidates:
+        try:
+            ckpt = read_checkpoint(path)
+        except UnsafeCheckpointError:
+            raise
+        except CheckpointError as err:
+            broken = broken or err
+            continue
+        if "loops" not in ckpt:  # e.g. an averaged checkpoint: weights only, no trainer state
+            continue
+        if broken is not None:
+            log.warning("%s; resuming from %s instead", broken, path)
+        return path
+    if broken is not None:
+        raise broken
+    return None
+
+
+def _step_of(path: Path) -> int:
+    """The step in a kept checkpoint's name (stepNNNNNNN-bleu... or recent-stepNNNNNNN)."""
+    digits = path.name.split("step", 1)[1][:7]
+    return int(digits) if digits.isdigit() else -1
 
 
 def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer, run_dir: Path) -> Recipe:
@@ -181,8 +228,8 @@ def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer, run_dir: Path) -> Rec
 def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     t = recipe.trainer
     best = ModelCheckpoint(
-        dirpath=checkpoint_dir(run_dir),
-        filename="step{step:07d}-bleu{val_bleu:.2f}",
+        dirpath=RunDir(run_dir).checkpoints,
+        filename=rundir.BEST_PATTERN,
         auto_insert_metric_name=False,
         monitor="val_bleu",
         mode="max",
@@ -193,8 +240,8 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     if t.keep_last > 0:
         callbacks.append(
             ModelCheckpoint(
-                dirpath=checkpoint_dir(run_dir),
-                filename="recent-step{step:07d}",
+                dirpath=RunDir(run_dir).checkpoints,
+                filename=rundir.RECENT_PATTERN,
                 auto_insert_metric_name=False,
                 monitor="step",
                 mode="max",
@@ -207,11 +254,13 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         FinalState(run_dir),
         StepProgressBar(),
     ]
+    if t.save_every_minutes is not None:
+        callbacks.append(SaveEveryMinutes(run_dir, t.save_every_minutes))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_bleu", mode="max", patience=t.early_stopping_patience))
     loggers = [
-        CSVLogger(run_dir, name="logs", version=""),
-        TensorBoardLogger(run_dir, name="logs", version="", default_hp_metric=False),
+        CSVLogger(run_dir, name=rundir.LOGS, version=""),
+        TensorBoardLogger(run_dir, name=rundir.LOGS, version="", default_hp_metric=False),
     ]
     return L.Trainer(
         default_root_dir=run_dir,
@@ -250,13 +299,15 @@ def train(
     run_dir = Path(run_dir)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
     resume = _check_run_dir(run_dir, recipe, overwrite)
+    init = load_model(init_from) if init_from and resume is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume is not None and rank_zero_only.rank == 0:
+        RunDir(run_dir).keep_metrics_for_resume(read_checkpoint(resume)["global_step"])
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     start = time.perf_counter()
 
-    init = load_model(init_from) if init_from and resume is None else None
     if init:
         recipe = _adopt_tokenizer(recipe, init.tokenizer, run_dir)
     datamodule = TranslationDataModule(recipe.data, run_dir)
@@ -275,9 +326,7 @@ def train(
     datamodule.check_positions(model_cfg.max_positions)
     recipe = dataclasses.replace(recipe, model=model_cfg)
     if rank_zero_only.rank == 0:  # atomically: ranks started together read it to compare
-        staged = run_dir / f".recipe.yaml.{os.getpid()}"
-        staged.write_text(dump_recipe(recipe))
-        staged.replace(run_dir / "recipe.yaml")
+        write_atomically(RunDir(run_dir).recipe, dump_recipe(recipe))
 
     module = TranslationModule(
         model_cfg,
@@ -299,16 +348,16 @@ def train(
             # unreliable; the data module restores the sampler's position itself (tested:
             # bit-identical parameters), so the warning would be a false alarm.
             warnings.filterwarnings("ignore", message=MID_EPOCH_RESUME_WARNING)
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except torch.OutOfMemoryError as err:
         raise RuntimeError(
             f"out of memory with data.max_tokens={recipe.data.max_tokens}; try a smaller "
             "--data.max_tokens (and raise --trainer.accumulate_grad_batches to keep the batch size)"
         ) from err
-    if trainer.interrupted:  # Ctrl-C: Lightning stopped cleanly; last.ckpt is the resume point
-        raise KeyboardInterrupt(
-            f"training interrupted; run the same command to resume from {run_dir}"
-        )
+    except (SystemExit, KeyboardInterrupt) as err:  # Lightning exits 1 after Ctrl-C; SIGTERM
+        raise Interrupted(run_dir, terminated=trainer.received_sigterm) from err
+    if trainer.interrupted:  # stopped cleanly by a signal; last.ckpt is the resume point
+        raise Interrupted(run_dir, terminated=trainer.received_sigterm)
     if not trainer.is_global_zero:
         return {}
     return _finish(recipe, run_dir, trainer, datamodule, time.perf_counter() - start)
@@ -322,13 +371,14 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall:
     from seq2seq.translate import translate_texts
 
     if recipe.trainer.average_last > 1:
-        by_step = recent_checkpoints(run_dir) if recipe.trainer.keep_last else None
-        kept = (by_step or checkpoints_by_step(run_dir))[-recipe.trainer.average_last :]
+        run = RunDir(run_dir)
+        by_step = run.recent() if recipe.trainer.keep_last else None
+        kept = (by_step or run.best_by_step())[-recipe.trainer.average_last :]
         if len(kept) > 1:
-            average_checkpoints(kept, checkpoint_dir(run_dir) / "averaged.ckpt")
+            average_checkpoints(kept, run.averaged)
     chosen = resolve_checkpoint(run_dir)
     loaded = load_model(chosen)
-    state = json.loads((run_dir / "train_state.json").read_text())
+    state = json.loads(RunDir(run_dir).train_state.read_text())
     results: dict = {
         "checkpoint": str(chosen),
         "steps": state["steps"],
@@ -348,5 +398,5 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall:
                 loaded.model, loaded.tokenizer, sources, dataclasses.replace(decode, nbest=1)
             )
             results[split + suffix] = score(hyps, refs, ["bleu", "chrf"])
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_atomically(RunDir(run_dir).results, json.dumps(results, indent=2) + "\n")
     return results

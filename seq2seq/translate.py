@@ -24,8 +24,10 @@ import copy
 import dataclasses
 import gzip
 import logging
+import os
 import sys
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from typing import BinaryIO
 import torch
 from torch import Tensor, nn
 
+from seq2seq.atomic import atomic_file
 from seq2seq.config import DecodeConfig
 from seq2seq.model import Transformer
 from seq2seq.search import EOS, PAD, Hypothesis, search
@@ -51,11 +54,27 @@ class InputError(ValueError):
 
 # --- Reading and writing lines ---------------------------------------------------------------
 def open_binary(path: str, mode: str, stack: ExitStack) -> BinaryIO:
-    """'-' is stdin/stdout; a name ending in .gz is gzip; else a plain file."""
+    """'-' is stdin/stdout; a name ending in .gz is gzip; else a plain file. A file opened for
+    writing is written under a temporary name and takes `path` only once complete (see
+    seq2seq.atomic): a failed or killed run leaves no file that looks finished, and an existing
+    `path` untouched."""
     if path == "-":
         return sys.stdin.buffer if "r" in mode else sys.stdout.buffer
-    opener = gzip.open if path.endswith(".gz") else open
-    return stack.enter_context(opener(path, mode))
+    if "r" in mode:
+        raw = stack.enter_context(open(path, mode))  # noqa: SIM115 (the stack closes it)
+    else:
+        raw = stack.enter_context(atomic_file(path, mode))
+    return stack.enter_context(gzip.open(raw, mode)) if path.endswith(".gz") else raw
+
+
+def check_not_same_file(input_path: str, output_path: str) -> None:
+    """Refuse to write the output over the input (the same path, a link, or a hard link)."""
+    if "-" in (input_path, output_path) or not os.path.exists(output_path):
+        return
+    if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
+        raise ValueError(
+            f"-o {output_path} is the input file {input_path}; write the translation elsewhere"
+        )
 
 
 def read_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> Iterator[str]:
@@ -64,15 +83,20 @@ def read_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> It
     Raises:
         InputError: invalid UTF-8 with errors="strict", naming `name` and the 1-based line.
     """
-    for lineno, raw in enumerate(stream, start=1):
-        raw = raw.rstrip(b"\n").rstrip(b"\r")
-        try:
-            yield raw.decode("utf-8", errors=errors)
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"{name}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start}); "
-                "use --errors replace to substitute U+FFFD"
-            ) from None
+    lineno = 0
+    try:
+        for lineno, raw in enumerate(stream, start=1):
+            raw = raw.rstrip(b"\n").rstrip(b"\r")
+            try:
+                yield raw.decode("utf-8", errors=errors)
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{name}:{lineno}: invalid UTF-8 ({err.reason} at byte {err.start}); "
+                    "use --errors replace to substitute U+FFFD"
+                ) from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        where = f"{name}:{lineno + 1}" if lineno else name
+        raise InputError(f"{where}: not a readable gzip file ({err})") from None
 
 
 def chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -224,6 +248,17 @@ def prepare_model(model: Transformer, device: str, precision: str) -> Transforme
     return model.to(PRECISIONS[precision])
 
 
+def check_lengths(cfg: DecodeConfig, max_positions: int) -> None:
+    """Refuse a minimum length no output can reach: the model writes at most max_positions - 1
+    tokens before EOS. (A line whose a * |x| + b is below min_len gets min_len as its
+    maximum: see search.max_output_lengths.)"""
+    if cfg.min_len > max_positions - 1:
+        raise ValueError(
+            f"--min-len {cfg.min_len} exceeds the longest output this model can write "
+            f"({max_positions - 1} tokens: max_positions={max_positions})"
+        )
+
+
 def decode_settings(saved: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
     """The checkpoint's decoding defaults, with the options given on the command line."""
     given = {
@@ -266,8 +301,10 @@ def translate_cli(args: argparse.Namespace) -> int:
     from seq2seq.checkpoint import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    check_not_same_file(args.input, args.output)
     loaded = load_model(args.model)
     cfg = decode_settings(loaded.decode, args)
+    check_lengths(cfg, loaded.model.cfg.max_positions)
     model = prepare_model(loaded.model, args.device, args.precision)
     name = "<stdin>" if args.input == "-" else args.input
     log.info("%s: beam %d, nbest %d, lenpen %g", loaded.path, cfg.beam, cfg.nbest, cfg.lenpen)

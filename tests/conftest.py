@@ -12,6 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seq2seq.checkpoint import inference_state  # noqa: E402
+from seq2seq.config import DecodeConfig, TokenizerConfig, preset  # noqa: E402
+from seq2seq.model import Transformer  # noqa: E402
+from seq2seq.tokenizer import Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 if not MULTI30K.is_dir():
@@ -80,3 +86,35 @@ def accelerator_packing(monkeypatch: pytest.MonkeyPatch) -> None:
         return None if index is None else find_or_take(real, index)
 
     monkeypatch.setattr(Packing, "of", classmethod(host_positions_only))
+
+
+#: The tiny checkpoint's position table: short, so over-long lines are easy to make.
+MAX_POSITIONS = 48
+
+
+@pytest.fixture(scope="session")
+def checkpoint(multi30k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Transformer with a SentencePiece model trained on 300 Multi30k pairs."""
+    out = tmp_path_factory.mktemp("tiny-model")
+    en = read_gz_lines(multi30k_dir / "train.en.gz", 300)
+    de = read_gz_lines(multi30k_dir / "train.de.gz", 300)
+    tok = Tokenizer.train(en, de, TokenizerConfig(vocab_size=250), out / "tokenizer")
+    cfg = preset(
+        "tiny",
+        src_vocab_size=tok.src_vocab_size,
+        tgt_vocab_size=tok.tgt_vocab_size,
+        max_positions=MAX_POSITIONS,
+        dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
+    path = out / "tiny.ckpt"
+    torch.save(
+        {
+            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
+            "seq2seq": inference_state(cfg, tok.to_state(), decode, {}),
+        },
+        path,
+    )
+    return path

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq.average import average_checkpoints, checkpoints_by_step
+from seq2seq.average import average_checkpoints
 from seq2seq.checkpoint import CheckpointError, inference_state, model_weights, read_checkpoint
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
 from seq2seq.model import Transformer
+from seq2seq.rundir import RunDir
 
 CFG = preset("tiny", src_vocab_size=40, tgt_vocab_size=40)
 
@@ -80,7 +81,7 @@ def test_cli_averages_the_last_n_of_a_run_directory_by_step(tmp_path, capsys):
     # BLEU order and step order differ: --last picks by step.
     for step, bleu, seed in [(900, 20.5, 1), (1000, 30.1, 2), (1100, 25.0, 3), (1200, 22.0, 4)]:
         save_checkpoint(ckpts / f"step{step:07d}-bleu{bleu:.2f}.ckpt", seed=seed)
-    assert [p.name[:11] for p in checkpoints_by_step(tmp_path / "run")] == [
+    assert [p.name[:11] for p in RunDir(tmp_path / "run").best_by_step()] == [
         "step0000900",
         "step0001000",
         "step0001100",

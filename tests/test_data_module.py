@@ -192,8 +192,8 @@ def test_ranks_started_together_prepare_the_data_one_at_a_time(
 
     from filelock import FileLock
 
-    from seq2seq.checkpoint import PREPARE_LOCK
     from seq2seq.data import load_splits
+    from seq2seq.rundir import PREPARE_LOCK
 
     run = tmp_path / "run"
     run.mkdir()

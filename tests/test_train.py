@@ -196,6 +196,20 @@ def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
     assert read_checkpoint(resumed / "checkpoints" / "last.ckpt")["global_step"] == 40
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert_same_history(straight, resumed)
+
+
+def assert_same_history(straight: Path, resumed: Path) -> None:
+    """The resumed run's joined logs hold the uninterrupted run's history: the same steps
+    for every metric, and the same values for those that do not measure time."""
+    from seq2seq.plot import read_metrics
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert [step for step, _ in b[key]] == [step for step, _ in a[key]], key
+    for key in ("val_bleu", "val_loss", "lr"):
+        assert b[key] == a[key], key
 
 
 def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_slice, tmp_path):
@@ -495,8 +509,6 @@ def test_overwrite_starts_afresh_even_with_another_vocabulary(multi30k_slice, tm
         run,
         overwrite=True,
     )
-    mine = run / "notes.txt"
-    mine.write_text("not the run's")
     recipe = tiny_recipe(
         multi30k_slice,
         run / "cache",
@@ -508,13 +520,18 @@ def test_overwrite_starts_afresh_even_with_another_vocabulary(multi30k_slice, tm
     )
     with pytest.raises(RunDirError, match="finished"):
         train(recipe, run)
+    mine = run / "notes.txt"
+    mine.write_text("not the run's")
+    with pytest.raises(ValueError, match="notes.txt"):  # a file no run writes: refused
+        train(recipe, run, overwrite=True)
+    assert mine.read_text() == "not the run's" and (run / "results.json").exists()
+    mine.unlink()
     assert train(recipe, run, overwrite=True)["steps"] == 4
     assert Tokenizer.load(run).src_vocab_size == 300  # not the first run's 400 pieces
     steps = [int(p.name[4:11]) for p in (run / "checkpoints").glob("step*.ckpt")]
     assert steps and max(steps) == 4  # the first run's step-6 checkpoint is gone
     with open(run / "logs" / "metrics.csv") as f:
         assert max(int(row["step"]) for row in csv.DictReader(f)) <= 4
-    assert mine.read_text() == "not the run's"  # only the run's own files are removed
 
 
 @pytest.mark.slow

@@ -10,14 +10,11 @@ import pytest
 import torch
 
 import seq2seq.translate as translate
-from seq2seq.checkpoint import inference_state, load_model
+from seq2seq.checkpoint import load_model
 from seq2seq.cli import main
-from seq2seq.config import DecodeConfig, TokenizerConfig, preset
-from seq2seq.model import Transformer
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.config import DecodeConfig
 
 MULTI30K = Path("/work/shared/data/multi30k")
-MAX_POSITIONS = 48
 
 
 def read_gz(path: Path, n: int) -> list[str]:
@@ -30,35 +27,6 @@ def sentences() -> list[str]:
     if not MULTI30K.is_dir():
         pytest.skip(f"Multi30k not found at {MULTI30K}")
     return read_gz(MULTI30K / "test_2016_flickr.en.gz", 12)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A tiny random Transformer with a SentencePiece model trained on 300 Multi30k pairs."""
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    out = tmp_path_factory.mktemp("tiny-model")
-    en, de = read_gz(MULTI30K / "train.en.gz", 300), read_gz(MULTI30K / "train.de.gz", 300)
-    tok = Tokenizer.train(en, de, TokenizerConfig(vocab_size=250), out / "tokenizer")
-    cfg = preset(
-        "tiny",
-        src_vocab_size=tok.src_vocab_size,
-        tgt_vocab_size=tok.tgt_vocab_size,
-        max_positions=MAX_POSITIONS,
-        dropout=0.0,
-    )
-    torch.manual_seed(0)
-    model = Transformer(cfg)
-    decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
-    path = out / "tiny.ckpt"
-    torch.save(
-        {
-            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-            "seq2seq": inference_state(cfg, tok.to_state(), decode, {}),
-        },
-        path,
-    )
-    return path
 
 
 def run_translate(tmp_path: Path, ckpt: Path, data: bytes, *options: str) -> tuple[int, list[str]]:

@@ -1,0 +1,226 @@
+"""Every file name inside a run directory, in one place.
+
+A run directory holds:
+    recipe.yaml                 the resolved recipe
+    spm.model / spm.vocab       the SentencePiece model (spm.src.* + spm.tgt.* when not joint)
+    checkpoints/stepNNNNNNN-bleuXX.XX.ckpt   best k by validation BLEU
+    checkpoints/recent-stepNNNNNNN.ckpt      the last N validations' (trainer.keep_last)
+    checkpoints/last.ckpt       the latest state (resume point)
+    checkpoints/averaged.ckpt   the average of the last N checkpoints (trainer.average_last)
+    logs/                       TensorBoard events, metrics.csv (and metrics-K-untilNNNNNNN.csv,
+                                attempt K's rows of a run resumed at step N), hparams.yaml
+    cache/                      Arrow caches of the read, tokenized and cleaned splits
+    train_state.json, curves.png, results.json, .prepare.lock
+
+`seq2seq train --overwrite` removes exactly these, and refuses a folder that holds anything
+else, so it never deletes what a run did not write.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+RECIPE = "recipe.yaml"
+RESULTS = "results.json"
+TRAIN_STATE = "train_state.json"
+CURVES = "curves.png"
+#: Held while a run's data is prepared (ranks started together take turns).
+PREPARE_LOCK = ".prepare.lock"
+CHECKPOINTS = "checkpoints"
+LOGS = "logs"
+CACHE = "cache"
+LAST = "last.ckpt"
+AVERAGED = "averaged.ckpt"
+METRICS = "metrics.csv"
+#: ModelCheckpoint's file name patterns (Lightning fills in the fields).
+BEST_PATTERN = "step{step:07d}-bleu{val_bleu:.2f}"
+RECENT_PATTERN = "recent-step{step:07d}"
+
+_BEST = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
+_RECENT = re.compile(r"^recent-step(\d+)\.ckpt$")
+_EARLIER_METRICS = re.compile(r"^metrics-(\d+)-until(\d+)\.csv$")
+
+#: What a run writes, folder by folder (glob patterns); a name ending in "/" is a folder
+#: whose whole content belongs to the library that writes it.
+_WRITTEN: dict[str, tuple[str, ...]] = {
+    "": (
+        RECIPE,
+        RESULTS,
+        TRAIN_STATE,
+        ".*.tmp",  # seq2seq.atomic's staged files
+        CURVES,
+        PREPARE_LOCK,
+        "spm.model",
+        "spm.vocab",
+        "spm.src.model",
+        "spm.src.vocab",
+        "spm.tgt.model",
+        "spm.tgt.vocab",
+        ".spm-*/",
+        CHECKPOINTS + "/",
+        LOGS + "/",
+        CACHE + "/",
+    ),
+    CHECKPOINTS: ("*.ckpt", ".*.tmp"),
+    LOGS: (METRICS, "metrics-*-until*.csv", "hparams.yaml", "events.out.tfevents.*"),
+    CACHE: (
+        "tok-*.arrow",
+        "clean-*.arrow",
+        "read-*.arrow",
+        "cache-*.arrow",
+        "tmp*",
+        "*.lock",
+        "read/",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory."""
+
+    path: Path
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def recipe(self) -> Path:
+        return self.path / RECIPE
+
+    @property
+    def results(self) -> Path:
+        return self.path / RESULTS
+
+    @property
+    def train_state(self) -> Path:
+        return self.path / TRAIN_STATE
+
+    @property
+    def curves(self) -> Path:
+        return self.path / CURVES
+
+    @property
+    def prepare_lock(self) -> Path:
+        return self.path / PREPARE_LOCK
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def averaged(self) -> Path:
+        return self.checkpoints / AVERAGED
+
+    @property
+    def logs(self) -> Path:
+        return self.path / LOGS
+
+    @property
+    def metrics(self) -> Path:
+        return self.logs / METRICS
+
+    @property
+    def cache(self) -> Path:
+        return self.path / CACHE
+
+    # ---- checkpoints ---------------------------------------------------------------------
+
+    def best(self) -> list[tuple[int, float | None, Path]]:
+        """(step, validation BLEU, path) of every best-k checkpoint; BLEU is None when the
+        name carries no number."""
+        found = []
+        for path in self.checkpoints.glob("step*-bleu*.ckpt"):
+            match = _BEST.match(path.name)
+            if match:
+                found.append((int(match.group(1)), _number(match.group(2)), path))
+        return found
+
+    def ranked(self) -> list[Path]:
+        """Best-k checkpoints, best validation BLEU first (ties: later step first)."""
+        scored = [(bleu, step, p) for step, bleu, p in self.best() if bleu is not None]
+        return [p for _, _, p in sorted(scored, reverse=True)]
+
+    def best_by_step(self) -> list[Path]:
+        """The best-k checkpoints, oldest step first."""
+        return [p for _, _, p in sorted(self.best(), key=lambda kept: kept[0])]
+
+    def recent(self) -> list[Path]:
+        """The checkpoints of the last validations (trainer.keep_last), oldest step first."""
+        found = []
+        for path in self.checkpoints.glob("recent-step*.ckpt"):
+            match = _RECENT.match(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return [p for _, p in sorted(found)]
+
+    # ---- logs across resumes -------------------------------------------------------------
+
+    def earlier_metrics(self) -> list[tuple[int, Path]]:
+        """(resume step, file) of the CSV logs of a resumed run's earlier attempts, oldest
+        first: attempt K's rows, of which those after the step the next attempt resumed
+        from were trained again (see `plot.read_metrics`)."""
+        found = []
+        for path in self.logs.glob("metrics-*-until*.csv"):
+            match = _EARLIER_METRICS.match(path.name)
+            if match:
+                found.append((int(match.group(1)), int(match.group(2)), path))
+        return [(until, path) for _, until, path in sorted(found)]
+
+    def keep_metrics_for_resume(self, step: int) -> None:
+        """Before a resume from `step`: set the current metrics.csv aside as
+        metrics-K-until{step}.csv (Lightning's CSV logger would delete it)."""
+        if self.metrics.is_file():
+            attempt = len(self.earlier_metrics()) + 1
+            self.metrics.replace(self.logs / f"metrics-{attempt:03d}-until{step:07d}.csv")
+
+    # ---- ownership -----------------------------------------------------------------------
+
+    def foreign(self) -> list[str]:
+        """Entries a run does not write (relative paths, sorted): `clear` leaves them and
+        `--overwrite` refuses while there are any."""
+        found: list[str] = []
+        for folder, patterns in _WRITTEN.items():
+            here = self.path / folder
+            if not here.is_dir():
+                continue
+            for entry in sorted(here.iterdir()):
+                name = entry.name + ("/" if entry.is_dir() else "")
+                if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+                    found.append(os.path.join(folder, name))
+        return sorted(found)
+
+    def clear(self) -> None:
+        """Remove an earlier run's files, exactly those a run writes. Refuses (ValueError)
+        when the folder holds anything else, naming it."""
+        foreign = self.foreign()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise ValueError(
+                f"{self.path}: --overwrite removes only what a run writes, and this folder also "
+                f"holds {shown}; move those away or choose another --run-dir"
+            )
+        for folder in (CHECKPOINTS, LOGS, CACHE):
+            if (self.path / folder).is_dir():
+                shutil.rmtree(self.path / folder)
+        for entry in self.path.iterdir() if self.path.is_dir() else ():
+            if entry.is_dir():
+                shutil.rmtree(entry)  # .spm-* (foreign() let only run folders through)
+            else:
+                entry.unlink()
+
+
+def _number(text: str) -> float | None:
+    """A plain decimal such as '35.75' (not 'nan' or 'inf': those rank nothing)."""
+    return float(text) if text.lstrip("-").replace(".", "", 1).isdigit() else None

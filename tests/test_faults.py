@@ -1,0 +1,205 @@
+"""Trust and faults: a checkpoint never runs code, no command destroys a user's file, and
+impossible settings are one clear line."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq.checkpoint import read_checkpoint
+from seq2seq.cli import main
+
+RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
+
+
+class Payload:
+    """Unpickling this object would create the file `marker`: code run by loading."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def poisoned_copy(checkpoint: Path, out: Path) -> tuple[Path, Path]:
+    """`checkpoint` with a pickle payload added; the file its payload would create."""
+    marker = out.parent / f"{out.stem}.pwned"
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["payload"] = Payload(marker)
+    torch.save(ckpt, out)
+    return out, marker
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("command", ["translate", "evaluate", "average", "init-from"])
+def test_a_checkpoint_with_a_pickle_payload_is_refused_by_every_command_and_runs_nothing(
+    checkpoint, tmp_path, capsys, command
+):
+    bad, marker = poisoned_copy(checkpoint, tmp_path / "shared.ckpt")
+    src = tmp_path / "in.en"
+    src.write_text("A dog runs.\n")
+    out = tmp_path / "out"
+    argv = {
+        "translate": ["translate", "-m", str(bad), "-i", str(src), "-o", str(out)],
+        "evaluate": ["evaluate", "-m", str(bad), "--src", str(src), "--ref", str(src)],
+        "average": ["average", str(bad), str(checkpoint), "-o", str(out)],
+        "init-from": ["train", RECIPE, "--init-from", str(bad), "--run-dir", str(out)],
+    }[command]
+    assert main(argv) == 1
+    err = one_line_error(capsys)
+    assert str(bad) in err and "refused" in err
+    assert not marker.exists() and not out.exists()
+
+
+def test_our_own_checkpoints_need_nothing_beyond_the_weights_only_loader(checkpoint):
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(checkpoint) == []
+    assert "state_dict" in read_checkpoint(checkpoint)
+
+
+def test_output_over_the_input_or_a_hard_link_to_it_is_refused_before_anything_is_written(
+    checkpoint, tmp_path, capsys
+):
+    src = tmp_path / "in.txt"
+    src.write_text("A dog runs.\nTwo cats.\n")
+    os.link(src, tmp_path / "link.txt")
+    for out in (src, tmp_path / "link.txt"):
+        assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out)]) == 1
+        assert "is the input file" in one_line_error(capsys)
+        assert src.read_text() == "A dog runs.\nTwo cats.\n"
+
+
+def test_an_existing_output_is_kept_whole_when_the_input_fails(checkpoint, tmp_path, capsys):
+    garbage, out = tmp_path / "garbage.gz", tmp_path / "out.txt"
+    garbage.write_bytes(b"not gzip at all\n")
+    out.write_text("yesterday's translation\n")
+    assert main(["translate", "-m", str(checkpoint), "-i", str(garbage), "-o", str(out)]) == 1
+    assert "garbage.gz" in one_line_error(capsys)
+    assert out.read_text() == "yesterday's translation\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.gz", "out.txt"]
+
+
+def test_a_translation_stopped_midway_leaves_no_output_file(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    import seq2seq.translate as translate
+
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("A dog.\n" * 5)
+    monkeypatch.setattr(translate, "CHUNK_LINES", 2)
+    real = translate.translate_ids
+    calls = []
+
+    def interrupted_after_one_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(translate, "translate_ids", interrupted_after_one_chunk)
+    assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out)]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_a_gzip_output_is_complete_and_readable(checkpoint, tmp_path):
+    src, out = tmp_path / "in.txt", tmp_path / "out.gz"
+    src.write_text("A dog runs.\n\nTwo cats.\n")
+    assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out)]) == 0
+    with gzip.open(out, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    assert len(lines) == 4 and lines[1] == "" and lines[3] == ""
+
+
+def test_a_minimum_length_no_output_can_reach_is_refused(checkpoint, tmp_path, capsys):
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("A dog runs.\n")
+    code = main(
+        ["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out), "--min-len", "500"]
+    )
+    assert code == 1
+    assert "--min-len 500" in one_line_error(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        (("--model.dropout", "1.5"), "model.dropout=1.5"),
+        (("--model.attention_dropout", "-0.1"), "model.attention_dropout=-0.1"),
+        (("--data.max_tokens", "0"), "data.max_tokens=0"),
+        (("--trainer.max_steps", "0"), "trainer.max_steps=0"),
+        (("--trainer.max_steps", "-1", "--trainer.max_time_minutes", "null"), "max_steps=-1"),
+        (("--trainer.val_check_interval", "0"), "trainer.val_check_interval=0"),
+        (("--trainer.save_every_minutes", "0"), "trainer.save_every_minutes=0"),
+    ],
+)
+def test_impossible_training_settings_are_one_line_naming_the_key(
+    tmp_path, capsys, override, named
+):
+    code = main(["train", RECIPE, *override, "--run-dir", str(tmp_path / "run")])
+    assert code == 1
+    err = one_line_error(capsys)
+    assert named in err and "multi30k_en_de.yaml" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_whose_training_corpus_is_a_list_is_one_clear_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data:\n  train:\n    - src: a.en\n      tgt: a.de\n")
+    assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run")]) == 1
+    err = one_line_error(capsys)
+    assert "r.yaml" in err and "data.train is a list" in err
+
+
+def test_an_empty_training_set_is_named(multi30k_slice, tmp_path, capsys):
+    overrides = ["--data.root", str(multi30k_slice), "--data.download", "null"]
+    code = main(
+        ["train", RECIPE, *overrides, "--data.train.max_pairs", "0", "--run-dir", str(tmp_path)]
+    )
+    assert code == 1
+    assert "data.train.max_pairs=0 leaves the train set empty" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(b"ok\n\xff\xfe\n", "hyp.txt:2: invalid UTF-8"), (b"junk", "not a readable gzip file")],
+)
+def test_evaluate_names_the_file_and_line_it_cannot_read(tmp_path, capsys, content, message):
+    name = "hyp.txt" if b"ok" in content else "hyp.gz"
+    hyp, ref = tmp_path / name, tmp_path / "ref.txt"
+    hyp.write_bytes(content)
+    ref.write_text("a\nb\n")
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref)]) == 1
+    err = one_line_error(capsys)
+    assert message in err and name in err
+
+
+def test_evaluate_on_two_empty_files_says_there_is_nothing_to_score(tmp_path, capsys):
+    (tmp_path / "h").write_text("")
+    (tmp_path / "r").write_text("")
+    assert main(["evaluate", "--hyp", str(tmp_path / "h"), "--ref", str(tmp_path / "r")]) == 1
+    assert "nothing to score" in one_line_error(capsys)
+
+
+def test_evaluate_lowercase_is_sacrebleus_case_insensitive_bleu(tmp_path, capsys):
+    import sacrebleu
+
+    hyp, ref = tmp_path / "h", tmp_path / "r"
+    hyp.write_text("Ein Hund läuft.\nZwei Katzen schlafen.\n")
+    ref.write_text("ein hund läuft.\nZwei katzen schlafen.\n")
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--lowercase", "--json"]) == 0
+    import json
+
+    scores = json.loads(capsys.readouterr().out)
+    hyps, refs = hyp.read_text().split("\n")[:2], ref.read_text().split("\n")[:2]
+    expected = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True)
+    assert scores["bleu"] == pytest.approx(expected.score) == pytest.approx(100.0)
+    assert "case:lc" in scores["bleu_signature"]

@@ -1,0 +1,129 @@
+"""The README's quickstart, run as written on a Multi30k slice, so the README cannot drift.
+
+Every fenced block right after a `<!-- quickstart -->` comment in README.md is read line by
+line; each `seq2seq ...` command runs through `seq2seq.cli.main` in a scratch folder. Only the
+training is shrunk (tiny model, a few updates, the slice as `--data.root`); translate and
+evaluate run exactly as written, on files made here under the names the README gives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from seq2seq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+MARKER = "<!-- quickstart -->"
+#: sacreBLEU's formatted score: "BLEU|nrefs:1|case:mixed|...|version:2.6.0 = 12.34 ..."
+BLEU_LINE = re.compile(r"^BLEU\|nrefs:1\|case:(mixed|lc)\|.*\|version:[\w.]+ = \d+\.\d+ ", re.M)
+#: Test lines translated (the slice's test set has 200).
+LINES = 20
+
+
+def quickstart_commands(text: str) -> list[list[str]]:
+    """The argv (without the leading `seq2seq`) of every command in the marked blocks."""
+    commands = []
+    blocks = text.split(MARKER)[1:]
+    assert blocks, f"README.md has no {MARKER} block"
+    for block in blocks:
+        fence = re.match(r"\s*```[a-z]*\n(.*?)\n```", block, re.S)
+        assert fence, f"{MARKER} must come just before a fenced code block"
+        for line in fence.group(1).splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                assert argv[0] == "seq2seq", f"not a seq2seq command: {line!r}"
+                commands.append(argv[1:])
+    return commands
+
+
+def tiny_training(data_root: Path) -> list[str]:
+    """Overrides that shrink the recipe to seconds (as tests/test_train.py's tiny_overrides)."""
+    return [
+        *("--data.root", str(data_root), "--data.download", "null"),
+        *("--data.train.max_pairs", "1000", "--data.valid.max_pairs", "40"),
+        *("--data.test.max_pairs", "20"),
+        *("--data.tokenizer.vocab_size", "400", "--data.max_tokens", "1200"),
+        *("--model.d_model", "32", "--model.n_heads", "4", "--model.d_ff", "64"),
+        *("--model.n_encoder_layers", "1", "--model.n_decoder_layers", "1"),
+        *("--optim.lr", "0.005", "--optim.warmup_steps", "10"),
+        *("--trainer.max_steps", "20", "--trainer.max_time_minutes", "null"),
+        *("--trainer.val_check_interval", "10", "--trainer.log_every_n_steps", "5"),
+        *("--trainer.save_top_k", "2", "--trainer.average_last", "0", "--trainer.threads", "1"),
+        *("--decode.beam", "2", "--decode.max_len_a", "1.0", "--decode.max_len_b", "5"),
+    ]
+
+
+def option(argv: list[str], *names: str) -> str:
+    """The value after the first of `names` in argv."""
+    for i, token in enumerate(argv[:-1]):
+        if token in names:
+            return argv[i + 1]
+    raise AssertionError(f"no {'/'.join(names)} in `seq2seq {shlex.join(argv)}`")
+
+
+def read_gz(path: Path, n: int) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read().split("\n")[:n]
+
+
+def test_readme_quickstart_runs(multi30k_slice, tmp_path, monkeypatch, capsys):
+    commands = quickstart_commands(README.read_text(encoding="utf-8"))
+    names = [argv[0] for argv in commands]
+    assert names[0] == "train" and {"translate", "evaluate"} <= set(names), names
+    monkeypatch.chdir(tmp_path)  # the README's relative paths (runs/..., in.en) land here
+    sources = read_gz(multi30k_slice / "test_2016_flickr.en.gz", LINES)
+    references = read_gz(multi30k_slice / "test_2016_flickr.de.gz", LINES)
+    run_dir = None
+    for argv in commands:
+        if argv[0] == "train":
+            recipe = Path(argv[1])
+            assert (REPO / recipe).is_file(), f"the README's recipe {recipe} does not exist"
+            argv = ["train", str(REPO / recipe), *argv[2:], *tiny_training(multi30k_slice)]
+            run_dir = tmp_path / "runs" / recipe.stem  # the default --run-dir
+        elif argv[0] == "translate":
+            assert Path(option(argv, "-m", "--model")) == Path("runs", recipe.stem), (
+                "translate's -m is not where the train command above writes"
+            )
+            Path(option(argv, "-i", "--input")).write_text("\n".join(sources) + "\n")
+        elif argv[0] == "evaluate":
+            Path(option(argv, "--ref")).write_text("\n".join(references) + "\n")
+        capsys.readouterr()
+        assert main(argv) == 0, f"`seq2seq {shlex.join(argv)}` failed"
+        out = capsys.readouterr().out
+        if argv[0] == "train":
+            results = json.loads((run_dir / "results.json").read_text())
+            assert {"bleu", "bleu_lc", "chrf"} <= set(results["test"]), results["test"]
+            assert json.loads(out)["steps"] == results["steps"]
+        elif argv[0] == "translate":
+            hyps = Path(option(argv, "-o", "--output")).read_text(encoding="utf-8")
+            assert hyps.endswith("\n") and len(hyps.split("\n")) - 1 == len(sources)
+        elif argv[0] == "evaluate":
+            found = BLEU_LINE.search(out)
+            assert found, f"no BLEU line with a signature in:\n{out}"
+            assert found.group(1) == ("lc" if "--lowercase" in argv else "mixed")
+    assert run_dir is not None
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no marker here\n```bash\nseq2seq train r.yaml\n```\n",
+        f"{MARKER}\n\nsome prose first\n```bash\nseq2seq train r.yaml\n```\n",
+        f"{MARKER}\n```bash\npip install torch\n```\n",
+    ],
+)
+def test_quickstart_parser_refuses_what_it_cannot_check(text):
+    with pytest.raises(AssertionError):
+        quickstart_commands(text)
+
+
+def test_quickstart_parser_reads_commands_and_drops_comments():
+    text = f"x\n{MARKER}\n```bash\nseq2seq train r.yaml   # a comment\n\nseq2seq plot 'a b'\n```\n"
+    assert quickstart_commands(text) == [["train", "r.yaml"], ["plot", "a b"]]

@@ -1,0 +1,84 @@
+"""The run directory: every name in one place; --overwrite removes only what a run wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from seq2seq.atomic import atomic_file, write_atomically
+from seq2seq.cli import main
+from seq2seq.rundir import RunDir
+
+
+def fake_run(path: Path) -> RunDir:
+    """A run directory with one file of every kind a run writes."""
+    run = RunDir(path)
+    for rel in (
+        "recipe.yaml",
+        "results.json",
+        "train_state.json",
+        "curves.png",
+        ".prepare.lock",
+        "spm.model",
+        "spm.vocab",
+        "checkpoints/last.ckpt",
+        "checkpoints/averaged.ckpt",
+        "checkpoints/step0000200-bleu30.10.ckpt",
+        "checkpoints/recent-step0000200.ckpt",
+        "logs/metrics.csv",
+        "logs/metrics-001-until0000100.csv",
+        "logs/hparams.yaml",
+        "logs/events.out.tfevents.1.vm.2.0",
+        "cache/tok-abc.arrow",
+        "cache/clean-abc.arrow",
+        "cache/read/generator/default/0.0.0/x.arrow",
+    ):
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text("x")
+    return run
+
+
+def test_clear_removes_every_file_a_run_writes(tmp_path):
+    run = fake_run(tmp_path / "run")
+    assert run.foreign() == []
+    run.clear()
+    assert list(run.path.iterdir()) == []
+
+
+def test_overwrite_refuses_a_folder_holding_a_users_files_and_removes_nothing(tmp_path, capsys):
+    run = fake_run(tmp_path / "run")
+    for rel in ("logs/mine.txt", "cache/x", "notes/todo.txt"):
+        (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run.path / rel).write_text("mine")
+    before = sorted(p.relative_to(run.path) for p in run.path.rglob("*"))
+    assert run.foreign() == ["cache/x", "logs/mine.txt", "notes/"]
+    code = main(["train", "recipes/multi30k_en_de.yaml", "--run-dir", str(run.path), "--overwrite"])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "cache/x" in err and "logs/mine.txt" in err and "notes/" in err
+    assert sorted(p.relative_to(run.path) for p in run.path.rglob("*")) == before
+
+
+def test_a_resumed_runs_earlier_metrics_are_set_aside_not_deleted(tmp_path):
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    run.metrics.write_text("step,train_loss\n50,3.0\n")
+    run.keep_metrics_for_resume(100)
+    run.metrics.write_text("step,train_loss\n150,2.0\n")
+    run.keep_metrics_for_resume(100)  # killed again before the next checkpoint
+    assert [(step, p.name) for step, p in run.earlier_metrics()] == [
+        (100, "metrics-001-until0000100.csv"),
+        (100, "metrics-002-until0000100.csv"),
+    ]
+    assert not run.metrics.exists()
+
+
+def test_an_atomic_write_leaves_the_old_file_when_it_fails(tmp_path):
+    path = tmp_path / "results.json"
+    write_atomically(path, "old\n")
+    with pytest.raises(RuntimeError), atomic_file(path) as f:
+        f.write("half")
+        raise RuntimeError("disk full")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
