@@ -84,8 +84,10 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 
 def _first_line(err: BaseException) -> str:
+    """The first sentence of an error's first line (torch's run on for several)."""
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line.split(". ")[0].rstrip(".")
 
 
 def inference_state(

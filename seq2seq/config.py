@@ -246,7 +246,8 @@ class TrainerConfig:
     strategy: str = "auto"
     """'auto', 'ddp', 'fsdp', 'ddp_spawn'."""
     precision: str = "32-true"
-    """'32-true', 'bf16-mixed' or '16-mixed'."""
+    """'32-true', 'bf16-mixed', '16-mixed', or 'auto': bf16-mixed where the hardware has
+    native bf16 (a recent GPU, a CPU with AVX-512 BF16 or AMX), else 32-true."""
     accumulate_grad_batches: int = 1
     """Batches per optimizer update."""
     gradient_clip_val: float | None = None

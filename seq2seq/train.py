@@ -35,6 +35,7 @@ from seq2seq.checkpoint import (
 from seq2seq.config import Recipe
 from seq2seq.module import TranslationModule
 from seq2seq.optim import schedule_factor
+from seq2seq.precision import resolve_precision
 from seq2seq.progress import StepProgressBar
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.rundir import RunDir
@@ -100,7 +101,7 @@ class FinalState(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.last_saved_step != trainer.global_step:
-            trainer.save_checkpoint(RunDir(self.run_dir).last)
+            trainer.save_checkpoint(RunDir(self.run_dir).last, weights_only=False)
         if trainer.is_global_zero:
             state = {
                 "steps": trainer.global_step,
@@ -127,7 +128,7 @@ class SaveEveryMinutes(Callback):
         if due:
             for logger in trainer.loggers:
                 logger.save()
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         self.saved_at = time.monotonic()
@@ -271,7 +272,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=t.precision,
+        precision=resolve_precision(t.precision, t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         # Lightning counts validation intervals in batches; the recipe counts updates.
@@ -348,6 +349,10 @@ def train(
             # unreliable; the data module restores the sampler's position itself (tested:
             # bit-identical parameters), so the warning would be a false alarm.
             warnings.filterwarnings("ignore", message=MID_EPOCH_RESUME_WARNING)
+            # On a resume, the earlier metrics.csv is already set aside (RunDir.
+            # keep_metrics_for_resume) and the checkpoints are the run's own: nothing is lost.
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not")
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except torch.OutOfMemoryError as err:
         raise RuntimeError(

@@ -595,7 +595,11 @@ def test_keep_last_keeps_the_last_validations_and_average_last_averages_them(
     results = train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
     folder = tmp_path / "run" / "checkpoints"
     recent = sorted(path.name for path in folder.glob("recent-step*.ckpt"))
-    assert recent == ["recent-step0000040.ckpt", "recent-step0000050.ckpt", "recent-step0000060.ckpt"]
+    assert recent == [
+        "recent-step0000040.ckpt",
+        "recent-step0000050.ckpt",
+        "recent-step0000060.ckpt",
+    ]
     assert results["checkpoint"] == str(folder / "averaged.ckpt")
     averaged = parameters(folder / "averaged.ckpt")
     mean = {
@@ -605,3 +609,101 @@ def test_keep_last_keeps_the_last_validations_and_average_last_averages_them(
     }
     for name, value in mean.items():
         torch.testing.assert_close(averaged[name].double(), value, rtol=1e-6, atol=1e-7)
+
+
+def crashed_run(multi30k_slice, tmp_path, crash_at: int, *extra: str) -> Path:
+    """A run killed (no clean shutdown) after `crash_at` updates."""
+    import seq2seq.train as train_module
+
+    run, original = tmp_path / "run", train_module.build_trainer
+
+    def crashing_trainer(recipe, run_dir):
+        trainer = original(recipe, run_dir)
+        trainer.callbacks.append(CrashAt(crash_at))
+        return trainer
+
+    train_module.build_trainer = crashing_trainer
+    try:
+        with pytest.raises(SystemError, match="simulated crash"):
+            train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), run)
+    finally:
+        train_module.build_trainer = original
+    return run
+
+
+def test_a_truncated_last_checkpoint_resumes_from_the_newest_valid_one_with_a_warning(
+    multi30k_slice, tmp_path, caplog
+):
+    extra = ("--trainer.max_steps", "40", "--trainer.val_check_interval", "10")
+    extra += ("--trainer.save_top_k", "5")
+    run = crashed_run(multi30k_slice, tmp_path, 33, *extra)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])  # as a full disk leaves it
+    with caplog.at_level("WARNING"):
+        assert train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), run)["steps"] == 40
+    warned = [r.getMessage() for r in caplog.records if "resuming from" in r.getMessage()]
+    assert len(warned) == 1 and "last.ckpt" in warned[0] and "step0000030" in warned[0]
+
+
+def test_resuming_from_a_last_checkpoint_with_a_pickle_payload_is_one_line_and_runs_nothing(
+    multi30k_slice, tmp_path, capsys
+):
+    from test_faults import Payload
+
+    extra = ("--trainer.max_steps", "40", "--trainer.val_check_interval", "10")
+    run = crashed_run(multi30k_slice, tmp_path, 15, *extra)
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["payload"] = Payload(tmp_path / "pwned")
+    torch.save(ckpt, last)
+    argv = ["train", RECIPE, *tiny_overrides(multi30k_slice, tmp_path / "cache", *extra)]
+    capsys.readouterr()  # the crashed run's output
+    assert main([*argv, "--run-dir", str(run)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "last.ckpt: refused" in err
+    assert not (tmp_path / "pwned").exists()
+
+
+class InterruptAt(Callback):
+    """Ctrl-C (KeyboardInterrupt) after `step` updates, as the signal would raise it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(multi30k_slice, tmp_path, capsys, monkeypatch):
+    import seq2seq.train as train_module
+
+    original = train_module.build_trainer
+
+    def interrupted_trainer(recipe, run_dir):
+        trainer = original(recipe, run_dir)
+        trainer.callbacks.append(InterruptAt(7))
+        return trainer
+
+    monkeypatch.setattr(train_module, "build_trainer", interrupted_trainer)
+    argv = ["train", RECIPE, *tiny_overrides(multi30k_slice, tmp_path / "cache")]
+    assert main([*argv, "--run-dir", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("seq2seq train: interrupted: run the same command to resume")
+
+
+def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
+    multi30k_slice, tmp_path
+):
+    extra = ("--trainer.max_steps", "40", "--trainer.val_check_interval", "20")
+    timed = (*extra, "--trainer.save_every_minutes", "1e-9")  # at every update
+    run = crashed_run(multi30k_slice, tmp_path, 33, *timed)
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 33
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *timed), run)
+    straight = tmp_path / "straight"
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), straight)
+    a = parameters(straight / "checkpoints" / "last.ckpt")
+    b = parameters(run / "checkpoints" / "last.ckpt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+    assert_same_history(straight, run)
