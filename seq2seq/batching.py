@@ -20,9 +20,9 @@ from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.data import id_lengths
 from seq2seq.layout import Rows
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 

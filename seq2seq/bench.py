@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import yaml
 
-from seq2seq import linear
 from seq2seq.config import ModelConfig, Recipe, preset
-from seq2seq.loss import batch_loss
+from seq2seq.kernels import for_cpu_training
+from seq2seq.kernels.onednn import onednn_works
 from seq2seq.model import Transformer
+from seq2seq.module import batch_loss
 from seq2seq.optim import build_optimizer
 
 #: Multi30k en-de with a joint 8k vocabulary: the data every bench runs on.
@@ -144,6 +145,7 @@ def measure_training(
     `compile_model`, they include torch.compile's compilations)."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
+    for_cpu_training(model, device)  # as `seq2seq train` does at fit time
     forward = torch.compile(model, dynamic=True) if compile_model else model
     optimizer, schedule = build_optimizer(model.parameters(), Recipe().optim, cfg.d_model)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
@@ -261,10 +263,10 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
         "row_tokens": args.row_tokens,
     }
     result["compile"] = args.compile
-    # seq2seq.linear's oneDNN path runs in float32 CPU training only (not under autocast or
+    # The oneDNN linear layers run in float32 CPU training only (not under autocast or
     # torch.compile).
     cpu_fp32 = device.type == "cpu" and args.precision == "32-true" and not args.compile
-    onednn = cpu_fp32 and linear.available()
+    onednn = cpu_fp32 and onednn_works()
     result["cpu_linear"] = "onednn" if onednn else "torch"
     result.update(measure_training(cfg, batches, device, args.precision, args.warmup, args.compile))
     if args.model:

@@ -70,9 +70,6 @@ class DecoderCache:
 
     layers: list[LayerCache] = field(default_factory=list)
     length: int = 0
-    output_weight: Tensor | None = None
-    """The output projection's weight as the search's steps use it: packed for the CPU's
-    kernel (`seq2seq.linear.pack`) at the first step, or the weight itself."""
 
     @classmethod
     def empty(cls, n_layers: int) -> DecoderCache:

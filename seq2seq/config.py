@@ -11,6 +11,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from seq2seq.constants import PAD_ID
+
 
 @dataclass
 class ModelConfig:
@@ -46,8 +48,8 @@ class ModelConfig:
     """Source vocabulary size; 0 means 'take it from the tokenizer'."""
     tgt_vocab_size: int = 0
     """Target vocabulary size; 0 means 'take it from the tokenizer'."""
-    pad_id: int = 0
-    """Padding id (fixed by the tokenizer: pad 0, unk 1, bos 2, eos 3)."""
+    pad_id: int = PAD_ID
+    """Padding id (fixed by the tokenizer: seq2seq.constants)."""
 
     def __post_init__(self) -> None:
         for name in ("dropout", "attention_dropout", "activation_dropout"):

@@ -21,19 +21,15 @@ is gone. The matmuls are the same three as autograd's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seq2seq.layout import Rows
-from seq2seq.linear import matmul_t
 from seq2seq.model import Transformer
-
-if TYPE_CHECKING:
-    from seq2seq.batching import Batch
 
 
 @dataclass
@@ -96,20 +92,33 @@ def _minus_smoothed_target_(probs: Tensor, target: Tensor, epsilon: float) -> Te
     return grad
 
 
+#: x (M, K), weight (N, K), bias (N,) or None -> x @ weight.T + bias (M, N), without autograd.
+MatmulT = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 #: Logits per chunk of `projected_cross_entropy`: about 8 MB of float32 on a CPU (cache-sized),
 #: 512 MB on an accelerator (few launches, bounded memory).
 CHUNK_ELEMENTS = {"cpu": 2**21}
 DEFAULT_CHUNK_ELEMENTS = 2**27
 
 
+def plain_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) @ weight.T + bias -> (M, N): torch's own kernel."""
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def projected_cross_entropy(
-    states: Tensor, weight: Tensor, bias: Tensor | None, target: Tensor, epsilon: float
+    states: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target: Tensor,
+    epsilon: float,
+    matmul_t: MatmulT = plain_matmul_t,
 ) -> LossOutput:
     """The smoothed loss of softmax(states @ weight.T + bias) against `target`, chunk by chunk.
 
     states (N, D) are real target positions only (no padding), weight (V, D). Equal to
     `label_smoothed_cross_entropy(F.linear(states, weight, bias), target, epsilon)`, gradients
-    included, without materialising the (N, V) logits.
+    included, without materialising the (N, V) logits. `matmul_t(x, w, b)` computes each
+    chunk's x @ w.T + b without autograd (a faster kernel may be given: see `translation_loss`).
     """
     n = target.numel()
     rows = max(1, CHUNK_ELEMENTS.get(states.device.type, DEFAULT_CHUNK_ELEMENTS) // weight.size(0))
@@ -117,7 +126,7 @@ def projected_cross_entropy(
         t is not None and t.requires_grad for t in (states, weight, bias)
     )
     loss, nll = _ProjectedSmoothedCrossEntropy.apply(
-        states, weight, bias, target, epsilon, rows, grads
+        states, weight, bias, target, epsilon, rows, grads, matmul_t
     )
     denom = max(n, 1)
     return LossOutput(loss=loss / denom, nll=nll / denom, n_tokens=n)
@@ -129,7 +138,9 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
     time, and only scaled in the backward pass."""
 
     @staticmethod
-    def forward(ctx, states, weight, bias, target, epsilon: float, rows: int, grads: bool):
+    def forward(
+        ctx, states, weight, bias, target, epsilon: float, rows: int, grads: bool, matmul_t
+    ):
         acc = torch.promote_types(states.dtype, torch.float32)  # float32, or float64
         V = weight.size(0)
         # Under autocast the matmuls pick their own dtype; otherwise they run in `acc`.
@@ -178,6 +189,7 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -200,6 +212,8 @@ def translation_loss(
     accelerator makes the host wait for the device (the count decides a tensor's size).
     `src_positions`, those of src's real tokens, let the encoder skip source padding on an
     accelerator too (`Transformer.encode`). With `rows`, each row holds several pairs (`Rows`).
+    The output layer may bring its own no-autograd `matmul_t` for the fused projection (the
+    oneDNN layer that `seq2seq.kernels.onednn` swaps in does); else torch's kernel runs it.
     """
     states = model(src, tgt_in, src_positions, rows)  # (B, T, D)
     if positions is None:
@@ -207,18 +221,5 @@ def translation_loss(
     states = states.reshape(-1, states.size(-1)).index_select(0, positions)  # (N, D)
     target = tgt_out.reshape(-1).index_select(0, positions)  # (N,)
     weight, bias = model.output_projection()
-    return projected_cross_entropy(states, weight, bias, target, epsilon)
-
-
-def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> LossOutput:
-    """`translation_loss` of a collated `Batch`, with the positions (and rows) it carries."""
-    return translation_loss(
-        model,
-        batch.src,
-        batch.tgt_in,
-        batch.tgt_out,
-        epsilon,
-        batch.tgt_positions,
-        batch.src_positions,
-        batch.rows,
-    )
+    matmul_t = getattr(model.generator, "matmul_t", plain_matmul_t)
+    return projected_cross_entropy(states, weight, bias, target, epsilon, matmul_t)

@@ -17,10 +17,8 @@ layout. Source padding therefore costs no FLOPs outside attention; the result is
 a CPU the real tokens are found from the ids; on an accelerator only a training batch's
 host-made `src_positions` say where. A training batch may also put several sentences in each
 row (`seq2seq.layout.Rows`): positions then restart per sentence and attention is masked per
-sentence. Linear layers are called through `seq2seq.linear.linear`, which in float32 CPU
-training runs them on oneDNN with the bias and the FFN's ReLU fused into the matmul; elsewhere
-it is the layer's own forward. When decoding on a CPU, the output projection runs on oneDNN
-with its weight packed once per search (`project`).
+sentence. The model calls its own `nn.Linear`, `nn.ReLU` and `nn.Dropout` modules; faster
+kernels for them are swapped in from outside, at fit or load time (`seq2seq.kernels`).
 """
 
 from __future__ import annotations
@@ -35,9 +33,7 @@ from torch import Tensor, nn
 
 from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
-from seq2seq.dropout import Dropout
 from seq2seq.layout import Packing, Rows
-from seq2seq.linear import linear, pack, packed_matmul_t
 
 
 # --- 3.5 Positional encoding ----------------------------------------------------------------
@@ -66,7 +62,7 @@ class Embedding(nn.Module):
         self.register_buffer(
             "positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False
         )
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, ids: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
         """ids (B, L) -> (B, L, D); `offset` is the position of ids[:, 0] (incremental decoding),
@@ -122,7 +118,7 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         """x (B, L, D), or (N, D) real tokens with their `packing`; mask (B, 1, 1, L)
         key-padding mask or None; causal for the decoder."""
-        qkv = linear(self.qkv, x)
+        qkv = self.qkv(x)
         if packing is not None:
             qkv = packing.unpack(qkv)  # (B, L, 3D), zeros at padding (masked keys)
         q, k, v = (split_heads(t, self.n_heads) for t in qkv.chunk(3, dim=-1))
@@ -146,7 +142,7 @@ class SelfAttention(nn.Module):
             is_causal=is_causal,
         )
         y = merge_heads(y)
-        return linear(self.out, y if packing is None else packing.pack(y))
+        return self.out(y if packing is None else packing.pack(y))
 
 
 class CrossAttention(nn.Module):
@@ -171,13 +167,13 @@ class CrossAttention(nn.Module):
             k, v = cache.cross_k, cache.cross_v
         else:
             if memory.packing is not None:  # project real source tokens only (zeros: masked)
-                kv = memory.packing.unpack(linear(self.kv, memory.packed))
+                kv = memory.packing.unpack(self.kv(memory.packed))
             else:
-                kv = linear(self.kv, memory.states)
+                kv = self.kv(memory.states)
             k, v = (split_heads(t, self.n_heads) for t in kv.chunk(2, dim=-1))
             if cache is not None:
                 cache.cross_k, cache.cross_v = k, v
-        q = split_heads(linear(self.q, x), self.n_heads)  # (R, H, T, Dh)
+        q = split_heads(self.q(x), self.n_heads)  # (R, H, T, Dh)
         R, H, T, Dh = q.shape
         N = k.size(0)
         group = R // N
@@ -188,7 +184,7 @@ class CrossAttention(nn.Module):
         )
         if group > 1:
             y = y.view(N, H, group, T, Dh).transpose(1, 2).reshape(R, H, T, Dh)
-        return linear(self.out, merge_heads(y))
+        return self.out(merge_heads(y))
 
 
 # --- 3.3 Position-wise feed-forward network --------------------------------------------------
@@ -198,13 +194,14 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.activation = nn.ReLU()  # registered right after w1: kernels fuse the pair
+        self.dropout = nn.Dropout(cfg.activation_dropout)
         self.w2 = nn.Linear(cfg.d_ff, cfg.d_model)
-        self.dropout = Dropout(cfg.activation_dropout)
         for w in (self.w1, self.w2):
             _xavier_per_projection(w, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.w2, self.dropout(linear(self.w1, x, relu=True)))
+        return self.w2(self.dropout(self.activation(self.w1(x))))
 
 
 # --- 3.1 Residual connection + layer normalisation -------------------------------------------
@@ -214,7 +211,7 @@ class Residual(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.dropout = Dropout(cfg.dropout)
+        self.dropout = nn.Dropout(cfg.dropout)
         self.pre_norm = cfg.pre_norm
 
     def forward(self, x: Tensor, sublayer: Callable[[Tensor], Tensor]) -> Tensor:
@@ -294,18 +291,24 @@ class Transformer(nn.Module):
         # Pre-norm leaves the last sub-layer's output un-normalised: add a final LayerNorm.
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
-        tie = cfg.joint_vocab or cfg.tie_output
-        self.output_weight = (
-            None if tie else nn.Parameter(torch.empty(cfg.tgt_vocab_size, cfg.d_model))
-        )
-        if self.output_weight is not None:
-            nn.init.normal_(self.output_weight, std=cfg.d_model**-0.5)
-        self.output_bias = (
-            nn.Parameter(torch.zeros(cfg.tgt_vocab_size)) if cfg.output_bias else None
-        )
-        # An inference-time stand-in for the output projection (a quantized copy: translate
-        # --precision int8); None in training.
-        self.output_layer: nn.Module | None = None
+        # 3.4: the pre-softmax linear transformation, sharing the target embedding's weight.
+        self.generator = nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=cfg.output_bias)
+        if cfg.joint_vocab or cfg.tie_output:
+            self.generator.weight = tgt_tokens.weight
+        else:
+            nn.init.normal_(self.generator.weight, std=cfg.d_model**-0.5)
+        if self.generator.bias is not None:
+            nn.init.zeros_(self.generator.bias)
+        self._register_load_state_dict_pre_hook(self._older_names)
+
+    def _older_names(self, state_dict: dict, prefix: str, *_: object) -> None:
+        """Checkpoints written before the projection was the `generator` module stored its
+        untied weight and bias as `output_weight`/`output_bias`, and a tied one not at all."""
+        for old, new in (("output_weight", "generator.weight"), ("output_bias", "generator.bias")):
+            if prefix + old in state_dict:
+                state_dict[prefix + new] = state_dict.pop(prefix + old)
+        if prefix + "generator.weight" not in state_dict:
+            state_dict[prefix + "generator.weight"] = state_dict[prefix + "tgt_embed.tokens.weight"]
 
     @staticmethod
     def _token_embedding(vocab_size: int, cfg: ModelConfig) -> nn.Embedding:
@@ -369,24 +372,14 @@ class Transformer(nn.Module):
         """Teacher forcing: src (B, S), tgt_in (B, T) -> decoder states (B, T, D)."""
         return self.decode(tgt_in, self.encode(src, src_positions, rows), rows=rows)
 
-    def project(self, states: Tensor, cache: DecoderCache | None = None) -> Tensor:
-        """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt). With a decoding
-        `cache`, the weight is packed for the CPU's kernel at a search's first step and kept
-        there, as cross-attention keys and values are (`seq2seq.linear.pack`)."""
-        if self.output_layer is not None:
-            return self.output_layer(states)
-        weight, bias = self.output_projection()
-        if cache is None:
-            return F.linear(states, weight, bias)
-        if cache.output_weight is None:
-            cache.output_weight = pack(weight, states)
-        return packed_matmul_t(states, cache.output_weight, bias)
+    def project(self, states: Tensor) -> Tensor:
+        """Pre-softmax linear (3.4): states (..., D) -> logits (..., V_tgt)."""
+        return self.generator(states)
 
     def output_projection(self) -> tuple[Tensor, Tensor | None]:
         """The pre-softmax linear's weight (V_tgt, D), tied to the target embedding by
-        default, and its bias (None: the paper has none)."""
-        weight = self.tgt_embed.tokens.weight if self.output_weight is None else self.output_weight
-        return weight, self.output_bias
+        default, and its bias (None: the paper has none): the loss fuses this matmul."""
+        return self.generator.weight, self.generator.bias
 
     @property
     def tgt_vocab_size(self) -> int:
@@ -398,4 +391,4 @@ class Transformer(nn.Module):
     def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
         """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt).
         (Search calls `decode` and `project` itself, to project a step's rows in pieces.)"""
-        return self.project(self.decode(tgt_in, memory, cache), cache)
+        return self.project(self.decode(tgt_in, memory, cache))

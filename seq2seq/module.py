@@ -10,6 +10,7 @@ on the score without gathering strings.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 import time
@@ -17,9 +18,11 @@ import time
 import lightning as L
 import torch
 
+from seq2seq.batching import Batch
 from seq2seq.checkpoint import KEY, inference_state
 from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig
-from seq2seq.loss import batch_loss
+from seq2seq.kernels import for_cpu_training
+from seq2seq.loss import LossOutput, translation_loss
 from seq2seq.model import Transformer
 from seq2seq.optim import build_optimizer
 
@@ -27,6 +30,22 @@ from seq2seq.optim import build_optimizer
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
+
+log = logging.getLogger(__name__)
+
+
+def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> LossOutput:
+    """`translation_loss` of a collated `Batch`, with the positions (and rows) it carries."""
+    return translation_loss(
+        model,
+        batch.src,
+        batch.tgt_in,
+        batch.tgt_out,
+        epsilon,
+        batch.tgt_positions,
+        batch.src_positions,
+        batch.rows,
+    )
 
 class TranslationModule(L.LightningModule):
     def __init__(
@@ -54,6 +73,13 @@ class TranslationModule(L.LightningModule):
         self._interval_sums: torch.Tensor | None = None  # (loss, nll) * tokens since the last log
         self._logged_step = -1
         self._lr = 0.0  # learning rate of the latest update
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: the CPU training kernels, swapped in from outside the model (same
+        parameters, same checkpoints; `seq2seq.kernels`)."""
+        if stage == "fit":
+            swapped = for_cpu_training(self.model, self.trainer.strategy.root_device)
+            log.debug("kernels swapped in: %s", ", ".join(swapped) or "none")
 
     # --- training -------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

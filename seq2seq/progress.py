@@ -2,9 +2,9 @@
 
 Lightning's default bar restarts every epoch and counts batches; a translation run is
 planned in updates, so this bar counts optimizer steps up to max_steps, shows loss, lr and
-tokens/s beside it, and its ETA is for the whole run. A run with a time budget
-(`trainer.max_time_minutes`) ends on the clock, not at max_steps: its bar counts steps without
-a step-based ETA and shows the time left instead.
+tokens/s beside it, and its ETA is for the whole run. A run that also has a time budget
+(`trainer.max_time_minutes`) ends at whichever comes first: its bar shows `step/max_steps`
+with the step ETA, and the time left beside them.
 """
 
 from __future__ import annotations
@@ -52,8 +52,7 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         bar = self.train_progress_bar
-        timed = _time_budget(trainer) is not None
-        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 and not timed else None)
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
         bar.initial = trainer.global_step  # a resumed run starts where it stopped
         bar.n = trainer.global_step
 

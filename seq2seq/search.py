@@ -34,9 +34,10 @@ from torch import Tensor
 
 from seq2seq.cache import DecoderCache
 from seq2seq.config import DecodeConfig
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from seq2seq.model import Memory
 
-PAD, UNK, BOS, EOS = 0, 1, 2, 3
+PAD, UNK, BOS, EOS = PAD_ID, UNK_ID, BOS_ID, EOS_ID  # short names for the search code
 
 
 class Decoder(Protocol):
@@ -51,7 +52,7 @@ class Decoder(Protocol):
     def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
         """States (R, L, D) of the newest tokens tgt_in (R, L); the cache advances by L."""
 
-    def project(self, states: Tensor, cache: DecoderCache) -> Tensor:
+    def project(self, states: Tensor) -> Tensor:
         """Logits (R, V) of states (R, D), in a new tensor: the search overwrites them."""
 
 
@@ -158,9 +159,9 @@ def _next_tokens(
         row_bytes = model.tgt_vocab_size * torch.promote_types(states.dtype, torch.float32).itemsize
         piece = max(1, (_GLIBC_MMAP_BYTES - 1) // row_bytes)
     if states.size(0) <= piece:
-        return _rank(model.project(states, cache), rules, n)
+        return _rank(model.project(states), rules, n)
     ranked = [
-        _rank(model.project(states[i : i + piece], cache), rules.rows(i, i + piece), n)
+        _rank(model.project(states[i : i + piece]), rules.rows(i, i + piece), n)
         for i in range(0, states.size(0), piece)
     ]
     return torch.cat([top for top, _ in ranked]), torch.cat([token for _, token in ranked])

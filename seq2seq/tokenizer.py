@@ -17,13 +17,10 @@ from pathlib import Path
 import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 log = logging.getLogger(__name__)
 
-PAD_ID = 0
-UNK_ID = 1
-BOS_ID = 2
-EOS_ID = 3
 _SPECIAL_IDS = (PAD_ID, BOS_ID, EOS_ID)
 
 #: Sentences: a plain-text file path (str or Path), a list of `Path`s, or an iterable of lines.

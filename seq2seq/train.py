@@ -21,10 +21,11 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq import rundir
-from seq2seq.atomic import write_atomically
+from seq2seq.atomic import temporary_name, write_atomically
 from seq2seq.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
@@ -42,6 +43,18 @@ from seq2seq.rundir import RunDir
 from seq2seq.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+class _NoAdvert(logging.Filter):
+    """Drop Lightning's "Tip: ... try installing litlogger" line, printed on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+#: Lightning's own use of torch's pytree API warns on every run; nothing we call causes it.
+PYTREE_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -134,6 +147,22 @@ class SaveEveryMinutes(Callback):
         self.saved_at = time.monotonic()
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing under a temporary name and renaming once the
+    file is complete: a kill or a full disk while saving leaves the previous last.ckpt whole
+    (and a stray temporary file, which --overwrite removes), never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        staged = temporary_name(path)
+        try:
+            super().save_checkpoint(checkpoint, staged, storage_options)
+            staged.replace(path)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+
+
 #: The start of Lightning's warning on a mid-epoch resume (see `train`).
 MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
@@ -150,10 +179,13 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
     run = RunDir(run_dir)
     results = run.results
     if results.exists() and not overwrite:
-        raise RunDirError(
-            f"{run_dir}: this run finished ({results} exists); pass --overwrite to train it "
-            "again from scratch, or choose another --run-dir"
-        )
+        finished = _finished_steps(results)
+        if finished is None or recipe.trainer.max_steps <= finished:
+            raise RunDirError(
+                f"{run_dir}: this run finished ({results} exists, {finished} updates); pass "
+                "--overwrite to train it again from scratch, a larger --trainer.max_steps to "
+                "train it further, or choose another --run-dir"
+            )
     if overwrite:
         if _ranks_started_together():
             raise RunDirError(
@@ -180,6 +212,15 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | Non
                     f"was started with ({saved}); resume with the same recipe or use another --run-dir"
                 )
     return _resume_point(run)
+
+
+def _finished_steps(results: Path) -> int | None:
+    """The updates a finished run trained for, from its results.json (None if unreadable)."""
+    try:
+        steps = json.loads(results.read_text())["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 def _resume_point(run: RunDir) -> Path | None:
@@ -236,6 +277,9 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         mode="max",
         save_top_k=t.save_top_k,
         save_last=True,
+        # last.ckpt is also written by SaveEveryMinutes and FinalState: overwrite it, never
+        # start a last-v1.ckpt beside it (which a resume would not read).
+        enable_version_counter=False,
     )
     callbacks: list[Callback] = [best]
     if t.keep_last > 0:
@@ -247,6 +291,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
                 monitor="step",
                 mode="max",
                 save_top_k=t.keep_last,
+                enable_version_counter=False,
             )
         )
     callbacks += [
@@ -283,6 +328,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         use_distributed_sampler=False,  # our batch sampler shards by rank itself
         callbacks=callbacks,
         logger=loggers,
+        plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
     )
 
@@ -349,6 +395,7 @@ def train(
             # unreliable; the data module restores the sampler's position itself (tested:
             # bit-identical parameters), so the warning would be a false alarm.
             warnings.filterwarnings("ignore", message=MID_EPOCH_RESUME_WARNING)
+            warnings.filterwarnings("ignore", message=PYTREE_WARNING)
             # On a resume, the earlier metrics.csv is already set aside (RunDir.
             # keep_metrics_for_resume) and the checkpoints are the run's own: nothing is lost.
             warnings.filterwarnings("ignore", message="Experiment logs directory .* exists")

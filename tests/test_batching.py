@@ -13,7 +13,7 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, collate
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
 
 N = 3001
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from seq2seq import linear
 from seq2seq.checkpoint import inference_state
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
+from seq2seq.kernels.onednn import onednn_works
 from seq2seq.model import Transformer
 from seq2seq.tokenizer import Tokenizer
 
@@ -45,7 +45,7 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
     assert result["measured_steps"] == 2 and result["warmup_steps"] == 1
     assert result["vocab_size"] == 500 and result["shape"]["d_model"] == 32
     assert result["threads"] >= 1 and result["torch"] == torch.__version__
-    assert result["cpu_linear"] == ("onednn" if linear.available() else "torch")  # fp32, CPU
+    assert result["cpu_linear"] == ("onednn" if onednn_works() else "torch")  # fp32, CPU
 
     tokenizer = Tokenizer.load(run_dir)  # the bench's own 500-piece vocabulary
     cfg = preset("tiny", src_vocab_size=500, tgt_vocab_size=500)

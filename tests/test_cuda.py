@@ -11,7 +11,7 @@ from test_search import tiny_model as search_model
 
 from seq2seq.batching import collate
 from seq2seq.config import DecodeConfig
-from seq2seq.loss import batch_loss
+from seq2seq.module import batch_loss
 from seq2seq.optim import build_optimizer
 from seq2seq.search import beam_search, greedy_search
 

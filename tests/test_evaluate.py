@@ -8,19 +8,15 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
+from conftest import SLICE, read_gz_lines
 
 from seq2seq.cli import main
 from seq2seq.evaluate import LineCountError, evaluate_files, score
 
-MULTI30K = Path("/work/shared/data/multi30k")
-
 
 @pytest.fixture(scope="module")
 def refs() -> list[str]:
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    with gzip.open(MULTI30K / "test_2016_flickr.de.gz", "rt", encoding="utf-8") as f:
-        return f.read().split("\n")[:300]
+    return read_gz_lines(SLICE / "test_2016_flickr.de.gz", 200)
 
 
 def degrade(lines: list[str]) -> list[str]:
@@ -89,11 +85,11 @@ def _lines(path: Path) -> list[str]:
 def test_line_count_mismatch_is_one_error_naming_both_files_and_counts(files, capsys):
     hyp, ref = files
     hyp.write_text("only one line\n", encoding="utf-8")
-    with pytest.raises(LineCountError, match=r"hyp\.de has 1 lines but .*ref\.de\.gz has 300"):
+    with pytest.raises(LineCountError, match=r"hyp\.de has 1 lines but .*ref\.de\.gz has 200"):
         evaluate_files(hyp, ref, ["bleu"])
     assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref)]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("seq2seq evaluate: error:") and "300" in err and "\n" not in err
+    assert err.startswith("seq2seq evaluate: error:") and "200" in err and "\n" not in err
 
 
 def test_hyp_and_model_are_mutually_exclusive(files, capsys):

@@ -41,7 +41,7 @@ def test_separate_vocabularies_get_separate_embeddings_and_tied_output():
     cfg = preset("tiny", src_vocab_size=40, tgt_vocab_size=30)
     model = Transformer(cfg)
     assert model.src_embed.tokens is not model.tgt_embed.tokens
-    assert model.output_weight is None  # tied to the target embedding
+    assert model.generator.weight is model.tgt_embed.tokens.weight  # tied to the target embedding
     shared = closed_form_parameters(40, 32, 64, 2, 2)
     assert n_params(model) == shared + 30 * 32
     untied = Transformer(preset("tiny", src_vocab_size=40, tgt_vocab_size=30, tie_output=False))
@@ -289,13 +289,7 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
     shapes batches of other sizes reuse that one graph instead of recompiling. Simulated on
     the CPU by taking the accelerator's paths: packing only from the batch's host-made
     source positions, and `nn.functional.dropout`."""
-    import torch.nn.functional as F
 
-    from seq2seq import dropout as dropout_module
-
-    monkeypatch.setattr(
-        dropout_module.Dropout, "forward", lambda self, x: F.dropout(x, self.p, self.training)
-    )
     cfg = preset("tiny", src_vocab_size=50, tgt_vocab_size=50, dropout=0.1)
     model = Transformer(cfg).train()
     graphs = []
@@ -317,3 +311,24 @@ def test_on_an_accelerator_the_training_forward_compiles_to_one_graph_for_every_
         out.sum().backward()
     assert len(graphs) == 1
     assert "index_copy" in graphs[0].code  # the encoder packed inside the graph
+
+
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_a_state_dict_from_before_the_generator_module_loads_to_the_same_model(tie_output):
+    """Earlier checkpoints kept an untied output projection as `output_weight`/`output_bias`
+    and a tied one only as the target embedding."""
+    cfg = preset(
+        "tiny", src_vocab_size=40, tgt_vocab_size=30, tie_output=tie_output, output_bias=True
+    )
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    old = dict(model.state_dict())
+    old["output_bias"] = old.pop("generator.bias")
+    weight = old.pop("generator.weight")
+    if not tie_output:
+        old["output_weight"] = weight
+    loaded = Transformer(cfg)
+    loaded.load_state_dict(old)
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+    assert (loaded.generator.weight is loaded.tgt_embed.tokens.weight) == tie_output

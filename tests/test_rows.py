@@ -8,9 +8,9 @@ import torch
 
 from seq2seq.batching import collate
 from seq2seq.config import preset
-from seq2seq.loss import batch_loss
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
 from seq2seq.model import Transformer
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.module import batch_loss
 
 
 def pairs(n=9, seed=0):

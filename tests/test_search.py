@@ -54,7 +54,7 @@ class ScriptedDecoder:
             rows.append(probs.log())
         return torch.stack(rows)[:, None, :]  # (R, 1, V): log-probs, the "states"
 
-    def project(self, states, cache):
+    def project(self, states):
         return states.clone()  # log-probs are valid logits
 
 
@@ -271,7 +271,7 @@ def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch)
     projected_rows = []
     project = model.project
     monkeypatch.setattr(
-        model, "project", lambda s, c: projected_rows.append(len(s)) or project(s, c)
+        model, "project", lambda s: projected_rows.append(len(s)) or project(s)
     )
     row_bytes = model.tgt_vocab_size * 8  # float64
     monkeypatch.setattr("seq2seq.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)

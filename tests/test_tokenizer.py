@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from seq2seq.config import TokenizerConfig
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from seq2seq.tokenizer import Tokenizer
 
 
 def _never_read():

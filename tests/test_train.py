@@ -382,7 +382,7 @@ def test_progress_bar_counts_updates_to_max_steps_on_stderr(multi30k_slice, tmp_
     assert len(done) == 2 and all(n == total for n, total in done)
 
 
-def test_a_time_limited_run_shows_the_time_left_instead_of_a_step_eta(
+def test_a_time_limited_run_shows_steps_of_max_steps_and_the_time_left(
     multi30k_slice, tmp_path, capsys
 ):
     recipe = tiny_recipe(
@@ -396,7 +396,7 @@ def test_a_time_limited_run_shows_the_time_left_instead_of_a_step_eta(
     train(recipe, tmp_path / "timed")
     err = capsys.readouterr().err
     assert "time_left=0:2" in err  # under 30 minutes left, and counting down
-    assert "20/20" not in err  # no total: the clock, not max_steps, bounds the run
+    assert "20/20" in err  # and the step budget, whichever ends the run first
 
 
 def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, monkeypatch, capsys):
@@ -699,7 +699,9 @@ def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
     timed = (*extra, "--trainer.save_every_minutes", "1e-9")  # at every update
     run = crashed_run(multi30k_slice, tmp_path, 33, *timed)
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 33
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # one last.ckpt, overwritten
     train(tiny_recipe(multi30k_slice, tmp_path / "cache", *timed), run)
+    assert not list((run / "checkpoints").glob("last-v*.ckpt"))
     straight = tmp_path / "straight"
     train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), straight)
     a = parameters(straight / "checkpoints" / "last.ckpt")
@@ -707,3 +709,27 @@ def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
     assert_same_history(straight, run)
+
+
+def test_a_finished_run_trains_further_with_a_larger_max_steps_and_rescores(
+    multi30k_slice, tmp_path
+):
+    from seq2seq.plot import read_metrics
+
+    run = tmp_path / "run"
+    short = ("--trainer.val_check_interval", "10", "--trainer.average_last", "0")
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *short, "--trainer.max_steps", "20"), run)
+    for steps in ("20", "15"):  # not beyond the finished step: refused as before
+        with pytest.raises(RunDirError, match="finished"):
+            train(
+                tiny_recipe(
+                    multi30k_slice, tmp_path / "cache", *short, "--trainer.max_steps", steps
+                ),
+                run,
+            )
+    longer = tiny_recipe(multi30k_slice, tmp_path / "cache", *short, "--trainer.max_steps", "30")
+    results = train(longer, run)
+    assert results["steps"] == 30
+    assert json.loads((run / "results.json").read_text())["steps"] == 30
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30
+    assert [step for step, _ in read_metrics(run)["val_bleu"]] == [9, 19, 29]

@@ -1,6 +1,5 @@
 """`seq2seq translate`: one output line per input line, order, streaming, n-best, errors."""
 
-import gzip
 import logging
 import subprocess
 import sys
@@ -8,25 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SLICE, read_gz_lines
 
 import seq2seq.translate as translate
 from seq2seq.checkpoint import load_model
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig
 
-MULTI30K = Path("/work/shared/data/multi30k")
-
-
-def read_gz(path: Path, n: int) -> list[str]:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return f.read().split("\n")[:n]
-
 
 @pytest.fixture(scope="module")
 def sentences() -> list[str]:
-    if not MULTI30K.is_dir():
-        pytest.skip(f"Multi30k not found at {MULTI30K}")
-    return read_gz(MULTI30K / "test_2016_flickr.en.gz", 12)
+    return read_gz_lines(SLICE / "test_2016_flickr.en.gz", 12)
 
 
 def run_translate(tmp_path: Path, ckpt: Path, data: bytes, *options: str) -> tuple[int, list[str]]:
@@ -172,9 +163,9 @@ def test_int8_quantizes_the_linear_layers_and_the_output_projection_only(checkpo
     names = {type(m).__name__ for m in model.modules()}
     assert "Linear" in names  # the dynamically quantized linear (torch.ao...dynamic.Linear)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    assert type(model.output_layer) is not torch.nn.Linear  # the projection is quantized too
+    assert type(model.generator) is not torch.nn.Linear  # the projection is quantized too
     assert model.tgt_embed.tokens.weight.dtype == torch.float32  # embeddings stay float32
-    assert original.output_layer is None  # the checkpoint's model is left as it was
+    assert type(original.generator) is torch.nn.Linear  # the checkpoint's model is left as it was
     states = torch.randn(6, original.cfg.d_model)
     with torch.no_grad():
         exact, quantized = original.project(states), model.project(states)

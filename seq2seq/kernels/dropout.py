@@ -9,6 +9,9 @@ keep probability is therefore 1 - p to within 2^-17, and kept units are scaled b
 that exact probability, so the expectation is the input's exactly, as with `nn.Dropout`. The
 mask is kept as bytes for the backward pass. On other devices this is
 `nn.functional.dropout`, whose fused kernel is already cheap.
+
+`use_cheap_dropout(model)` swaps it in for every `nn.Dropout` of a model (training does, at
+fit time); it uses public torch ops only, so it needs no fallback.
 """
 
 from __future__ import annotations
@@ -56,3 +59,17 @@ class _CpuDropout(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (keep,) = ctx.saved_tensors
         return (grad * keep).mul_(ctx.scale), None
+
+
+def use_cheap_dropout(model: nn.Module) -> int:
+    """Replace every plain `nn.Dropout` in `model` by `Dropout` (same p, same mode); returns
+    how many were replaced."""
+    swapped = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:
+                cheap = Dropout(child.p, child.inplace)
+                cheap.train(child.training)
+                setattr(parent, name, cheap)
+                swapped += 1
+    return swapped

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from seq2seq.dropout import Dropout
+from seq2seq.kernels.dropout import Dropout
 
 
 def test_keeps_one_minus_p_of_the_units_scaled_by_one_over_one_minus_p():

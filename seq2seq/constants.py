@@ -1,0 +1,8 @@
+"""The special token ids, once: SentencePiece is trained to give them these ids
+(`seq2seq.tokenizer`), batches pad with PAD (`seq2seq.batching`), decoding starts from BOS and
+ends at EOS (`seq2seq.search`), and the model's padding mask compares with `ModelConfig.pad_id`."""
+
+PAD_ID = 0
+UNK_ID = 1
+BOS_ID = 2
+EOS_ID = 3

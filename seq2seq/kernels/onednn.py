@@ -1,0 +1,232 @@
+"""Linear layers on a CPU through oneDNN, with the bias (and a following ReLU) fused in.
+
+For a float32 `F.linear` on a CPU, torch calls MKL's sgemm, after copying the bias into every
+row of the output, and a ReLU after it is one more pass over that output. oneDNN, which torch
+also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU backend emits
+for a linear layer), adds the bias and applies the ReLU inside the matmul; on an AVX-512 CPU
+it ran the model's training shapes at about 200 GFLOP/s where MKL ran them at 120-185.
+
+Two swaps, each applied to a plain model from outside it:
+- `use_onednn_linears(model)` (fit time): every `nn.Linear` becomes a `OneDnnLinear`, which
+  trains through oneDNN (forward and input gradient; the weight gradient stays `torch.mm`) in
+  float32 on a CPU, and is the plain layer everywhere else (accelerators, other dtypes,
+  autocast, torch.compile, inference). A Linear registered right before an `nn.ReLU` in the
+  same parent (as the feed-forward network's first layer and its activation) takes the ReLU
+  into the kernel, and the ReLU becomes an `nn.Identity`.
+- `use_packed_projection(model)` (load time, for decoding): the output projection, the largest
+  matmul of every decoding step, runs on oneDNN with its weight packed once into oneDNN's own
+  layout (`PackedLinear`); through MKL it took a quarter of a beam-5 decode.
+
+Both need private torch ops. Each swap first checks that its op exists and computes what it
+should on a small case (`onednn_works`, `packing_works`); if not (torch removed or changed
+it), the model keeps its plain layers and one warning says so. `SEQ2SEQ_ONEDNN=0` turns both
+off. Results equal `F.linear`'s to float32 rounding.
+
+oneDNN builds a kernel per matrix shape and caches them, and every training batch brings new
+shapes: the `seq2seq` command bounds its caches (`cli.RUNTIME_ENV`), and a program that trains
+the model in its own loop should export the same variables.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+log = logging.getLogger(__name__)
+
+
+def _op(name: str):
+    return getattr(getattr(torch.ops, "mkldnn", None), name, None)
+
+
+@functools.cache
+def onednn_works() -> bool:
+    """Whether `torch.ops.mkldnn._linear_pointwise` exists here and computes x @ w.T + b
+    (then ReLU) with the signature this module calls; warns once when it does not."""
+    if os.environ.get("SEQ2SEQ_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    try:
+        y = _op("_linear_pointwise")(x, w, b, "relu", [], "")
+        ok = torch.allclose(y, F.linear(x, w, b).relu(), atol=1e-5)
+    except Exception:  # missing (None is not callable), or a changed signature
+        ok = False
+    if not ok:
+        warnings.warn(
+            f"torch {torch.__version__} has no working torch.ops.mkldnn._linear_pointwise; "
+            "linear layers run on torch's default kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return ok
+
+
+@functools.cache
+def packing_works() -> bool:
+    """Whether `torch.ops.mkldnn._reorder_linear_weight` packs a weight that
+    `_linear_pointwise` then multiplies correctly; warns once when it does not."""
+    if not onednn_works():
+        return False
+    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    try:
+        packed = _op("_reorder_linear_weight")(w, 256)
+        y = _op("_linear_pointwise")(x, packed, b, "none", [], "")
+        ok = torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    except Exception:
+        ok = False
+    if not ok:
+        warnings.warn(
+            f"torch {torch.__version__} has no working torch.ops.mkldnn._reorder_linear_weight; "
+            "the output projection decodes on torch's default kernels",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return ok
+
+
+def uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether x @ weight.T can go through oneDNN: float32 on a CPU, outside autocast and
+    torch.compile, with at least one row (the op's own check is `onednn_works`)."""
+    return (
+        torch.backends.mkldnn.enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and x.numel() > 0
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _onednn_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+    return _op("_linear_pointwise")(x, weight, bias, "relu" if relu else "none", [], "")
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
+    """x (M, K) @ weight.T (K, N) + bias (N,), then ReLU if asked -> (M, N); no autograd.
+    `weight` may be any strided view (the input gradient passes `weight.t()`). The loss's
+    fused output projection takes this in training (`seq2seq.loss`)."""
+    if onednn_works() and uses_onednn(x, weight):
+        return _onednn_matmul_t(x, weight, bias, relu)
+    y = F.linear(x, weight, bias)
+    return y.relu_() if relu else y
+
+
+class OneDnnLinear(nn.Linear):
+    """`nn.Linear` (same parameters, same state_dict), trained through oneDNN in float32 on a
+    CPU, with an optional fused ReLU. As the output layer it also lends the loss its kernel
+    for the fused projection (`matmul_t`, see `seq2seq.loss.translation_loss`)."""
+
+    matmul_t = staticmethod(matmul_t)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, relu: bool = False):
+        super().__init__(in_features, out_features, bias=bias)
+        self.relu = relu
+
+    @classmethod
+    def of(cls, layer: nn.Linear, relu: bool = False) -> OneDnnLinear:
+        """A OneDnnLinear sharing `layer`'s parameters (the optimizer and state_dict see the
+        same tensors under the same names)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features, new.relu = layer.in_features, layer.out_features, relu
+        new.weight, new.bias = layer.weight, layer.bias
+        new.train(layer.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        if grads and uses_onednn(x, self.weight):
+            return _OneDnnLinear.apply(x, self.weight, self.bias, self.relu)
+        y = F.linear(x, self.weight, self.bias)
+        return F.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """y = x @ weight.T + bias (then ReLU), forward and input gradient through oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool) -> Tensor:
+        x2 = x.reshape(-1, x.size(-1))  # (M, K)
+        y = _onednn_matmul_t(x2, weight, bias, relu)  # (M, N)
+        # ReLU's gradient mask is read from its output (y > 0 exactly where the input was).
+        ctx.save_for_backward(x2, weight, y if relu else None)
+        ctx.relu, ctx.x_shape, ctx.has_bias = relu, x.shape, bias is not None
+        return y.view(*x.shape[:-1], y.size(-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x2, weight, y = ctx.saved_tensors
+        g = grad_y.reshape(-1, weight.size(0))  # (M, N)
+        if ctx.relu:
+            g = torch.ops.aten.threshold_backward(g, y, 0)
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        grad_x = _onednn_matmul_t(g, weight.t(), None, False).view(ctx.x_shape) if need_x else None
+        grad_w = torch.mm(g.t(), x2) if need_w else None
+        grad_b = g.sum(0) if ctx.has_bias and need_b else None
+        return grad_x, grad_w, grad_b, None
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Swap every `nn.Linear` of `model` for a `OneDnnLinear` on the same parameters, fusing
+    an `nn.ReLU` registered right after a Linear in the same parent. Returns the number of
+    layers swapped (0, with one warning, when oneDNN's op is not usable here)."""
+    if not onednn_works():
+        return 0
+    swapped = 0
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for i, (name, child) in enumerate(children):
+            if type(child) is not nn.Linear:
+                continue
+            after = children[i + 1] if i + 1 < len(children) else None
+            fuse = after is not None and type(after[1]) is nn.ReLU
+            setattr(parent, name, OneDnnLinear.of(child, relu=fuse))
+            if fuse:
+                setattr(parent, after[0], nn.Identity())
+            swapped += 1
+    return swapped
+
+
+class PackedLinear(nn.Module):
+    """An inference-only copy of a linear layer whose weight is packed once into oneDNN's
+    layout: x @ W.T + b for float32 CPU inputs. It holds no parameters of its own, so the
+    model's state_dict is unchanged; its packed weight does not follow later changes to the
+    layer's weight (pack again after training)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        # The row count is a hint for oneDNN's layout; any number of rows can use it.
+        self.packed = _op("_reorder_linear_weight")(self.weight, 256)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() or not uses_onednn(x, self.weight):
+            return F.linear(x, self.weight, self.bias)
+        y = _onednn_matmul_t(x.reshape(-1, x.size(-1)), self.packed, self.bias, False)
+        return y.view(*x.shape[:-1], y.size(-1))
+
+
+def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
+    """Replace `model.<name>` (a linear layer) by a `PackedLinear` of its weight, for decoding
+    in float32 on a CPU. Returns whether it did (not where packing is unusable, with one
+    warning, nor for other dtypes or devices)."""
+    layer = getattr(model, name)
+    if not (packing_works() and layer.weight.device.type == "cpu"):
+        return False
+    if layer.weight.dtype != torch.float32:
+        return False
+    setattr(model, name, PackedLinear(layer.weight, layer.bias))
+    return True
