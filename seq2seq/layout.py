@@ -2,7 +2,7 @@
 position-wise layers may skip (`Packing`), and several sentences sharing a row (`Rows`).
 
 Neither changes what the model computes for a sentence (tests prove it); both only change how
-much work the padded layout costs. See `seq2seq.model`'s docstring.
+much work the padded layout costs. See `seq2seq.nn.transformer`'s docstring.
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from seq2seq.checkpoint import inference_state  # noqa: E402
 from seq2seq.config import DecodeConfig, TokenizerConfig, preset  # noqa: E402
-from seq2seq.model import Transformer  # noqa: E402
-from seq2seq.tokenizer import Tokenizer  # noqa: E402
+from seq2seq.data.tokenizer import Tokenizer  # noqa: E402
+from seq2seq.inference.checkpoint import inference_state  # noqa: E402
+from seq2seq.nn.transformer import Transformer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[2] / "shared" / "data" / "multi30k"
 if not MULTI30K.is_dir():
@@ -68,7 +68,7 @@ def slice_lines(multi30k_slice: Path) -> tuple[list[str], list[str]]:
 def joint_tokenizer(slice_lines, tmp_path_factory: pytest.TempPathFactory):
     """A joint unigram model (vocab 1000, coverage 1.0) trained on the slice."""
     from seq2seq.config import TokenizerConfig
-    from seq2seq.tokenizer import Tokenizer
+    from seq2seq.data.tokenizer import Tokenizer
 
     out = tmp_path_factory.mktemp("joint-spm")
     return Tokenizer.train(

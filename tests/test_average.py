@@ -6,12 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq.average import average_checkpoints
-from seq2seq.checkpoint import CheckpointError, inference_state, model_weights, read_checkpoint
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
-from seq2seq.model import Transformer
+from seq2seq.inference.checkpoint import (
+    CheckpointError,
+    inference_state,
+    model_weights,
+    read_checkpoint,
+)
+from seq2seq.nn.transformer import Transformer
 from seq2seq.rundir import RunDir
+from seq2seq.training.average import average_checkpoints
 
 CFG = preset("tiny", src_vocab_size=40, tgt_vocab_size=40)
 

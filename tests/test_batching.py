@@ -12,8 +12,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
-from seq2seq.batching import Batch, PairDataset, TokenBudgetBatchSampler, collate
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
+from seq2seq.data.batching import Batch, PairDataset, TokenBudgetBatchSampler, collate
 
 N = 3001
 
@@ -176,7 +176,7 @@ def test_dataloader_batches_stay_within_budget_on_real_data(joint_tokenizer, sli
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_evaluation_shards_hold_every_pair_once_and_cost_about_the_same(world: int) -> None:
-    from seq2seq.batching import eval_shard
+    from seq2seq.data.batching import eval_shard
 
     rng = np.random.default_rng(5)
     src, tgt = rng.integers(1, 60, 1001), rng.integers(1, 60, 1001)

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from seq2seq.checkpoint import inference_state
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
+from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.inference.checkpoint import inference_state
 from seq2seq.kernels.onednn import onednn_works
-from seq2seq.model import Transformer
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.nn.transformer import Transformer
 
 
 def bench_args(slice_dir, run_dir):
@@ -73,7 +73,7 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
 def test_comparison_batches_cover_every_row_once_within_the_target_token_budget():
     import numpy as np
 
-    from seq2seq.bench import comparison_batches
+    from seq2seq.training.bench import comparison_batches
 
     rng = np.random.default_rng(3)
     tgt, src = rng.integers(2, 40, 500), rng.integers(2, 40, 500)
@@ -109,8 +109,8 @@ def test_a_budget_larger_than_the_corpus_takes_its_batches_again_and_compile_run
 def test_row_tokens_packs_the_benchmark_batches_and_counts_flops_per_sentence(
     multi30k_slice, tmp_path, capsys
 ):
-    from seq2seq.batching import collate
-    from seq2seq.bench import sentence_lengths
+    from seq2seq.data.batching import collate
+    from seq2seq.training.bench import sentence_lengths
 
     assert main([*bench_args(multi30k_slice, tmp_path / "bench"), "--row-tokens", "128"]) == 0
     result = json.loads(capsys.readouterr().out)

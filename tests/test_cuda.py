@@ -9,11 +9,11 @@ from test_model import full_and_incremental_logits, random_ids, tiny_model
 from test_search import random_batch
 from test_search import tiny_model as search_model
 
-from seq2seq.batching import collate
 from seq2seq.config import DecodeConfig
-from seq2seq.module import batch_loss
-from seq2seq.optim import build_optimizer
-from seq2seq.search import beam_search, greedy_search
+from seq2seq.data.batching import collate
+from seq2seq.inference.search import beam_search, greedy_search
+from seq2seq.training.module import batch_loss
+from seq2seq.training.optim import build_optimizer
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PAD = 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from seq2seq.config import CleanConfig, CorpusConfig, DataConfig, TokenizerConfig
-from seq2seq.corpus import DataError, read_corpus
-from seq2seq.data import clean, load_splits, tokenize
+from seq2seq.data.pipeline import clean, load_splits, tokenize
+from seq2seq.data.readers import DataError, read_corpus
 
 LONG = " ".join(["A brown dog runs across the green grass"] * 4)
 PAIRS = [

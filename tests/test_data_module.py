@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from seq2seq.batching import Batch
 from seq2seq.config import CorpusConfig, DataConfig, TokenizerConfig
-from seq2seq.datamodule import TranslationDataModule
+from seq2seq.data.batching import Batch
+from seq2seq.data.datamodule import TranslationDataModule
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_lightning_resume_from_a_mid_epoch_checkpoint_continues_at_the_exact_nex
     ids=["text", "sgm", "dataset"],
 )
 def test_a_too_long_evaluation_pair_is_named_in_the_unit_its_file_counts(tmp_path, corpus, named):
-    from seq2seq.datamodule import TranslationDataModule
+    from seq2seq.data.datamodule import TranslationDataModule
 
     module = TranslationDataModule(DataConfig(valid=corpus), tmp_path)
     message = module._too_long("valid", "source", 7, 40, 32)
@@ -192,7 +192,7 @@ def test_ranks_started_together_prepare_the_data_one_at_a_time(
 
     from filelock import FileLock
 
-    from seq2seq.data import load_splits
+    from seq2seq.data.pipeline import load_splits
     from seq2seq.rundir import PREPARE_LOCK
 
     run = tmp_path / "run"

@@ -11,7 +11,7 @@ import datasets
 import pytest
 
 from seq2seq.config import CorpusConfig, DataConfig
-from seq2seq.corpus import DataError, read_corpus
+from seq2seq.data.readers import DataError, read_corpus
 
 PAIRS = [
     ("A man in an orange hat.", "Ein Mann mit einem orangen Hut."),

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-import seq2seq.corpus
+import seq2seq.data.readers
 from seq2seq.config import CorpusConfig, DataConfig, TokenizerConfig
-from seq2seq.data import load_splits
+from seq2seq.data.pipeline import load_splits
 
 
 def _cfg(root: Path, **overrides: object) -> DataConfig:
@@ -60,7 +60,7 @@ def test_tokenizing_in_worker_processes_gives_the_same_ids(
     prepared_run, multi30k_slice: Path, monkeypatch
 ) -> None:
     run, first = prepared_run
-    monkeypatch.setattr(seq2seq.corpus, "MIN_ROWS_PER_PROC", 100)
+    monkeypatch.setattr(seq2seq.data.readers, "MIN_ROWS_PER_PROC", 100)
     cfg = _cfg(multi30k_slice, num_proc=2, cache_dir=str(run / "cache-2proc"))
     two = load_splits(cfg, run)  # same run: the tokenizer is reused, the Arrow caches are new
     assert len(two.valid.cache_files) == 2  # one Arrow shard per worker process

@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 
 from seq2seq.config import DataConfig
-from seq2seq.download import MULTI30K_FILES, DownloadError, download_multi30k, ensure_downloaded
+from seq2seq.data.download import (
+    MULTI30K_FILES,
+    DownloadError,
+    download_multi30k,
+    ensure_downloaded,
+)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

@@ -11,7 +11,7 @@ import sacrebleu
 from conftest import SLICE, read_gz_lines
 
 from seq2seq.cli import main
-from seq2seq.evaluate import LineCountError, evaluate_files, score
+from seq2seq.inference.evaluate import LineCountError, evaluate_files, score
 
 
 @pytest.fixture(scope="module")

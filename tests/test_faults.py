@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq.checkpoint import read_checkpoint
 from seq2seq.cli import main
+from seq2seq.inference.checkpoint import read_checkpoint
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
 
@@ -91,7 +91,7 @@ def test_an_existing_output_is_kept_whole_when_the_input_fails(checkpoint, tmp_p
 def test_a_translation_stopped_midway_leaves_no_output_file(
     checkpoint, tmp_path, monkeypatch, capsys
 ):
-    import seq2seq.translate as translate
+    import seq2seq.inference.translate as translate
 
     src, out = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_text("A dog.\n" * 5)

@@ -16,8 +16,8 @@ import seq2seq.kernels.onednn as onednn
 from seq2seq.config import preset
 from seq2seq.kernels import for_cpu_training
 from seq2seq.kernels.onednn import OneDnnLinear, PackedLinear, use_onednn_linears
-from seq2seq.loss import translation_loss
-from seq2seq.model import FeedForward, Transformer
+from seq2seq.nn.loss import translation_loss
+from seq2seq.nn.transformer import FeedForward, Transformer
 
 needs_onednn = pytest.mark.skipif(not onednn.onednn_works(), reason="torch without oneDNN")
 
@@ -159,7 +159,7 @@ def test_a_packed_projection_gives_f_linear_for_every_row_count():
 
 
 def test_decoding_with_the_packed_projection_gives_the_same_logits():
-    from seq2seq.translate import prepare_model
+    from seq2seq.inference.translate import prepare_model
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).eval()

@@ -61,3 +61,24 @@ def test_kill_9_at_random_moments_then_the_same_command_ends_as_if_never_killed(
             torch.testing.assert_close(got[name], value, rtol=0, atol=0, msg=f"{kill}: {name}")
         assert (run / "results.json").is_file()
         assert_same_history(straight, run)
+
+
+def test_sigterm_stops_training_with_one_line_saying_how_to_resume_and_exit_143(
+    multi30k_slice, tmp_path
+):
+    run = tmp_path / "run"
+    argv = command(multi30k_slice, run)
+    argv[argv.index("30")] = "100000"  # --trainer.max_steps: still training when signalled
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.ckpt").exists():  # training has begun
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 143
+    last = err.strip().splitlines()[-1]
+    assert (
+        last
+        == f"seq2seq train: terminated: run the same command to resume {run} from its last checkpoint"
+    )

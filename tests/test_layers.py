@@ -1,59 +1,68 @@
-"""The layers' import rules, read from the source: the model never imports its speed tricks,
-the data layer never imports the model, training or inference."""
+"""The layers' import rules, read from the source (STYLE.md): the model never imports its speed
+tricks, the data layer never imports the model, training or inference, and decoding never
+imports training or Lightning's loop."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "seq2seq"
 
-#: Modules every layer may use.
-TOP = {"config", "constants", "layout", "rundir", "atomic"}
-#: The layers, by module (until they become subpackages, see STYLE.md).
-NN = {"model", "cache", "loss", "info"}
-KERNELS = {"kernels", "kernels.onednn", "kernels.dropout"}
-DATA = {"corpus", "data", "tokenizer", "download", "batching", "datamodule", "prepare"}
+#: Top-level modules every layer may use.
+TOP = {"config", "constants", "layout", "rundir", "atomic", "recipe"}
+#: What each subpackage may import besides the top level and itself.
+ALLOWED = {
+    "nn": set(),
+    "kernels": set(),
+    "data": set(),
+    "inference": {"nn", "data", "kernels"},
+    "training": {"nn", "data", "kernels", "inference"},
+    "cli": {"nn", "data", "kernels", "inference", "training"},
+}
 
 
-def seq2seq_imports(module: str) -> set[str]:
-    """The seq2seq modules `module` imports (anywhere in the file, lazily too)."""
-    path = PACKAGE.joinpath(*module.split("."))
-    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+def layer_of(dotted: str) -> str:
+    """'seq2seq.nn.loss' -> 'nn'; 'seq2seq.config' -> 'config'."""
+    return dotted.split(".")[1]
+
+
+def imports(path: Path) -> set[str]:
+    """The seq2seq modules a file imports, lazily too (dotted, 'seq2seq.' included)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("seq2seq"):
-            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            found.update(n.removeprefix("seq2seq.") for n in names if _is_module(n))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("seq2seq."):
+            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom) and node.module == "seq2seq":
+            found.update(f"seq2seq.{a.name}" for a in node.names)
         elif isinstance(node, ast.Import):
-            found.update(
-                a.name.removeprefix("seq2seq.") for a in node.names if a.name.startswith("seq2seq.")
-            )
+            found.update(a.name for a in node.names if a.name.startswith("seq2seq."))
     return found
 
 
-def _is_module(dotted: str) -> bool:
-    parts = dotted.split(".")[1:]
-    if not parts:
-        return False
-    target = PACKAGE.joinpath(*parts)
-    return target.with_suffix(".py").is_file() or (target / "__init__.py").is_file()
+@pytest.mark.parametrize("layer", sorted(ALLOWED))
+def test_each_layer_imports_only_the_top_level_itself_and_the_layers_below(layer):
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
+        used = {layer_of(m) for m in imports(path)}
+        wrong = used - TOP - {layer} - ALLOWED[layer]
+        assert not wrong, f"{path.relative_to(PACKAGE)} imports {sorted(wrong)}"
 
 
-def test_the_model_imports_only_the_top_level_and_itself():
-    for module in NN:
-        assert seq2seq_imports(module) <= TOP | NN, module
+def test_the_top_level_modules_import_no_layer():
+    for path in PACKAGE.glob("*.py"):
+        if path.name == "__main__.py":
+            continue
+        used = {layer_of(m) for m in imports(path)}
+        assert used <= TOP, f"{path.name} imports {sorted(used - TOP)}"
 
 
-def test_kernels_import_only_the_top_level_and_each_other():
-    for module in KERNELS:
-        assert seq2seq_imports(module) <= TOP | KERNELS, module
-
-
-def test_the_data_layer_never_imports_the_model_training_or_inference():
-    for module in DATA:
-        assert seq2seq_imports(module) <= TOP | DATA, (module, seq2seq_imports(module) - TOP - DATA)
+def test_decoding_never_imports_lightning():
+    for path in sorted((PACKAGE / "inference").rglob("*.py")):
+        assert "lightning" not in path.read_text(), path.name
 
 
 def test_the_rule_reader_sees_imports():
-    assert "kernels" in seq2seq_imports("module") and "model" in seq2seq_imports("loss")
+    loss = imports(PACKAGE / "nn" / "loss.py")
+    assert "seq2seq.nn.transformer" in loss and "seq2seq.layout" in loss

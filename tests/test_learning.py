@@ -3,8 +3,8 @@
 import torch
 
 from seq2seq.config import ModelConfig
-from seq2seq.loss import translation_loss
-from seq2seq.model import Transformer
+from seq2seq.nn.loss import translation_loss
+from seq2seq.nn.transformer import Transformer
 
 PAD, BOS, EOS, FIRST_SYMBOL, VOCAB = 0, 2, 3, 4, 14
 

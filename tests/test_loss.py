@@ -5,13 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import preset
-from seq2seq.loss import (
-    batch_loss,
+from seq2seq.nn.loss import (
     label_smoothed_cross_entropy,
     projected_cross_entropy,
     translation_loss,
 )
-from seq2seq.model import Transformer
+from seq2seq.nn.transformer import Transformer
+from seq2seq.training.module import batch_loss
 
 PAD = 0
 
@@ -95,7 +95,7 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens, accelerato
     and turned off here as on an accelerator (and so is oneDNN's CPU linear)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from seq2seq.batching import collate
+    from seq2seq.data.batching import collate
 
     class Recorder(TorchDispatchMode):
         def __init__(self):
@@ -124,7 +124,7 @@ def test_training_step_reads_nothing_back_from_the_device(row_tokens, accelerato
 
 
 def test_translation_loss_with_host_positions_equals_the_masked_one():
-    from seq2seq.batching import collate
+    from seq2seq.data.batching import collate
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).double().eval()
@@ -154,7 +154,7 @@ def test_fused_loss_passes_gradcheck():
     torch.manual_seed(1)
     logits = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     target = torch.tensor([1, 2, 3, 4, 5])
-    from seq2seq.loss import _SmoothedCrossEntropy
+    from seq2seq.nn.loss import _SmoothedCrossEntropy
 
     assert torch.autograd.gradcheck(
         lambda x: _SmoothedCrossEntropy.apply(x, target, 0.2)[0], (logits,)
@@ -183,7 +183,7 @@ def projection_problem(N=11, D=5, V=9, bias=True):
 def test_chunked_projection_loss_equals_full_logits_loss_and_gradients(
     monkeypatch, chunk_rows, bias
 ):
-    from seq2seq import loss as loss_module
+    from seq2seq.nn import loss as loss_module
 
     monkeypatch.setitem(loss_module.CHUNK_ELEMENTS, "cpu", chunk_rows * 9)  # rows per chunk
     states, weight, b, target = projection_problem(bias=bias)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from seq2seq.batching import collate
 from seq2seq.config import ModelConfig, preset
-from seq2seq.model import Transformer, sinusoidal_positions
+from seq2seq.data.batching import collate
+from seq2seq.nn.transformer import Transformer, sinusoidal_positions
 
 PAD = 0
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seq2seq.config import OptimConfig
-from seq2seq.optim import build_optimizer, decay_factor, inverse_sqrt_factor, peak_lr
+from seq2seq.training.optim import build_optimizer, decay_factor, inverse_sqrt_factor, peak_lr
 
 
 def paper_lrate(step: int, d_model: int, warmup: int) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import seq2seq.precision as precision
+import seq2seq.training.precision as precision
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from seq2seq.config import CorpusConfig, DataConfig, TokenizerConfig
-from seq2seq.prepare import format_report, prepare
+from seq2seq.data.report import format_report, prepare
 
 
 @pytest.fixture(scope="module")

@@ -6,11 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from seq2seq.batching import collate
 from seq2seq.config import preset
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
-from seq2seq.model import Transformer
-from seq2seq.module import batch_loss
+from seq2seq.data.batching import collate
+from seq2seq.nn.transformer import Transformer
+from seq2seq.training.module import batch_loss
 
 
 def pairs(n=9, seed=0):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import DecodeConfig, preset
-from seq2seq.model import Memory, Transformer
-from seq2seq.search import BOS, EOS, PAD, beam_search, greedy_search, search
+from seq2seq.inference.search import BOS, EOS, PAD, beam_search, greedy_search, search
+from seq2seq.nn.transformer import Memory, Transformer
 
 A, B = 4, 5  # the two ordinary tokens of the scripted vocabulary {pad, unk, bos, eos, A, B}
 
@@ -274,7 +274,7 @@ def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch)
         model, "project", lambda s: projected_rows.append(len(s)) or project(s)
     )
     row_bytes = model.tgt_vocab_size * 8  # float64
-    monkeypatch.setattr("seq2seq.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)
+    monkeypatch.setattr("seq2seq.inference.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)
     pieces = search(model, src, settings)
     assert max(projected_rows) == 2 and len(projected_rows) > 2 * len(whole)
     assert [[h.tokens for h in hyps] for hyps in pieces] == [

@@ -9,7 +9,7 @@ import pytest
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.data.tokenizer import Tokenizer
 
 
 def _never_read():

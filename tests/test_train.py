@@ -15,11 +15,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from seq2seq.checkpoint import load_model, read_checkpoint
 from seq2seq.cli import main
+from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.inference.checkpoint import load_model, read_checkpoint
 from seq2seq.recipe import load_recipe
-from seq2seq.tokenizer import Tokenizer
-from seq2seq.train import RunDirError, train
+from seq2seq.training.train import RunDirError, train
 
 RECIPE = str(Path(__file__).parents[1] / "recipes" / "multi30k_en_de.yaml")
 
@@ -114,14 +114,14 @@ def test_a_tiny_run_trains_its_loss_falls_and_it_writes_checkpoints_and_results(
         assert 0.0 <= results[split]["bleu"] <= 100.0
         assert results[split]["bleu_signature"].startswith("nrefs:1|")
         assert "chrf" in results[split]
-    from seq2seq.plot import read_metrics
+    from seq2seq.training.plot import read_metrics
 
     losses = [value for _, value in read_metrics(run)["train_loss"]]
     assert len(losses) >= 5 and losses[-1] < losses[0] - 1.0
 
 
 def test_the_final_update_is_validated_when_max_steps_is_off_the_interval(multi30k_slice, tmp_path):
-    from seq2seq.plot import read_metrics
+    from seq2seq.training.plot import read_metrics
 
     extra = ("--trainer.max_steps", "25", "--trainer.average_last", "0")
     results = train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
@@ -169,7 +169,7 @@ def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
     train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), straight)
 
     resumed = tmp_path / "resumed"
-    import seq2seq.train as train_module
+    import seq2seq.training.train as train_module
 
     original = train_module.build_trainer
 
@@ -202,7 +202,7 @@ def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
 def assert_same_history(straight: Path, resumed: Path) -> None:
     """The resumed run's joined logs hold the uninterrupted run's history: the same steps
     for every metric, and the same values for those that do not measure time."""
-    from seq2seq.plot import read_metrics
+    from seq2seq.training.plot import read_metrics
 
     a, b = read_metrics(straight), read_metrics(resumed)
     assert sorted(a) == sorted(b)
@@ -223,7 +223,7 @@ def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_sli
         "--data.tokenizer.vocab_size",
         "300",  # ignored: fine-tuning keeps the model's vocabulary
     )
-    import seq2seq.train as train_module
+    import seq2seq.training.train as train_module
 
     seen = {}
     original = train_module.build_trainer
@@ -252,7 +252,7 @@ def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_sli
 
 
 def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path):
-    import seq2seq.train as train_module
+    import seq2seq.training.train as train_module
 
     original = train_module.build_trainer
 
@@ -306,8 +306,8 @@ def test_the_logged_training_loss_is_the_token_weighted_mean_since_the_last_log(
     """Each training update's loss is replaced by its number (1, 2, ...), with gradient zero:
     the train_loss logged every 5 updates must be the mean over those 5 updates, weighted by
     their target tokens, not the last batch's value."""
-    import seq2seq.module as module_file
-    from seq2seq.plot import read_metrics
+    import seq2seq.training.module as module_file
+    from seq2seq.training.plot import read_metrics
 
     real_loss = module_file.batch_loss
     tokens = []
@@ -336,7 +336,7 @@ def test_the_logged_training_loss_is_the_token_weighted_mean_since_the_last_log(
 def test_a_nan_loss_stops_with_one_clear_line_and_keeps_the_last_good_checkpoint(
     multi30k_slice, tmp_path, monkeypatch, capsys
 ):
-    import seq2seq.module as module_file
+    import seq2seq.training.module as module_file
 
     real_loss = module_file.batch_loss
     calls = {"n": 0}
@@ -400,7 +400,7 @@ def test_a_time_limited_run_shows_steps_of_max_steps_and_the_time_left(
 
 
 def test_out_of_memory_suggests_a_smaller_max_tokens(multi30k_slice, tmp_path, monkeypatch, capsys):
-    import seq2seq.module as module_file
+    import seq2seq.training.module as module_file
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -441,7 +441,7 @@ def test_a_rank_with_a_finite_loss_stops_when_another_rank_saw_nan():
     from types import SimpleNamespace
 
     from seq2seq.config import DecodeConfig, OptimConfig, preset
-    from seq2seq.module import NonFiniteLossError, TranslationModule
+    from seq2seq.training.module import NonFiniteLossError, TranslationModule
 
     module = TranslationModule(
         preset("tiny", src_vocab_size=20, tgt_vocab_size=20), OptimConfig(), DecodeConfig(), {}
@@ -486,7 +486,7 @@ def test_a_validation_line_longer_than_max_positions_is_named_before_training(
     )
     assert found, str(err.value)
     src_file, tgt_file, line, side, tokens = found.groups()
-    from seq2seq.tokenizer import Tokenizer
+    from seq2seq.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tmp_path / "run")
     path = multi30k_slice / (src_file if side == "source" else tgt_file)
@@ -613,7 +613,7 @@ def test_keep_last_keeps_the_last_validations_and_average_last_averages_them(
 
 def crashed_run(multi30k_slice, tmp_path, crash_at: int, *extra: str) -> Path:
     """A run killed (no clean shutdown) after `crash_at` updates."""
-    import seq2seq.train as train_module
+    import seq2seq.training.train as train_module
 
     run, original = tmp_path / "run", train_module.build_trainer
 
@@ -676,7 +676,7 @@ class InterruptAt(Callback):
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(multi30k_slice, tmp_path, capsys, monkeypatch):
-    import seq2seq.train as train_module
+    import seq2seq.training.train as train_module
 
     original = train_module.build_trainer
 
@@ -714,7 +714,7 @@ def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
 def test_a_finished_run_trains_further_with_a_larger_max_steps_and_rescores(
     multi30k_slice, tmp_path
 ):
-    from seq2seq.plot import read_metrics
+    from seq2seq.training.plot import read_metrics
 
     run = tmp_path / "run"
     short = ("--trainer.val_check_interval", "10", "--trainer.average_last", "0")

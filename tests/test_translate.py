@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import SLICE, read_gz_lines
 
-import seq2seq.translate as translate
-from seq2seq.checkpoint import load_model
+import seq2seq.inference.translate as translate
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig
+from seq2seq.inference.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_a_last_line_without_newline_and_crlf_endings_count_as_lines(tmp_path, c
 
 def test_over_long_line_is_truncated_with_a_warning_naming_it(tmp_path, checkpoint, caplog):
     long = " ".join(["A man in a red shirt."] * 20)  # far more than 48 pieces
-    with caplog.at_level(logging.WARNING, logger="seq2seq.translate"):
+    with caplog.at_level(logging.WARNING, logger="seq2seq.inference.translate"):
         code, out = run_translate(tmp_path, checkpoint, f"A dog.\n{long}\nA cat.\n".encode())
     assert code == 0 and len(out) == 3
     assert any("in.txt:2:" in r.message and "truncated" in r.message for r in caplog.records)
@@ -182,7 +182,7 @@ def test_attention_heatmaps_are_written_one_per_translated_line(tmp_path, checkp
 
 
 def test_cross_attention_rows_are_distributions_over_real_source_tokens(checkpoint):
-    from seq2seq.attention_plot import cross_attention
+    from seq2seq.inference.attention import cross_attention
 
     model = load_model(checkpoint).model
     src = torch.tensor([[20, 21, 3, 0, 0], [20, 21, 22, 23, 3]])
@@ -216,7 +216,7 @@ def test_evaluate_with_a_model_translates_then_scores(tmp_path, checkpoint, caps
 
 
 def test_an_averaged_checkpoint_translates_like_its_source(tmp_path, checkpoint):
-    from seq2seq.average import average_checkpoints
+    from seq2seq.training.average import average_checkpoints
 
     averaged = average_checkpoints([checkpoint, checkpoint], tmp_path / "avg.ckpt")
     data = b"A dog runs.\nTwo men are talking.\n"

@@ -112,7 +112,7 @@ def _onednn_matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None, relu: bool)
 def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool = False) -> Tensor:
     """x (M, K) @ weight.T (K, N) + bias (N,), then ReLU if asked -> (M, N); no autograd.
     `weight` may be any strided view (the input gradient passes `weight.t()`). The loss's
-    fused output projection takes this in training (`seq2seq.loss`)."""
+    fused output projection takes this in training (`seq2seq.nn.loss`)."""
     if onednn_works() and uses_onednn(x, weight):
         return _onednn_matmul_t(x, weight, bias, relu)
     y = F.linear(x, weight, bias)
@@ -122,7 +122,7 @@ def matmul_t(x: Tensor, weight: Tensor, bias: Tensor | None = None, relu: bool =
 class OneDnnLinear(nn.Linear):
     """`nn.Linear` (same parameters, same state_dict), trained through oneDNN in float32 on a
     CPU, with an optional fused ReLU. As the output layer it also lends the loss its kernel
-    for the fused projection (`matmul_t`, see `seq2seq.loss.translation_loss`)."""
+    for the fused projection (`matmul_t`, see `seq2seq.nn.loss.translation_loss`)."""
 
     matmul_t = staticmethod(matmul_t)
 

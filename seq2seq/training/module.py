@@ -18,13 +18,13 @@ import time
 import lightning as L
 import torch
 
-from seq2seq.batching import Batch
-from seq2seq.checkpoint import KEY, inference_state
 from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig
+from seq2seq.data.batching import Batch
+from seq2seq.inference.checkpoint import KEY, inference_state
 from seq2seq.kernels import for_cpu_training
-from seq2seq.loss import LossOutput, translation_loss
-from seq2seq.model import Transformer
-from seq2seq.optim import build_optimizer
+from seq2seq.nn.loss import LossOutput, translation_loss
+from seq2seq.nn.transformer import Transformer
+from seq2seq.training.optim import build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,13 +173,13 @@ class TranslationModule(L.LightningModule):
             self._hyps[index] = hyp
 
     def _translate(self, src: torch.Tensor) -> list[list[int]]:
-        from seq2seq.search import search
+        from seq2seq.inference.search import search
 
         results = search(self.model, src, self.val_decode, self.model_cfg.max_positions)
         return [hypotheses[0].tokens for hypotheses in results]
 
     def on_validation_epoch_end(self) -> None:
-        from seq2seq.evaluate import score
+        from seq2seq.inference.evaluate import score
 
         sums, hyps = self._gather_validation()
         loss, nll, n = sums

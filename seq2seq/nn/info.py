@@ -7,7 +7,7 @@ embeddings + N x encoder layer + N x decoder layer (+ final LayerNorms, untied o
 from __future__ import annotations
 
 from seq2seq.config import ModelConfig
-from seq2seq.model import Transformer
+from seq2seq.nn.transformer import Transformer
 
 COMPONENTS = (
     "embeddings",

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seq2seq.layout import Rows
-from seq2seq.model import Transformer
+from seq2seq.nn.transformer import Transformer
 
 
 @dataclass

@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from seq2seq.cache import DecoderCache
 from seq2seq.config import DecodeConfig
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from seq2seq.model import Memory
+from seq2seq.nn.cache import DecoderCache
+from seq2seq.nn.transformer import Memory
 
 PAD, UNK, BOS, EOS = PAD_ID, UNK_ID, BOS_ID, EOS_ID  # short names for the search code
 
 
 class Decoder(Protocol):
-    """What search needs from a model (seq2seq.model.Transformer is one)."""
+    """What search needs from a model (seq2seq.nn.transformer.Transformer is one)."""
 
     tgt_vocab_size: int
 
@@ -66,7 +66,7 @@ class Hypothesis:
     log_prob: float
     """Sum of the log-probabilities of the tokens and the final EOS."""
     attention: Tensor | None = field(default=None, repr=False)
-    """Cross-attention (len(tokens) + 1, S), filled only on request (seq2seq.attention_plot)."""
+    """Cross-attention (len(tokens) + 1, S), filled only on request (seq2seq.inference.attention)."""
 
 
 def length_penalty(length: int, alpha: float) -> float:

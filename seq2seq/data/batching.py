@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
-from seq2seq.data import id_lengths
+from seq2seq.data.pipeline import id_lengths
 from seq2seq.layout import Rows
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ import numpy as np
 from datasets import Dataset
 
 from seq2seq.config import DataConfig
-from seq2seq.data import PreparedData, id_lengths, load_splits, text_hash
-from seq2seq.download import ensure_downloaded
+from seq2seq.data.download import ensure_downloaded
+from seq2seq.data.pipeline import PreparedData, id_lengths, load_splits, text_hash
 
 _PERCENTILES = (50, 90, 99)
 _EXAMPLES = 3

@@ -128,8 +128,8 @@ def translate_and_score(
     lowercase: bool = False,
 ) -> dict[str, tuple[Score, str]]:
     """Translate `src` with the model's saved decoding defaults, then score against `ref`."""
-    from seq2seq.checkpoint import load_model
-    from seq2seq.translate import prepare_model, translate_texts
+    from seq2seq.inference.checkpoint import load_model
+    from seq2seq.inference.translate import prepare_model, translate_texts
 
     sources, refs = read_text(src), read_text(ref)
     check_aligned(sources, src, refs, ref)
@@ -140,7 +140,7 @@ def translate_and_score(
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
-    """The `seq2seq evaluate` command (arguments: seq2seq.cli_decode.add_evaluate)."""
+    """The `seq2seq evaluate` command (arguments: seq2seq.cli.decode.add_evaluate)."""
     if (args.hyp is None) == (args.model is None) or (args.model is None) != (args.src is None):
         raise ValueError("give either --hyp, or -m/--model with --src")
     if args.hyp is not None:

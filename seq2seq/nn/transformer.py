@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seq2seq.cache import DecoderCache, LayerCache
 from seq2seq.config import ModelConfig
 from seq2seq.layout import Packing, Rows
+from seq2seq.nn.cache import DecoderCache, LayerCache
 
 
 # --- 3.5 Positional encoding ----------------------------------------------------------------

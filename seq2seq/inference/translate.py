@@ -14,7 +14,7 @@ n-best output (`--nbest N`): for every input line, up to N lines
     index ||| score ||| hypothesis
 
 best first, where index is the 0-based input line and score the length-penalized
-log-probability (see seq2seq.search). A blank input line gives one line `index ||| 0.0000 ||| `.
+log-probability (see seq2seq.inference.search). A blank input line gives one line `index ||| 0.0000 ||| `.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from seq2seq.atomic import atomic_file
 from seq2seq.config import DecodeConfig
+from seq2seq.inference.search import EOS, PAD, Hypothesis, search
 from seq2seq.kernels.onednn import use_packed_projection
-from seq2seq.model import Transformer
-from seq2seq.search import EOS, PAD, Hypothesis, search
+from seq2seq.nn.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,10 @@ def translate_stream(
 
 
 def translate_cli(args: argparse.Namespace) -> int:
-    """The `seq2seq translate` command (arguments: seq2seq.cli_decode.add_translate)."""
+    """The `seq2seq translate` command (arguments: seq2seq.cli.decode.add_translate)."""
     from tqdm import tqdm
 
-    from seq2seq.checkpoint import load_model
+    from seq2seq.inference.checkpoint import load_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     check_not_same_file(args.input, args.output)
@@ -327,7 +327,7 @@ def translate_cli(args: argparse.Namespace) -> int:
 
 
 def _write_attention(model, tokenizer, chunk: list[Translation], folder: Path) -> None:
-    from seq2seq.attention_plot import save_heatmap
+    from seq2seq.inference.attention import save_heatmap
 
     for t in chunk:
         if t.hypotheses:

@@ -17,7 +17,8 @@ import torch
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from seq2seq.batching import (
+from seq2seq.config import DataConfig
+from seq2seq.data.batching import (
     Batch,
     PairDataset,
     RowSubsetBatches,
@@ -26,12 +27,11 @@ from seq2seq.batching import (
     collate,
     eval_shard,
 )
-from seq2seq.config import DataConfig
-from seq2seq.corpus import is_sgm
-from seq2seq.data import PreparedData, load_splits
-from seq2seq.download import ensure_downloaded
+from seq2seq.data.download import ensure_downloaded
+from seq2seq.data.pipeline import PreparedData, load_splits
+from seq2seq.data.readers import is_sgm
+from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.rundir import PREPARE_LOCK
-from seq2seq.tokenizer import Tokenizer
 
 
 class TranslationDataModule(L.LightningDataModule):

@@ -274,7 +274,7 @@ def _dataset_pairs(
     return {"src": [(s or "").strip() for s in src], "tgt": [(t or "").strip() for t in tgt]}
 
 
-# ---- caches and worker processes (shared with seq2seq.data) ----------------------------
+# ---- caches and worker processes (shared with seq2seq.data.pipeline) ----------------------------
 
 
 def cache_key(*parts: object) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from seq2seq.config import DecodeConfig, ModelConfig
-from seq2seq.model import Transformer
+from seq2seq.nn.transformer import Transformer
 from seq2seq.rundir import RunDir
 
 KEY = "seq2seq"
@@ -114,14 +114,14 @@ class LoadedModel:
     """Everything needed to translate raw text."""
 
     model: Transformer
-    tokenizer: object  # seq2seq.tokenizer.Tokenizer (imported lazily: keeps start-up fast)
+    tokenizer: object  # seq2seq.data.tokenizer.Tokenizer (imported lazily: keeps start-up fast)
     decode: DecodeConfig
     path: Path
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a run directory's chosen checkpoint (see `resolve_checkpoint`) or a checkpoint file."""
-    from seq2seq.tokenizer import Tokenizer
+    from seq2seq.data.tokenizer import Tokenizer
 
     file = resolve_checkpoint(path)
     ckpt = read_checkpoint(file)

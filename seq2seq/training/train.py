@@ -1,6 +1,6 @@
 """`seq2seq train`: a recipe in, a trained model and its scores out. Resumable at any moment.
 
-The run directory's layout is documented in `seq2seq/checkpoint.py`. Running the same
+The run directory's layout is documented in `seq2seq/rundir.py`. Running the same
 command on an existing run directory resumes from checkpoints/last.ckpt (model, optimizer,
 schedule, RNG states, data position); a finished run (results.json present) is not
 overwritten unless asked.
@@ -26,21 +26,21 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq import rundir
 from seq2seq.atomic import temporary_name, write_atomically
-from seq2seq.checkpoint import (
+from seq2seq.config import Recipe
+from seq2seq.data.tokenizer import Tokenizer
+from seq2seq.inference.checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     load_model,
     read_checkpoint,
     resolve_checkpoint,
 )
-from seq2seq.config import Recipe
-from seq2seq.module import TranslationModule
-from seq2seq.optim import schedule_factor
-from seq2seq.precision import resolve_precision
-from seq2seq.progress import StepProgressBar
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.rundir import RunDir
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.training.module import TranslationModule
+from seq2seq.training.optim import schedule_factor
+from seq2seq.training.precision import resolve_precision
+from seq2seq.training.progress import StepProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class CurvesCallback(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero and not trainer.sanity_checking:
-            from seq2seq.plot import plot_run
+            from seq2seq.training.plot import plot_run
 
             for logger in trainer.loggers:
                 logger.save()
@@ -341,7 +341,7 @@ def train(
     overwrite: bool = False,
 ) -> dict:
     """Train (or resume) the run in `run_dir`; return the results written to results.json."""
-    from seq2seq.datamodule import TranslationDataModule
+    from seq2seq.data.datamodule import TranslationDataModule
 
     run_dir = Path(run_dir)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
@@ -418,9 +418,9 @@ def train(
 def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall: float) -> dict:
     """Average checkpoints if asked, score valid and test with the chosen model (the recipe's
     decoding defaults, and greedy beside them), write results.json."""
-    from seq2seq.average import average_checkpoints
-    from seq2seq.evaluate import score
-    from seq2seq.translate import translate_texts
+    from seq2seq.inference.evaluate import score
+    from seq2seq.inference.translate import translate_texts
+    from seq2seq.training.average import average_checkpoints
 
     if recipe.trainer.average_last > 1:
         run = RunDir(run_dir)

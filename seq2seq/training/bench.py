@@ -27,9 +27,9 @@ import yaml
 from seq2seq.config import ModelConfig, Recipe, preset
 from seq2seq.kernels import for_cpu_training
 from seq2seq.kernels.onednn import onednn_works
-from seq2seq.model import Transformer
-from seq2seq.module import batch_loss
-from seq2seq.optim import build_optimizer
+from seq2seq.nn.transformer import Transformer
+from seq2seq.training.module import batch_loss
+from seq2seq.training.optim import build_optimizer
 
 #: Multi30k en-de with a joint 8k vocabulary: the data every bench runs on.
 MULTI30K = {
@@ -82,9 +82,9 @@ def training_batches(
     as the peers' scripts cut them, and the tokenizer. When the corpus cuts into fewer than
     `n` batches (large GPU budgets), they are taken again in the same order. With
     `row_tokens`, each batch's pairs share rows (`collate`)."""
-    from seq2seq.batching import PairDataset, batch_lengths, collate
-    from seq2seq.data import load_splits
-    from seq2seq.download import ensure_downloaded
+    from seq2seq.data.batching import PairDataset, batch_lengths, collate
+    from seq2seq.data.download import ensure_downloaded
+    from seq2seq.data.pipeline import load_splits
 
     ensure_downloaded(recipe.data)
     prepared = load_splits(recipe.data, run_dir)
@@ -202,9 +202,9 @@ def measure_decoding(
 ) -> dict:
     """Greedy and beam-5 speed and BLEU over the test sentences, with a trained model, and
     beam search's stopping rule `stop` (default: the model's)."""
-    from seq2seq.checkpoint import load_model
-    from seq2seq.evaluate import read_text, score
-    from seq2seq.translate import prepare_model, translate_texts
+    from seq2seq.inference.checkpoint import load_model
+    from seq2seq.inference.evaluate import read_text, score
+    from seq2seq.inference.translate import prepare_model, translate_texts
 
     test, root = recipe.data.test, recipe.data.root
     sources = read_text(os.path.join(root, test.src))

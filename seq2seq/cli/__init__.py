@@ -26,7 +26,7 @@ def _add_model_choice(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.info import describe, format_breakdown
+    from seq2seq.nn.info import describe, format_breakdown
     from seq2seq.recipe import model_config_for
 
     cfg = model_config_for(args.recipe, args.preset, args.vocab_size, overrides)
@@ -40,7 +40,7 @@ def _cmd_info(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_prepare(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.prepare import format_report, prepare
+    from seq2seq.data.report import format_report, prepare
     from seq2seq.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, overrides)
@@ -56,7 +56,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(dump_recipe(recipe), end="")
         return 0
-    from seq2seq.train import Interrupted, train
+    from seq2seq.training.train import Interrupted, train
 
     run_dir = args.run_dir or _default_run_dir(args.recipe)
     try:
@@ -77,32 +77,32 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.plot import plot_run
+    from seq2seq.training.plot import plot_run
 
     print(plot_run(args.run_dir))
     return 0
 
 
 def _cmd_translate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.translate import translate_cli
+    from seq2seq.inference.translate import translate_cli
 
     return translate_cli(args)
 
 
 def _cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.evaluate import evaluate_cli
+    from seq2seq.inference.evaluate import evaluate_cli
 
     return evaluate_cli(args)
 
 
 def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.average import average_cli
+    from seq2seq.training.average import average_cli
 
     return average_cli(args)
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    from seq2seq.bench import bench_cli
+    from seq2seq.training.bench import bench_cli
 
     return bench_cli(args, overrides)
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(handler=_cmd_plot)
 
-    from seq2seq.cli_decode import add_average, add_bench, add_evaluate, add_translate
+    from seq2seq.cli.decode import add_average, add_bench, add_evaluate, add_translate
 
     add_translate(sub, _cmd_translate)
     add_evaluate(sub, _cmd_evaluate)

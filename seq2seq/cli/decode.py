@@ -8,7 +8,7 @@ from collections.abc import Callable
 from seq2seq.config import STOP_RULES
 
 Handler = Callable[[argparse.Namespace, list[str]], int]
-#: Decoding precisions (seq2seq.translate.prepare_model); int8 is CPU-only dynamic quantization.
+#: Decoding precisions (seq2seq.inference.translate.prepare_model); int8 is CPU-only dynamic quantization.
 DECODE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 

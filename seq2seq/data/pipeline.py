@@ -1,8 +1,8 @@
-"""Tokenize and clean the parallel corpora that `seq2seq.corpus` reads; `load_splits` runs the
+"""Tokenize and clean the parallel corpora that `seq2seq.data.readers` reads; `load_splits` runs the
 whole path for a run: read every split, train (or reuse) the tokenizer, tokenize, clean.
 
 Tokenized splits are Arrow files too (`datasets.map`, cached under `data.cache_dir`); cleaning
-reports what it dropped and why. Bad input raises `DataError` (from `seq2seq.corpus`).
+reports what it dropped and why. Bad input raises `DataError` (from `seq2seq.data.readers`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value
 
 from seq2seq.config import CleanConfig, DataConfig
-from seq2seq.corpus import TEXT, DataError, cache_key, read_corpus, worker_processes
-from seq2seq.tokenizer import Tokenizer
+from seq2seq.data.readers import TEXT, DataError, cache_key, read_corpus, worker_processes
+from seq2seq.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     `load_splits(cfg: DataConfig, run_dir: str | PathLike) -> PreparedData`. The tokenizer is
     trained on a sample of the stripped training pairs and saved in `run_dir` (reused when
     present); Arrow caches go to `cfg.cache_dir` (default `<run_dir>/cache`), so a second call
-    with the same inputs only memory-maps files. Download (`seq2seq.download`) happens before.
+    with the same inputs only memory-maps files. Download (`seq2seq.data.download`) happens before.
 
     Raises:
         DataError: a missing, unreadable or misaligned file, or no training pair left.

@@ -18,8 +18,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from seq2seq.model import CrossAttention, Memory, Transformer, split_heads
-from seq2seq.search import BOS, EOS
+from seq2seq.inference.search import BOS, EOS
+from seq2seq.nn.transformer import CrossAttention, Memory, Transformer, split_heads
 
 
 def _weights(module: CrossAttention, x: Tensor, memory: Memory) -> Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from seq2seq.checkpoint import KEY, CheckpointError, read_checkpoint
+from seq2seq.inference.checkpoint import KEY, CheckpointError, read_checkpoint
 from seq2seq.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def average_checkpoints(paths: list[Path], output: Path) -> Path:
 
 
 def average_cli(args: argparse.Namespace) -> int:
-    """The `seq2seq average` command (arguments: seq2seq.cli_decode.add_average)."""
+    """The `seq2seq average` command (arguments: seq2seq.cli.decode.add_average)."""
     if bool(args.run_dir) == bool(args.checkpoints):
         raise ValueError("give either checkpoint files or --run-dir (with --last N)")
     if args.run_dir:

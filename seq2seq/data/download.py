@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from seq2seq.config import DataConfig
-from seq2seq.corpus import DataError
+from seq2seq.data.readers import DataError
 
 log = logging.getLogger(__name__)
 

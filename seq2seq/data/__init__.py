@@ -1,0 +1,1 @@
+"""Corpora in, batches out: readers, the cleaning and tokenizing pipeline, SentencePiece, downloads, batching, the Lightning data module and the prepare report. Never imports nn, training or inference."""

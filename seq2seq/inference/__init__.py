@@ -1,0 +1,1 @@
+"""Decoding: safe checkpoint loading, search, translate, evaluate and attention heatmaps."""
