@@ -127,7 +127,9 @@ def test_an_op_whose_signature_changed_leaves_the_plain_layers(monkeypatch, fres
         return F.linear(x, weight, bias)
 
     real = onednn._op
-    monkeypatch.setattr(onednn, "_op", lambda name: changed if name == "_linear_pointwise" else real(name))
+    monkeypatch.setattr(
+        onednn, "_op", lambda name: changed if name == "_linear_pointwise" else real(name)
+    )
     model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30))
     with pytest.warns(RuntimeWarning, match="_linear_pointwise"):
         assert use_onednn_linears(model) == 0
@@ -171,3 +173,12 @@ def test_decoding_with_the_packed_projection_gives_the_same_logits():
             prepared = prepare_model(model, "cpu", "fp32", pack_projection=True)
         assert isinstance(prepared.generator, PackedLinear) or not onednn.packing_works()
         torch.testing.assert_close(prepared.project(states), want, rtol=1e-5, atol=1e-5)
+
+
+def test_probing_the_ops_leaves_torchs_random_stream_alone(fresh_probes):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    onednn.onednn_works()
+    onednn.packing_works()
+    assert torch.equal(torch.rand(3), expected)

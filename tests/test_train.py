@@ -168,22 +168,7 @@ def test_an_interrupted_then_resumed_run_ends_with_the_same_parameters(
     straight = tmp_path / "straight"
     train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), straight)
 
-    resumed = tmp_path / "resumed"
-    import seq2seq.training.train as train_module
-
-    original = train_module.build_trainer
-
-    def crashing_trainer(recipe, run_dir):
-        trainer = original(recipe, run_dir)
-        trainer.callbacks.append(CrashAt(crash_at))
-        return trainer
-
-    train_module.build_trainer = crashing_trainer
-    try:
-        with pytest.raises(SystemError, match="simulated crash"):
-            train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), resumed)
-    finally:
-        train_module.build_trainer = original
+    resumed = crashed_run(multi30k_slice, tmp_path, crash_at, *extra)
     saved = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
     assert saved["global_step"] == val_every
     with warnings.catch_warnings(record=True) as caught:

@@ -46,13 +46,25 @@ def _op(name: str):
     return getattr(getattr(torch.ops, "mkldnn", None), name, None)
 
 
+def _probe_case() -> tuple[Tensor, Tensor, Tensor]:
+    """A small x, weight, bias from a generator of its own: probing must not move torch's
+    global random stream, or a run would train differently depending on whether the probe
+    had already run in its process (a resumed run would not replay exactly)."""
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(3, 8, generator=g),
+        torch.randn(5, 8, generator=g),
+        torch.randn(5, generator=g),
+    )
+
+
 @functools.cache
 def onednn_works() -> bool:
     """Whether `torch.ops.mkldnn._linear_pointwise` exists here and computes x @ w.T + b
     (then ReLU) with the signature this module calls; warns once when it does not."""
     if os.environ.get("SEQ2SEQ_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
         return False
-    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    x, w, b = _probe_case()
     try:
         y = _op("_linear_pointwise")(x, w, b, "relu", [], "")
         ok = torch.allclose(y, F.linear(x, w, b).relu(), atol=1e-5)
@@ -74,7 +86,7 @@ def packing_works() -> bool:
     `_linear_pointwise` then multiplies correctly; warns once when it does not."""
     if not onednn_works():
         return False
-    x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    x, w, b = _probe_case()
     try:
         packed = _op("_reorder_linear_weight")(w, 256)
         y = _op("_linear_pointwise")(x, packed, b, "none", [], "")
@@ -143,7 +155,9 @@ class OneDnnLinear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
-        grads = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
+        grads = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params)
+        )
         if grads and uses_onednn(x, self.weight):
             return _OneDnnLinear.apply(x, self.weight, self.bias, self.relu)
         y = F.linear(x, self.weight, self.bias)
