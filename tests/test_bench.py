@@ -136,3 +136,25 @@ def test_a_count_below_its_minimum_is_one_clear_line(option, value, message, cap
         main(["bench", option, value])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_the_bench_trains_with_the_recipes_label_smoothing_and_schedule(monkeypatch):
+    import seq2seq.training.bench as bench
+    from seq2seq.config import OptimConfig
+    from seq2seq.data.batching import collate
+
+    seen = []
+    real = bench.batch_loss
+
+    def recording(model, batch, epsilon):
+        seen.append(epsilon)
+        return real(model, batch, epsilon)
+
+    monkeypatch.setattr(bench, "batch_loss", recording)
+    cfg = preset("tiny", src_vocab_size=30, tgt_vocab_size=30)
+    batches = [collate([(0, [5, 6, 3], [7, 8]), (1, [9, 3], [10])]) for _ in range(3)]
+    optim = OptimConfig(lr=1e-3, warmup_steps=1, schedule="linear", label_smoothing=0.3)
+    result = bench.measure_training(
+        cfg, batches, torch.device("cpu"), "32-true", 1, optim=optim, max_steps=5
+    )
+    assert seen == [0.3, 0.3, 0.3] and result["measured_steps"] == 2

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from seq2seq.config import ModelConfig, Recipe, preset
+from seq2seq.config import ModelConfig, OptimConfig, Recipe, preset
 from seq2seq.kernels import for_cpu_training
 from seq2seq.kernels.onednn import onednn_works
 from seq2seq.nn.transformer import Transformer
@@ -140,14 +140,19 @@ def measure_training(
     precision: str,
     warmup: int,
     compile_model: bool = False,
+    optim: OptimConfig | None = None,
+    max_steps: int | None = None,
 ) -> dict:
-    """Time real optimizer steps; the first `warmup` steps are not counted (with
-    `compile_model`, they include torch.compile's compilations)."""
+    """Time real optimizer steps, with the recipe's optimizer, schedule and label smoothing
+    (`optim`, its decay ending at `max_steps`; the defaults without one) and the kernels `seq2seq train` swaps in; the first
+    `warmup` steps are not counted (with `compile_model`, they include torch.compile's
+    compilations)."""
+    optim = optim or OptimConfig()
     torch.manual_seed(0)
     model = Transformer(cfg).to(device).train()
     for_cpu_training(model, device)  # as `seq2seq train` does at fit time
     forward = torch.compile(model, dynamic=True) if compile_model else model
-    optimizer, schedule = build_optimizer(model.parameters(), Recipe().optim, cfg.d_model)
+    optimizer, schedule = build_optimizer(model.parameters(), optim, cfg.d_model, max_steps)
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
     records = []
@@ -158,7 +163,7 @@ def measure_training(
         start = time.perf_counter()
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            loss = batch_loss(forward, batch, 0.1).loss
+            loss = batch_loss(forward, batch, optim.label_smoothing).loss
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -268,7 +273,18 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
     cpu_fp32 = device.type == "cpu" and args.precision == "32-true" and not args.compile
     onednn = cpu_fp32 and onednn_works()
     result["cpu_linear"] = "onednn" if onednn else "torch"
-    result.update(measure_training(cfg, batches, device, args.precision, args.warmup, args.compile))
+    result.update(
+        measure_training(
+            cfg,
+            batches,
+            device,
+            args.precision,
+            args.warmup,
+            args.compile,
+            recipe.optim,
+            recipe.trainer.max_steps,
+        )
+    )
     if args.model:
         result.update(
             measure_decoding(args.model, recipe, device, args.decode_precision, args.stop)
