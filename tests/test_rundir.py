@@ -82,3 +82,13 @@ def test_an_atomic_write_leaves_the_old_file_when_it_fails(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_the_joined_log_reads_a_last_attempt_that_logged_nothing(tmp_path):
+    from seq2seq.training.plot import read_metrics
+
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    run.metrics.write_text("step,val_bleu\n10,1.0\n20,2.0\n")
+    run.keep_metrics_for_resume(20)  # resumed at max_steps: nothing more is logged
+    assert read_metrics(tmp_path)["val_bleu"] == [(10, 1.0), (20, 2.0)]

@@ -14,13 +14,16 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
     earlier attempt's rows count up to the step the next attempt resumed from (the later
     ones were trained again), so a resumed run reads like an uninterrupted one."""
     run = RunDir(run_dir)
-    if not run.metrics.is_file():
+    parts = [*run.earlier_metrics(), (None, run.metrics)]
+    if not any(path.is_file() for _, path in parts):
         raise FileNotFoundError(
             f"{run.metrics}: no metrics logged yet (is {run_dir} a run directory?)"
         )
     rows: list[tuple[int, str, float]] = []
-    for until, path in [*run.earlier_metrics(), (None, run.metrics)]:
-        rows += _rows(path)
+    for until, path in parts:
+        # The last attempt may have logged nothing: resumed at max_steps (killed while it
+        # scored the test set), it trained no update.
+        rows += _rows(path) if path.is_file() else []
         if until is not None:
             rows = [row for row in rows if row[0] <= until]
     series: dict[str, list[tuple[int, float]]] = {}
