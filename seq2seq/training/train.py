@@ -267,33 +267,31 @@ def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer, run_dir: Path) -> Rec
     return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, tokenizer=tok_cfg))
 
 
-def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
-    t = recipe.trainer
-    best = ModelCheckpoint(
+def _checkpoints(
+    run_dir: Path, pattern: str, monitor: str, top_k: int, save_last: bool = False
+) -> ModelCheckpoint:
+    """Keep the `top_k` checkpoints with the highest `monitor`, named by `pattern`. They
+    overwrite rather than version: last.ckpt is also written by SaveEveryMinutes and
+    FinalState, and a last-v1.ckpt beside it would never be resumed from."""
+    return ModelCheckpoint(
         dirpath=RunDir(run_dir).checkpoints,
-        filename=rundir.BEST_PATTERN,
+        filename=pattern,
         auto_insert_metric_name=False,
-        monitor="val_bleu",
+        monitor=monitor,
         mode="max",
-        save_top_k=t.save_top_k,
-        save_last=True,
-        # last.ckpt is also written by SaveEveryMinutes and FinalState: overwrite it, never
-        # start a last-v1.ckpt beside it (which a resume would not read).
+        save_top_k=top_k,
+        save_last=save_last,
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [best]
-    if t.keep_last > 0:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=RunDir(run_dir).checkpoints,
-                filename=rundir.RECENT_PATTERN,
-                auto_insert_metric_name=False,
-                monitor="step",
-                mode="max",
-                save_top_k=t.keep_last,
-                enable_version_counter=False,
-            )
-        )
+
+
+def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
+    t = recipe.trainer
+    callbacks: list[Callback] = [
+        _checkpoints(run_dir, rundir.BEST_PATTERN, "val_bleu", t.save_top_k, save_last=True)
+    ]
+    if t.keep_last > 0:  # the last N validations', whatever their BLEU
+        callbacks.append(_checkpoints(run_dir, rundir.RECENT_PATTERN, "step", t.keep_last))
     callbacks += [
         CurvesCallback(run_dir),
         ValidateFinalUpdate(),
