@@ -156,12 +156,21 @@ class RunDir:
 
     def recent(self) -> list[Path]:
         """The checkpoints of the last validations (trainer.keep_last), oldest step first."""
+        return [p for _, p in self._recent_steps()]
+
+    def _recent_steps(self) -> list[tuple[int, Path]]:
         found = []
         for path in self.checkpoints.glob("recent-step*.ckpt"):
             match = _RECENT.match(path.name)
             if match:
                 found.append((int(match.group(1)), path))
-        return [p for _, p in sorted(found)]
+        return sorted(found)
+
+    def kept_newest_first(self) -> list[Path]:
+        """The best-k and last-N checkpoints together, newest step first (a resume's
+        fallbacks when last.ckpt is unreadable)."""
+        steps = [(step, p) for step, _, p in self.best()] + self._recent_steps()
+        return [p for _, p in sorted(steps, key=lambda kept: kept[0], reverse=True)]
 
     # ---- logs across resumes -------------------------------------------------------------
 

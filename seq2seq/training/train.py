@@ -174,8 +174,10 @@ def _ranks_started_together() -> bool:
     return torchrun or int(env.get("SLURM_NTASKS", "1")) > 1
 
 
-def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run. Refuses to clobber."""
+def _check_run_dir(
+    run_dir: Path, recipe: Recipe, overwrite: bool
+) -> tuple[Path, int] | None:
+    """The checkpoint to resume from and its step, or None for a fresh run. Refuses to clobber."""
     run = RunDir(run_dir)
     results = run.results
     if results.exists() and not overwrite:
@@ -223,12 +225,11 @@ def _finished_steps(results: Path) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def _resume_point(run: RunDir) -> Path | None:
-    """The checkpoint to resume from: last.ckpt, or, when it is truncated or corrupt (a full
+def _resume_point(run: RunDir) -> tuple[Path, int] | None:
+    """The checkpoint to resume from, and its step: last.ckpt, or, when it is truncated or corrupt (a full
     disk, a kill while saving), the newest other checkpoint that loads, with one warning naming
     both. None when the run has no checkpoint yet. A file that would run code is refused."""
-    others = sorted(run.recent() + run.best_by_step(), key=_step_of, reverse=True)
-    candidates = ([run.last] if run.last.is_file() else []) + others
+    candidates = ([run.last] if run.last.is_file() else []) + run.kept_newest_first()
     broken: CheckpointError | None = None
     for path in candidates:
         try:
@@ -242,16 +243,10 @@ def _resume_point(run: RunDir) -> Path | None:
             continue
         if broken is not None:
             log.warning("%s; resuming from %s instead", broken, path)
-        return path
+        return path, ckpt["global_step"]
     if broken is not None:
         raise broken
     return None
-
-
-def _step_of(path: Path) -> int:
-    """The step in a kept checkpoint's name (stepNNNNNNN-bleu... or recent-stepNNNNNNN)."""
-    digits = path.name.split("step", 1)[1][:7]
-    return int(digits) if digits.isdigit() else -1
 
 
 def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer, run_dir: Path) -> Recipe:
@@ -343,11 +338,12 @@ def train(
 
     run_dir = Path(run_dir)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
-    resume = _check_run_dir(run_dir, recipe, overwrite)
+    resume_point = _check_run_dir(run_dir, recipe, overwrite)
+    resume = resume_point[0] if resume_point else None
     init = load_model(init_from) if init_from and resume is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume is not None and rank_zero_only.rank == 0:
-        RunDir(run_dir).keep_metrics_for_resume(read_checkpoint(resume)["global_step"])
+    if resume_point is not None and rank_zero_only.rank == 0:
+        RunDir(run_dir).keep_metrics_for_resume(resume_point[1])
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
