@@ -188,3 +188,19 @@ def test_evaluation_shards_hold_every_pair_once_and_cost_about_the_same(world: i
     assert max(costs) - min(costs) <= 60
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         eval_shard(src[:3], tgt[:3], 4, 0)
+
+
+def test_one_cutter_bounds_padded_tokens_or_real_target_tokens():
+    from seq2seq.data.batching import cut
+
+    rng = np.random.default_rng(5)
+    src, tgt = rng.integers(1, 30, 400), rng.integers(1, 30, 400)
+    order = np.argsort(tgt, kind="stable")
+    for budget in ("padded", "target"):
+        batches = cut(order, src, tgt, 120, budget)
+        assert np.concatenate(batches).tolist() == order.tolist()  # every row once, in order
+        for b in batches:
+            used = len(b) * max(src[b].max(), tgt[b].max()) if budget == "padded" else tgt[b].sum()
+            assert used <= 120 or len(b) == 1
+    with pytest.raises(ValueError, match="budget must be"):
+        cut(order, src, tgt, 120, "words")

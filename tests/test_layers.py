@@ -66,3 +66,16 @@ def test_decoding_never_imports_lightning():
 def test_the_rule_reader_sees_imports():
     loss = imports(PACKAGE / "nn" / "loss.py")
     assert "seq2seq.nn.transformer" in loss and "seq2seq.layout" in loss
+
+
+def test_the_translate_command_starts_without_importing_datasets_or_lightning():
+    """Start-up time: `datasets` alone takes over a second to import."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, seq2seq.inference.translate, seq2seq.inference.checkpoint;"
+        "print(sorted(m for m in ('datasets', 'lightning') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,46 +13,72 @@ import logging
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch import Tensor
 from torch.utils.data import Sampler
 
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID
-from seq2seq.data.pipeline import id_lengths
 from seq2seq.layout import Rows
+
+if TYPE_CHECKING:  # `translate` cuts batches too and must start without importing datasets
+    from datasets import Dataset
 
 log = logging.getLogger(__name__)
 
 
 def batch_lengths(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the tokens it adds to a batch: len(src_ids) and len(tgt_ids) + 1 (BOS or EOS)."""
+    from seq2seq.data.pipeline import id_lengths
+
     src_len, tgt_len = id_lengths(ds)
     return src_len, tgt_len + 1
 
 
-def pack(src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int) -> list[int]:
-    """Greedy cut points of rows, in the given order, into batches within the budget.
+def pack(
+    src_len: np.ndarray, tgt_len: np.ndarray, max_tokens: int, budget: str = "padded"
+) -> list[int]:
+    """Greedy cut points of rows, in the given order, into batches within the budget: the one
+    batch cutter of training, validation, `translate` and `bench`.
 
-    A row longer than `max_tokens` on its own gets a batch by itself (it is never dropped:
-    cleaning's `max_length` is the place to drop long pairs).
+    `budget` is what `max_tokens` bounds: "padded", the batch's rows times its longest
+    sentence on either side (what the model computes over); or "target", the sum of the real
+    target tokens (how the peers' benchmark scripts cut, `seq2seq bench`). A row over the
+    budget on its own gets a batch by itself (it is never dropped: cleaning's `max_length` is
+    the place to drop long pairs).
 
     Returns:
         The end offset of every batch (the last one equals len(src_len)).
     """
+    if budget not in ("padded", "target"):
+        raise ValueError(f"budget must be 'padded' or 'target', not {budget!r}")
     ends: list[int] = []
-    n, longest_src, longest_tgt = 0, 0, 0
+    n, longest, total = 0, 0, 0
     for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist(), strict=True)):
-        s_max, t_max = max(longest_src, s), max(longest_tgt, t)
-        if n and (n + 1) * max(s_max, t_max) > max_tokens:
+        grown = max(longest, s, t)
+        over = (n + 1) * grown > max_tokens if budget == "padded" else total + t > max_tokens
+        if n and over:
             ends.append(i)
-            n, s_max, t_max = 0, s, t
-        n, longest_src, longest_tgt = n + 1, s_max, t_max
+            n, grown, total = 0, max(s, t), 0
+        n, longest, total = n + 1, grown, total + t
     if n:
         ends.append(len(src_len))
     return ends
+
+
+def cut(
+    order: np.ndarray,
+    src_len: np.ndarray,
+    tgt_len: np.ndarray,
+    max_tokens: int,
+    budget: str = "padded",
+) -> list[np.ndarray]:
+    """The rows `order` lists, in that order, cut into batches by `pack`."""
+    order = np.asarray(order, dtype=np.int64)
+    ends = pack(np.asarray(src_len)[order], np.asarray(tgt_len)[order], max_tokens, budget)
+    return np.split(order, ends[:-1]) if ends else []
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):

@@ -34,11 +34,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from seq2seq.atomic import atomic_file
 from seq2seq.config import DecodeConfig
+from seq2seq.data.batching import cut
 from seq2seq.inference.search import EOS, PAD, Hypothesis, search
 from seq2seq.kernels.onednn import use_packed_projection
 from seq2seq.nn.transformer import Transformer
@@ -143,16 +145,13 @@ def encode_lines(
 
 
 def make_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices sorted by length, grouped so that sentences x longest <= max_tokens (padding
-    included); zero lengths (blank lines) are left out; a longer sentence gets a batch alone."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
-            batches[-1].append(i)
-        else:
-            batches.append([i])
-    return batches
+    """Indices sorted by length, cut by the training batch cutter so that sentences x longest
+    <= max_tokens (padding included); zero lengths (blank lines) are left out; a longer
+    sentence gets a batch alone."""
+    source = np.asarray(lengths, dtype=np.int64)
+    order = np.flatnonzero(source > 0)
+    order = order[np.argsort(source[order], kind="stable")]
+    return [b.tolist() for b in cut(order, source, np.zeros_like(source), max_tokens)]
 
 
 def pad_batch(seqs: list[list[int]], device: torch.device) -> Tensor:

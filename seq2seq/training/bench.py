@@ -61,18 +61,15 @@ def bench_recipe(
 def comparison_batches(tgt_lengths: np.ndarray, src_lengths: np.ndarray, max_tokens: int):
     """Batches cut the way the peers' scripts cut them (../shared/bench/peers/common.py), so
     both sides time the same work: rows sorted by (target, source) length with random ties,
-    cut greedily at `max_tokens` real target tokens (EOS included), batch order shuffled."""
+    cut greedily at `max_tokens` real target tokens (EOS included) by the training batch
+    cutter, batch order shuffled."""
+    from seq2seq.data.batching import cut
+
     rng = np.random.default_rng(0)
     order = rng.permutation(len(tgt_lengths))
     order = order[np.lexsort((src_lengths[order], tgt_lengths[order]))]
-    batches, start, total = [], 0, 0
-    for i, row in enumerate(order.tolist()):
-        if i > start and total + tgt_lengths[row] > max_tokens:
-            batches.append(order[start:i].tolist())
-            start, total = i, 0
-        total += int(tgt_lengths[row])
-    batches.append(order[start:].tolist())
-    return [batches[i] for i in rng.permutation(len(batches))]
+    batches = cut(order, src_lengths, tgt_lengths, max_tokens, budget="target")
+    return [batches[i].tolist() for i in rng.permutation(len(batches))]
 
 
 def training_batches(
