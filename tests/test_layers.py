@@ -20,7 +20,8 @@ ALLOWED = {
     "data": set(),
     "inference": {"nn", "data", "kernels"},
     "training": {"nn", "data", "kernels", "inference"},
-    "cli": {"nn", "data", "kernels", "inference", "training"},
+    "export": {"nn", "data", "kernels", "inference"},
+    "cli": {"nn", "data", "kernels", "inference", "training", "export"},
 }
 
 
@@ -68,14 +69,15 @@ def test_the_rule_reader_sees_imports():
     assert "seq2seq.nn.transformer" in loss and "seq2seq.layout" in loss
 
 
-def test_the_translate_command_starts_without_importing_datasets_or_lightning():
-    """Start-up time: `datasets` alone takes over a second to import."""
+def test_the_translate_command_starts_without_importing_datasets_lightning_or_export_engines():
+    """Start-up time: `datasets` alone takes over a second to import, transformers more."""
     import subprocess
     import sys
 
     code = (
         "import sys, seq2seq.inference.translate, seq2seq.inference.checkpoint;"
-        "print(sorted(m for m in ('datasets', 'lightning') if m in sys.modules))"
+        "print(sorted(m for m in ('datasets', 'lightning', 'transformers', 'ctranslate2') "
+        "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
