@@ -92,11 +92,12 @@ def test_a_translation_stopped_midway_leaves_no_output_file(
     checkpoint, tmp_path, monkeypatch, capsys
 ):
     import seq2seq.inference.translate as translate
+    from seq2seq.inference.translator import Translator
 
     src, out = tmp_path / "in.txt", tmp_path / "out.txt"
     src.write_text("A dog.\n" * 5)
     monkeypatch.setattr(translate, "CHUNK_LINES", 2)
-    real = translate.translate_ids
+    real = Translator.translate_ids
     calls = []
 
     def interrupted_after_one_chunk(*args, **kwargs):
@@ -105,7 +106,7 @@ def test_a_translation_stopped_midway_leaves_no_output_file(
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(translate, "translate_ids", interrupted_after_one_chunk)
+    monkeypatch.setattr(Translator, "translate_ids", interrupted_after_one_chunk)
     assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out)]) == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
 

@@ -53,7 +53,7 @@ def test_each_layer_imports_only_the_top_level_itself_and_the_layers_below(layer
 
 def test_the_top_level_modules_import_no_layer():
     for path in PACKAGE.glob("*.py"):
-        if path.name == "__main__.py":
+        if path.name in ("__main__.py", "__init__.py"):  # the command; the lazy public API
             continue
         used = {layer_of(m) for m in imports(path)}
         assert used <= TOP, f"{path.name} imports {sorted(used - TOP)}"
@@ -76,8 +76,23 @@ def test_the_translate_command_starts_without_importing_datasets_lightning_or_ex
 
     code = (
         "import sys, seq2seq.inference.translate, seq2seq.inference.checkpoint;"
+        "import seq2seq.inference.translator, seq2seq.inference.ensemble;"
         "print(sorted(m for m in ('datasets', 'lightning', 'transformers', 'ctranslate2') "
         "if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_import_seq2seq_is_cheap_and_gives_the_translator_on_first_use():
+    """Every command imports the package: the public `Translator` must not load torch then."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, seq2seq; before = 'torch' in sys.modules;"
+        "from seq2seq import Translator;"
+        "print(before, Translator.__module__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "seq2seq.inference.translator"]

@@ -33,7 +33,14 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "Decoding defaults come from the checkpoint. With --nbest N each input line gives up to "
         "N lines 'index ||| score ||| hypothesis' (index: 0-based input line).",
     )
-    p.add_argument("-m", "--model", required=True, help="a run directory or a checkpoint file")
+    p.add_argument(
+        "-m",
+        "--model",
+        required=True,
+        action="append",
+        help="a run directory or a checkpoint file; repeat it for an ensemble (the models' "
+        "per-step probabilities are averaged; they must share a tokenizer)",
+    )
     p.add_argument("-i", "--input", default="-", help="input file, plain or .gz (default: stdin)")
     p.add_argument("-o", "--output", default="-", help="output file (default: stdout)")
     p.add_argument("--beam", type=int, help="beam size; 1 is greedy (default: the model's)")
@@ -84,9 +91,19 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         description="Score --hyp against --ref, or translate --src with -m first. "
         "Scores equal `sacrebleu REF -i HYP -m ...`; each is printed with its signature.",
     )
-    p.add_argument("--hyp", help="hypothesis file, plain or .gz (or translate --src with -m)")
+    p.add_argument(
+        "--hyp",
+        nargs="+",
+        help="hypothesis file(s), plain or .gz; several with --paired-bs or --paired-ar, the "
+        "first being the baseline (or translate --src with -m)",
+    )
     p.add_argument("--ref", required=True, help="reference file, plain or .gz")
-    p.add_argument("-m", "--model", help="translate --src with this model, then score")
+    p.add_argument(
+        "-m",
+        "--model",
+        action="append",
+        help="translate --src with this model (repeat it for an ensemble), then score",
+    )
     p.add_argument("--src", help="source file to translate with -m")
     p.add_argument(
         "--metrics", nargs="+", default=["bleu", "chrf"], choices=["bleu", "chrf", "ter"]
@@ -96,6 +113,23 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         action="store_true",
         help="case-insensitive scores (sacreBLEU's -lc; signature case:lc), as papers on "
         "Multi30k report",
+    )
+    paired = p.add_mutually_exclusive_group()
+    paired.add_argument(
+        "--paired-bs",
+        action="store_true",
+        help="sacreBLEU's paired bootstrap resampling test of every --hyp against the first: "
+        "scores with their mean and 95%% confidence interval, and p-values",
+    )
+    paired.add_argument(
+        "--paired-ar",
+        action="store_true",
+        help="sacreBLEU's paired approximate randomization test of every --hyp against the first",
+    )
+    p.add_argument(
+        "--paired-n",
+        type=at_least(1),
+        help="resamples (--paired-bs, default 1000) or trials (--paired-ar, default 10000)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with -m")
     p.add_argument("--json", action="store_true", help="print scores and signatures as JSON")

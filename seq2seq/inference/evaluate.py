@@ -1,4 +1,5 @@
-"""`seq2seq evaluate`: BLEU, chrF and TER by sacreBLEU, each with its signature.
+"""`seq2seq evaluate`: BLEU, chrF and TER by sacreBLEU, each with its signature, and
+sacreBLEU's paired significance tests between systems.
 
 Scores are sacreBLEU's defaults on detokenized text against raw references, so they equal
 `sacrebleu REF -i HYP -m bleu chrf ter` on the same files. Files are read as sacreBLEU's
@@ -120,31 +121,121 @@ def evaluate_files(
 
 
 def translate_and_score(
-    model_path: str,
+    model_path: str | list[str],
     src: str,
     ref: str,
     metrics: Sequence[str],
     device: str = "auto",
     lowercase: bool = False,
 ) -> dict[str, tuple[Score, str]]:
-    """Translate `src` with the model's saved decoding defaults, then score against `ref`."""
-    from seq2seq.inference.checkpoint import load_model
-    from seq2seq.inference.translate import prepare_model, translate_texts
+    """Translate `src` with the model's saved decoding defaults (a list of models: an
+    ensemble), then score against `ref`."""
+    from seq2seq.inference.translator import Translator
 
     sources, refs = read_text(src), read_text(ref)
     check_aligned(sources, src, refs, ref)
-    loaded = load_model(model_path)
-    model = prepare_model(loaded.model, device, "fp32")
-    hyps = translate_texts(model, loaded.tokenizer, sources, loaded.decode)
+    translator = Translator.load(model_path, device, "fp32")
+    hyps = translator.translate_texts(sources)
     return corpus_scores(hyps, refs, metrics, lowercase)
+
+
+#: sacreBLEU's names of its paired tests.
+PAIRED_TESTS = {"bs": "paired bootstrap resampling", "ar": "paired approximate randomization"}
+
+
+def paired_significance(
+    hyp_paths: Sequence[str],
+    ref: str,
+    metrics: Sequence[str],
+    test: str,
+    n_samples: int | None = None,
+    lowercase: bool = False,
+) -> dict:
+    """sacreBLEU's paired significance test (`sacrebleu REF -i A B ... --paired-bs` or
+    `--paired-ar`) of every system against the first, the baseline.
+
+    Both tests report each system's score, the bootstrap estimate of its mean and the
+    half-width of its 95% confidence interval (approximate randomization estimates them with
+    1,000 bootstrap resamples, sacreBLEU's default), and every other system's p-value. The
+    seed is sacreBLEU's (12345, or $SACREBLEU_SEED), so the figures repeat.
+
+    Args:
+        test: "bs" (n_samples default 1000) or "ar" (default 10000 trials).
+
+    Returns:
+        {"test": ..., "n": ..., "signatures": {metric: signature},
+         "systems": [{"system": path, metric: {"score", "mean", "ci", "p_value"}, ...}, ...]}
+    """
+    from sacrebleu.significance import PairedTest
+
+    if len(hyp_paths) < 2:
+        raise ValueError(
+            f"a {PAIRED_TESTS[test]} test compares systems: give two --hyp files or more, "
+            "the baseline first"
+        )
+    refs = read_text(ref)
+    if not refs:
+        raise ValueError(f"{ref} is empty: nothing to score")
+    systems = []
+    for path in hyp_paths:
+        hyps = read_text(path)
+        check_aligned(hyps, str(path), refs, str(ref))
+        systems.append((str(path), hyps))
+    chosen = {name: _metric(name, lowercase) for name in metrics}
+    paired = PairedTest(
+        systems, chosen, [refs], test_type=test, n_samples=n_samples or 0, n_ar_confidence=0
+    )
+    signatures, results = paired()
+    names = results.pop("System")
+    return {
+        "test": test,
+        "n": paired.n_samples,
+        "signatures": {metric: str(sig) for metric, sig in signatures.items()},
+        "systems": [
+            {"system": name, **{m: vars(r[i]) for m, r in results.items()}}
+            for i, name in enumerate(names)
+        ],
+    }
+
+
+def format_significance(result: dict) -> str:
+    """Per metric, one line per system: score, (mean ± 95% CI), and p against the baseline."""
+    lines = [f"{PAIRED_TESTS[result['test']]}, n = {result['n']}; p-values against the baseline"]
+    width = max(len(s["system"]) for s in result["systems"])
+    for metric, signature in result["signatures"].items():
+        lines.append(f"{metric} (mean ± 95% CI)  {signature}")
+        for system in result["systems"]:
+            r = system[metric]
+            p = "baseline" if r["p_value"] is None else f"p = {r['p_value']:.4f}"
+            star = "*" if r["p_value"] is not None and r["p_value"] < 0.05 else ""
+            lines.append(
+                f"  {system['system']:<{width}}  {r['score']:6.2f} "
+                f"({r['mean']:.2f} ± {r['ci']:.2f})  {p}{star}"
+            )
+    return "\n".join(lines)
 
 
 def evaluate_cli(args: argparse.Namespace) -> int:
     """The `seq2seq evaluate` command (arguments: seq2seq.cli.decode.add_evaluate)."""
     if (args.hyp is None) == (args.model is None) or (args.model is None) != (args.src is None):
         raise ValueError("give either --hyp, or -m/--model with --src")
+    test = "bs" if args.paired_bs else "ar" if args.paired_ar else None
+    if test is not None:
+        if args.hyp is None:
+            raise ValueError(
+                "--paired-bs and --paired-ar compare --hyp files (the first is the baseline)"
+            )
+        result = paired_significance(
+            args.hyp, args.ref, args.metrics, test, args.paired_n, args.lowercase
+        )
+        print(json.dumps(result, indent=2) if args.json else format_significance(result))
+        return 0
+    if args.paired_n is not None:
+        raise ValueError("--paired-n goes with --paired-bs or --paired-ar")
+    if args.hyp is not None and len(args.hyp) > 1:
+        raise ValueError("several --hyp files are compared with --paired-bs or --paired-ar")
     if args.hyp is not None:
-        results = evaluate_files(args.hyp, args.ref, args.metrics, args.lowercase)
+        results = evaluate_files(args.hyp[0], args.ref, args.metrics, args.lowercase)
     else:
         results = translate_and_score(
             args.model, args.src, args.ref, args.metrics, args.device, args.lowercase

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gzip
 import logging
 import os
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 from seq2seq.atomic import atomic_file
 from seq2seq.config import DecodeConfig
 from seq2seq.data.batching import cut
-from seq2seq.inference.search import EOS, PAD, Hypothesis, search
+from seq2seq.inference.search import EOS, PAD, Hypothesis
 from seq2seq.kernels.onednn import use_packed_projection
 from seq2seq.nn.transformer import Transformer
 
@@ -174,32 +173,24 @@ class Translation:
 
 
 # --- Translating ------------------------------------------------------------------------------
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def translate_ids(
     model: Transformer, src_ids: list[list[int]], cfg: DecodeConfig, progress=None
 ) -> list[list[Hypothesis]]:
-    """Hypotheses per source (in the given order); [] for an empty source (a blank line)."""
-    results: list[list[Hypothesis]] = [[] for _ in src_ids]
-    device = model_device(model)
-    for batch in make_batches([len(s) for s in src_ids], cfg.max_tokens):
-        src = pad_batch([src_ids[i] for i in batch], device)
-        for i, hyps in zip(batch, search(model, src, cfg, model.cfg.max_positions), strict=True):
-            results[i] = hyps
-        if progress is not None:
-            progress.update(len(batch))
-    return results
+    """Hypotheses per source (in the given order); [] for an empty source (a blank line).
+    (seq2seq.inference.translator.Translator.translate_ids, for one model.)"""
+    from seq2seq.inference.translator import Translator
+
+    return Translator([model], None, cfg).translate_ids(src_ids, cfg, progress)
 
 
 def translate_texts(
     model: Transformer, tokenizer, lines: list[str], cfg: DecodeConfig
 ) -> list[str]:
-    """Translate raw sentences with the best hypothesis each (validation BLEU, evaluate -m)."""
-    src_ids = encode_lines(tokenizer, lines, model.cfg.max_positions)
-    hyps = translate_ids(model, src_ids, cfg)
-    return [one_line(tokenizer.decode_tgt(h[0].tokens)) if h else "" for h in hyps]
+    """Translate raw sentences with the best hypothesis each (bench, the final test scores).
+    (seq2seq.inference.translator.Translator.translate_texts, for one model.)"""
+    from seq2seq.inference.translator import Translator
+
+    return Translator([model], tokenizer, cfg).translate_texts(lines, cfg)
 
 
 def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) -> list[str]:
@@ -261,34 +252,33 @@ def check_lengths(cfg: DecodeConfig, max_positions: int) -> None:
         )
 
 
-def decode_settings(saved: DecodeConfig, args: argparse.Namespace) -> DecodeConfig:
+def decode_settings(translator, args: argparse.Namespace) -> DecodeConfig:
     """The checkpoint's decoding defaults, with the options given on the command line."""
-    given = {
-        "beam": args.beam,
-        "nbest": args.nbest,
-        "lenpen": args.lenpen,
-        "max_len_a": args.max_len_a,
-        "max_len_b": args.max_len_b,
-        "min_len": args.min_len,
-        "max_tokens": args.max_tokens,
-        "stop": args.stop,
-    }
-    return dataclasses.replace(saved, **{k: v for k, v in given.items() if v is not None})
+    return translator.settings(
+        beam=args.beam,
+        nbest=args.nbest,
+        lenpen=args.lenpen,
+        max_len_a=args.max_len_a,
+        max_len_b=args.max_len_b,
+        min_len=args.min_len,
+        max_tokens=args.max_tokens,
+        stop=args.stop,
+    )
 
 
 def translate_stream(
-    model: Transformer,
-    tokenizer,
+    translator,
     lines: Iterable[str],
     cfg: DecodeConfig,
     name: str = "<input>",
     progress=None,
 ) -> Iterator[list[Translation]]:
-    """Every input line's translation, in order, one chunk of `CHUNK_LINES` lines at a time."""
+    """Every input line's translation by a seq2seq.inference.translator.Translator, in order,
+    one chunk of `CHUNK_LINES` lines at a time."""
     start = 0
     for chunk in chunked(lines, CHUNK_LINES):
-        src_ids = encode_lines(tokenizer, chunk, model.cfg.max_positions, name, start + 1)
-        hyps = translate_ids(model, src_ids, cfg, progress)
+        src_ids = translator.encode(chunk, name, start + 1)
+        hyps = translator.translate_ids(src_ids, cfg, progress)
         yield [
             Translation(start + i, *parts)
             for i, parts in enumerate(zip(chunk, src_ids, hyps, strict=True))
@@ -297,31 +287,35 @@ def translate_stream(
 
 
 def translate_cli(args: argparse.Namespace) -> int:
-    """The `seq2seq translate` command (arguments: seq2seq.cli.decode.add_translate)."""
+    """The `seq2seq translate` command (arguments: seq2seq.cli.decode.add_translate); several
+    -m models decode as an ensemble."""
     from tqdm import tqdm
 
-    from seq2seq.inference.checkpoint import load_model
+    from seq2seq.inference.translator import Translator
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     check_not_same_file(args.input, args.output)
-    loaded = load_model(args.model)
-    cfg = decode_settings(loaded.decode, args)
-    check_lengths(cfg, loaded.model.cfg.max_positions)
-    model = prepare_model(loaded.model, args.device, args.precision, args.pack_projection)
+    if args.attention and len(args.model) > 1:
+        raise ValueError("--attention draws one model's cross-attention: give a single -m")
+    translator = Translator.load(args.model, args.device, args.precision, args.pack_projection)
+    cfg = decode_settings(translator, args)
     name = "<stdin>" if args.input == "-" else args.input
-    log.info("%s: beam %d, nbest %d, lenpen %g", loaded.path, cfg.beam, cfg.nbest, cfg.lenpen)
+    paths = " + ".join(map(str, translator.paths))
+    log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
     with ExitStack() as stack:
         source = open_binary(args.input, "rb", stack)
         out = open_binary(args.output, "wb", stack)
         progress = stack.enter_context(tqdm(unit=" sent", file=sys.stderr, disable=None))
         lines = read_lines(source, name, args.errors)
-        for chunk in translate_stream(model, loaded.tokenizer, lines, cfg, name, progress):
+        for chunk in translate_stream(translator, lines, cfg, name, progress):
             for t in chunk:
-                text = format_output(loaded.tokenizer, t.hypotheses, t.index, cfg.nbest > 1)
+                text = format_output(translator.tokenizer, t.hypotheses, t.index, cfg.nbest > 1)
                 out.write(("\n".join(text) + "\n").encode("utf-8"))
             out.flush()
             if args.attention:
-                _write_attention(model, loaded.tokenizer, chunk, Path(args.attention))
+                _write_attention(
+                    translator.models[0], translator.tokenizer, chunk, Path(args.attention)
+                )
     return 0
 
 

@@ -173,10 +173,12 @@ class TranslationModule(L.LightningModule):
             self._hyps[index] = hyp
 
     def _translate(self, src: torch.Tensor) -> list[list[int]]:
-        from seq2seq.inference.search import search
+        """The best hypothesis of each sentence of a padded batch, by the decoding path that
+        `seq2seq translate` takes (seq2seq.inference.translator)."""
+        from seq2seq.inference.translator import Translator
 
-        results = search(self.model, src, self.val_decode, self.model_cfg.max_positions)
-        return [hypotheses[0].tokens for hypotheses in results]
+        translator = Translator([self.model], self.tokenizer, self.val_decode)
+        return [hypotheses[0].tokens for hypotheses in translator.decode_batch(src)]
 
     def on_validation_epoch_end(self) -> None:
         from seq2seq.inference.evaluate import score

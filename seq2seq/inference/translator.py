@@ -1,0 +1,236 @@
+"""The Python API, and the one decoding path: `seq2seq translate`, `evaluate -m`, bench and
+validation during training all decode through a `Translator`.
+
+    from seq2seq import Translator
+
+    translator = Translator.load("runs/multi30k_en_de")      # or a list: an ensemble
+    translator.translate(["A dog runs.", ""])                # ["Ein Hund rennt.", ""]
+    translator.translate(["A dog runs."], beam=5, nbest=2)   # [[(text, score), (text, score)]]
+    translator.score(["A dog runs."], ["Ein Hund rennt."])   # [log P(target | source)]
+
+Lines follow `seq2seq translate`'s rules (seq2seq.inference.translate): a blank line gives "",
+an over-long one is truncated with a warning. Decoding settings default to the model's saved
+`decode` section; each keyword given replaces one of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from seq2seq.config import DecodeConfig
+from seq2seq.inference.ensemble import Ensemble, check_shared_tokenizer
+from seq2seq.inference.search import BOS, EOS, PAD, Decoder, Hypothesis, search
+from seq2seq.inference.translate import (
+    check_lengths,
+    encode_lines,
+    make_batches,
+    one_line,
+    pad_batch,
+    prepare_model,
+)
+from seq2seq.nn.transformer import Transformer
+
+
+class Translator:
+    """One model, or an ensemble of models sharing a tokenizer, with its decoding defaults.
+
+    Args:
+        models: prepared models (device and precision set, eval mode); several: an ensemble
+            whose per-step probabilities are averaged (seq2seq.inference.ensemble).
+        tokenizer: seq2seq.data.tokenizer.Tokenizer; only the text methods need it.
+        decode: the decoding defaults.
+        paths: the checkpoint files, for messages.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[Transformer],
+        tokenizer,
+        decode: DecodeConfig,
+        paths: Sequence[Path] = (),
+    ):
+        if not models:
+            raise ValueError("a Translator needs at least one model")
+        self.models = list(models)
+        self.tokenizer, self.decode, self.paths = tokenizer, decode, list(paths)
+        self.decoder: Decoder = self.models[0] if len(self.models) == 1 else Ensemble(self.models)
+        self.max_positions = min(model.cfg.max_positions for model in self.models)
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
+        device: str = "auto",
+        precision: str = "fp32",
+        pack_projection: bool = False,
+    ) -> Translator:
+        """Load a run directory or checkpoint file, or a list of them (an ensemble).
+
+        Args:
+            device: 'auto' (cuda when available; the CPU for int8), 'cpu' or 'cuda'.
+            precision: 'fp32', 'bf16', 'fp16' or 'int8' (seq2seq.inference.translate.prepare_model).
+
+        Raises:
+            ValueError: one line, naming the file: unreadable checkpoints, or ensemble models
+                with different tokenizers (naming both).
+        """
+        from seq2seq.inference.checkpoint import load_model
+
+        paths = [path] if isinstance(path, str | os.PathLike) else list(path)
+        if not paths:
+            raise ValueError("Translator.load needs at least one model")
+        loaded = [load_model(p) for p in paths]
+        check_shared_tokenizer([one.path for one in loaded], [one.tokenizer for one in loaded])
+        models = [prepare_model(one.model, device, precision, pack_projection) for one in loaded]
+        return cls(models, loaded[0].tokenizer, loaded[0].decode, [one.path for one in loaded])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.models[0].parameters()).device
+
+    def settings(
+        self,
+        beam: int | None = None,
+        nbest: int | None = None,
+        lenpen: float | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+        min_len: int | None = None,
+        max_tokens: int | None = None,
+        stop: str | None = None,
+    ) -> DecodeConfig:
+        """The saved decoding defaults with the settings given (None keeps the default)."""
+        given = {
+            "beam": beam,
+            "nbest": nbest,
+            "lenpen": lenpen,
+            "max_len_a": max_len_a,
+            "max_len_b": max_len_b,
+            "min_len": min_len,
+            "max_tokens": max_tokens,
+            "stop": stop,
+        }
+        cfg = dataclasses.replace(self.decode, **{k: v for k, v in given.items() if v is not None})
+        check_lengths(cfg, self.max_positions)
+        return cfg
+
+    # --- ids ------------------------------------------------------------------------------
+    def decode_batch(self, src: Tensor, cfg: DecodeConfig | None = None) -> list[list[Hypothesis]]:
+        """Search one padded batch src (B, S), on the models' device: per sentence, up to
+        cfg.nbest hypotheses, best first (what validation calls on its loader's batches)."""
+        return search(self.decoder, src, cfg or self.decode, self.max_positions)
+
+    def translate_ids(
+        self, src_ids: list[list[int]], cfg: DecodeConfig | None = None, progress=None
+    ) -> list[list[Hypothesis]]:
+        """Hypotheses per source (in the given order); [] for an empty source (a blank line).
+        Sources are sorted by length into batches of cfg.max_tokens (padding included)."""
+        cfg = cfg or self.decode
+        results: list[list[Hypothesis]] = [[] for _ in src_ids]
+        for batch in make_batches([len(s) for s in src_ids], cfg.max_tokens):
+            src = pad_batch([src_ids[i] for i in batch], self.device)
+            for i, hyps in zip(batch, self.decode_batch(src, cfg), strict=True):
+                results[i] = hyps
+            if progress is not None:
+                progress.update(len(batch))
+        return results
+
+    # --- text -----------------------------------------------------------------------------
+    def encode(self, lines: list[str], name: str = "<input>", first: int = 1) -> list[list[int]]:
+        """Source ids per line (seq2seq.inference.translate.encode_lines)."""
+        return encode_lines(self.tokenizer, lines, self.max_positions, name, first)
+
+    def text(self, hypothesis: Hypothesis) -> str:
+        """A hypothesis as one line of detokenized text."""
+        return one_line(self.tokenizer.decode_tgt(hypothesis.tokens))
+
+    def translate_texts(self, lines: list[str], cfg: DecodeConfig | None = None) -> list[str]:
+        """The best translation of each line ("" for a blank line)."""
+        hyps = self.translate_ids(self.encode(list(lines)), cfg)
+        return [self.text(h[0]) if h else "" for h in hyps]
+
+    def translate(
+        self,
+        lines: str | Sequence[str],
+        beam: int | None = None,
+        nbest: int | None = None,
+        lenpen: float | None = None,
+        max_len_a: float | None = None,
+        max_len_b: int | None = None,
+        min_len: int | None = None,
+        max_tokens: int | None = None,
+        stop: str | None = None,
+    ) -> list[str] | list[list[tuple[str, float]]] | str | list[tuple[str, float]]:
+        """Translate raw sentences.
+
+        Args:
+            lines: sentences, or one sentence (then one result is returned, not a list).
+            beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop: as the
+                `seq2seq translate` options; None keeps the model's saved default.
+
+        Returns:
+            One string per line, or with `nbest`, per line a list of up to nbest
+            (hypothesis, score) pairs, best first; score is the length-penalized
+            log-probability (seq2seq.inference.search). A blank line gives "" (or [("", 0.0)]).
+        """
+        single = isinstance(lines, str)
+        batch = [lines] if single else list(lines)
+        cfg = self.settings(beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop)
+        hyps = self.translate_ids(self.encode(batch), cfg)
+        if nbest is None:
+            out: list = [self.text(h[0]) if h else "" for h in hyps]
+        else:
+            out = [[(self.text(x), x.score) for x in h] or [("", 0.0)] for h in hyps]
+        return out[0] if single else out
+
+    @torch.inference_mode()
+    def score(self, sources: Sequence[str], targets: Sequence[str]) -> list[float]:
+        """Forced decoding: log P(target | source) of each pair, the sum of the target's token
+        log-probabilities with the final EOS included, not length-normalized (fairseq's
+        --score-reference; divide by the pieces + 1 for a per-token mean). Ensembles average
+        probabilities per step as in search. A blank source gives 0.0 with a blank target and
+        -inf otherwise, as translate turns a blank line into a blank line.
+
+        Raises:
+            ValueError: unequal counts, or a target longer than the model's positions (named).
+        """
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets: give one each")
+        src_ids = self.encode(list(sources))
+        tgt_ids = self.tokenizer.encode_tgt(list(targets))
+        for i, ids in enumerate(tgt_ids):
+            if len(ids) + 1 > self.max_positions:
+                raise ValueError(
+                    f"target {i + 1}: {len(ids)} pieces exceed the model's "
+                    f"max_positions={self.max_positions} (EOS included): it cannot be scored"
+                )
+        scores = [0.0 if not ids else -float("inf") for ids in tgt_ids]
+        lengths = [
+            max(len(s), len(t) + 1) if s else 0 for s, t in zip(src_ids, tgt_ids, strict=True)
+        ]
+        for batch in make_batches(lengths, self.decode.max_tokens):
+            sums = self._forced([src_ids[i] for i in batch], [tgt_ids[i] for i in batch]).tolist()
+            for i, value in zip(batch, sums, strict=True):
+                scores[i] = value
+        return scores
+
+    def _forced(self, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> Tensor:
+        """Summed log-probabilities (B,) of targets (pieces + EOS) given sources."""
+        device = self.device
+        src = pad_batch(src_ids, device)  # (B, S)
+        tgt_in = pad_batch([[BOS, *t] for t in tgt_ids], device)  # (B, T)
+        tgt_out = pad_batch([[*t, EOS] for t in tgt_ids], device)  # (B, T)
+        memory = self.decoder.encode(src)
+        states = self.decoder.decode(tgt_in, memory, self.decoder.new_cache())  # (B, T, D)
+        logits = self.decoder.project(states)
+        log_probs = torch.log_softmax(
+            logits.to(torch.promote_types(logits.dtype, torch.float32)), -1
+        )
+        token = log_probs.gather(-1, tgt_out[..., None]).squeeze(-1)  # (B, T)
+        return token.masked_fill(tgt_out == PAD, 0.0).sum(dim=1)
