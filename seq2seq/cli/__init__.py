@@ -102,9 +102,21 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.against:  # decoding beside an exported copy only: no training measurement
+        from seq2seq.export.compare import compare_cli
+        from seq2seq.training.bench import bench_recipe
+
+        return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
     from seq2seq.training.bench import bench_cli
 
     return bench_cli(args, overrides)
+
+
+def _cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.export import export
+
+    print(export(args.model, args.to, args.out, args.quantization, args.overwrite))
+    return 0
 
 
 def _default_run_dir(recipe: str | None) -> str:
@@ -158,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate(sub, _cmd_evaluate)
     add_average(sub, _cmd_average)
     add_bench(sub, _cmd_bench)
+
+    p = sub.add_parser(
+        "export",
+        help="write a model as a Hugging Face MarianMTModel folder or a CTranslate2 model",
+        description="Export a run directory's model (or a checkpoint) to OUT. Needs the export "
+        "extra: pip install -e .[export].",
+    )
+    p.add_argument("-m", "--model", required=True, help="a run directory or a checkpoint file")
+    p.add_argument("--to", required=True, choices=["hf", "ctranslate2"], help="the format")
+    p.add_argument("out", metavar="OUT", help="the output folder (new or empty)")
+    p.add_argument("--quantization", help="ctranslate2: weight type, e.g. int8 (default: float32)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier export's files in OUT"
+    )
+    p.set_defaults(handler=_cmd_export)
     return parser
 
 

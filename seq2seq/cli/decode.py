@@ -159,6 +159,17 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument("recipe", nargs="?", help="a recipe whose model shape to measure")
     p.add_argument("--preset", help="a named shape instead of a recipe (default: small)")
     p.add_argument("-m", "--model", help="a trained model: also measure decoding")
+    p.add_argument(
+        "--against",
+        choices=["ctranslate2", "hf"],
+        help="with -m: export the model, then time its decoding beside ours (needs the extra)",
+    )
+    p.add_argument(
+        "--sentences", type=at_least(1), help="--against: the first N test sentences only"
+    )
+    p.add_argument(
+        "--rounds", type=at_least(1), default=3, help="--against: timed rounds per engine"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     p.add_argument(

@@ -1,0 +1,246 @@
+"""Decoding with the exported models beside ours: the engines (`hf_translate`,
+`ct2_translate`) that the parity tests and `seq2seq bench --against` use.
+
+Matched settings. Every engine gets our source ids (pieces + EOS, over-long lines truncated
+as `translate` truncates them), never emits <pad> or <s>, and stops a sentence at EOS or at
+our limit of floor(a * |x| + b) tokens. Their limit is one number per call, so `exact=True`
+calls them once per limit (parity), and otherwise once for all sentences with the largest
+limit (speed; a sentence that would have hit its own limit can then run longer). Length
+penalties differ in form (ours GNMT's ((5 + |y|) / 6)^alpha, theirs |y|^alpha): the
+comparison runs all engines with the penalty off. Beam search ends a sentence by the other
+engine's rule: CTranslate2 once its best hypothesis has ended (our stop='best'), Hugging Face
+with early_stopping once `beam` hypotheses have (our stop='beam').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from seq2seq.config import DecodeConfig
+from seq2seq.constants import PAD_ID
+from seq2seq.inference.checkpoint import LoadedModel, load_model
+from seq2seq.inference.search import max_output_lengths
+from seq2seq.inference.translate import encode_lines, make_batches, one_line, translate_ids
+
+#: `--against`: the engines, and the stopping rule of ours that matches each.
+ENGINES = {"ctranslate2": "best", "hf": "beam"}
+
+
+def source_ids(loaded: LoadedModel, lines: list[str]) -> list[list[int]]:
+    """Our encoder input per line, as `translate` makes it."""
+    return encode_lines(loaded.tokenizer, lines, loaded.model.cfg.max_positions)
+
+
+def output_limits(src_ids: list[list[int]], cfg: DecodeConfig, max_positions: int) -> list[int]:
+    """Our per-sentence token limit (EOS not counted): search.max_output_lengths'."""
+    limits = []
+    for ids in src_ids:
+        src = torch.tensor([ids or [PAD_ID]])
+        limits.append(int(max_output_lengths(src, cfg, max_positions)[0]))
+    return limits
+
+
+def _calls(limits: list[int], exact: bool) -> list[tuple[int, list[int]]]:
+    """(limit, sentence indices) per engine call."""
+    if not exact:
+        return [(max(limits), list(range(len(limits))))]
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, limit in enumerate(limits):
+        groups[limit].append(i)
+    return sorted(groups.items())
+
+
+def hf_translate(
+    model,
+    tokenizer,
+    src_ids: list[list[int]],
+    limits: list[int],
+    beam: int,
+    max_tokens: int,
+    exact: bool = True,
+) -> list[str]:
+    """Marian's `generate` on our ids: the best hypothesis per sentence, decoded by the
+    MarianTokenizer (length penalty off; early_stopping: stop once `beam` have ended)."""
+    out = [""] * len(src_ids)
+    for limit, group in _calls(limits, exact):
+        lengths = [len(src_ids[i]) for i in group]
+        for batch in make_batches(lengths, max_tokens):
+            rows = [src_ids[group[j]] for j in batch]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+            with torch.inference_mode():
+                gen = model.generate(
+                    input_ids=ids,
+                    attention_mask=ids != PAD_ID,
+                    num_beams=beam,
+                    num_return_sequences=1,
+                    length_penalty=0.0,
+                    early_stopping=True,
+                    do_sample=False,
+                    max_new_tokens=limit + 1,  # the last one EOS, forced
+                    max_length=None,
+                )
+            texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+            for j, text in zip(batch, texts, strict=True):
+                out[group[j]] = one_line(text)
+    return out
+
+
+def ct2_translate(
+    translator,
+    tokenizer,
+    src_ids: list[list[int]],
+    limits: list[int],
+    beam: int,
+    max_tokens: int,
+    exact: bool = True,
+) -> list[str]:
+    """`ctranslate2.Translator.translate_batch` on our pieces (the model appends EOS), batches
+    of `max_tokens` tokens; the best hypothesis per sentence, detokenized by our tokenizer."""
+    from seq2seq.export.ct2 import SUPPRESS, tokenizer_pieces
+
+    pieces, tgt_pieces = tokenizer_pieces(tokenizer)
+    tgt_id = {p: i for i, p in enumerate(tgt_pieces)}
+    out = [""] * len(src_ids)
+    for limit, group in _calls(limits, exact):
+        todo = [i for i in group if src_ids[i]]
+        results = translator.translate_batch(
+            [[pieces[t] for t in src_ids[i][:-1]] for i in todo],
+            beam_size=beam,
+            length_penalty=0.0,
+            max_decoding_length=limit,
+            suppress_sequences=SUPPRESS,
+            max_batch_size=max_tokens,
+            batch_type="tokens",
+            return_scores=False,
+        )
+        for i, result in zip(todo, results, strict=True):
+            ids = [tgt_id[p] for p in result.hypotheses[0]]
+            out[i] = one_line(tokenizer.decode_tgt(ids))
+    return out
+
+
+class _Ours:
+    def __init__(self, loaded: LoadedModel, src_ids, cfg: DecodeConfig):
+        self.loaded, self.src_ids, self.cfg = loaded, src_ids, cfg
+
+    def __call__(self, beam: int) -> list[str]:
+        cfg = dataclasses.replace(self.cfg, beam=beam, nbest=1)
+        hyps = translate_ids(self.loaded.model, self.src_ids, cfg)
+        decode = self.loaded.tokenizer.decode_tgt
+        return [one_line(decode(h[0].tokens)) if h else "" for h in hyps]
+
+
+def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads):
+    """A function beam -> texts running the exported model in `folder`."""
+    if against == "hf":
+        from transformers import MarianMTModel, MarianTokenizer
+
+        model = MarianMTModel.from_pretrained(str(folder)).eval()
+        tok = MarianTokenizer.from_pretrained(str(folder))
+        return lambda beam: hf_translate(
+            model, tok, src_ids, limits, beam, cfg.max_tokens, exact=False
+        )
+    import ctranslate2
+
+    translator = ctranslate2.Translator(
+        str(folder), device="cpu", compute_type="float32", intra_threads=threads, inter_threads=1
+    )
+    return lambda beam: ct2_translate(
+        translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, exact=False
+    )
+
+
+def compare(
+    model_path: str,
+    against: str,
+    sources: list[str],
+    refs: list[str],
+    rounds: int = 3,
+) -> dict:
+    """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
+    ours and the other engine in this process, alternating rounds (ours, theirs, ours, ...);
+    sentences/s is each engine's median over `rounds`, BLEU that of its output. float32, CPU,
+    both on torch's thread count."""
+    from seq2seq.export import export
+    from seq2seq.inference.evaluate import score
+
+    if against not in ENGINES:
+        raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
+    loaded = load_model(model_path)
+    loaded.model.float().eval()
+    threads = torch.get_num_threads()
+    cfg = dataclasses.replace(loaded.decode, lenpen=0.0, stop=ENGINES[against])
+    src_ids = source_ids(loaded, sources)
+    limits = output_limits(src_ids, cfg, loaded.model.cfg.max_positions)
+    result: dict = {
+        "against": against,
+        "sentences": len(sources),
+        "rounds": rounds,
+        "threads": threads,
+        "settings": (
+            f"float32 on the CPU; ours torch threads={threads}, "
+            + ("ctranslate2 intra_threads" if against == "ctranslate2" else "hf torch threads")
+            + f"={threads}; batches of {cfg.max_tokens} source tokens; length penalty off; "
+            f"beam stop rule '{cfg.stop}'; their length limit the largest of ours"
+        ),
+    }
+    with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
+        folder = Path(tmp) / against
+        export(model_path, against, folder)
+        engines = {
+            "ours": _Ours(loaded, src_ids, cfg),
+            against: _theirs(against, folder, loaded, src_ids, limits, cfg, threads),
+        }
+        for name, beam in (("greedy", 1), ("beam5", 5)):
+            times: dict[str, list[float]] = {k: [] for k in engines}
+            texts: dict[str, list[str]] = {}
+            for run in engines.values():  # warm-up, unmeasured
+                run(beam)
+            for _ in range(rounds):
+                for k, run in engines.items():
+                    start = time.perf_counter()
+                    texts[k] = run(beam)
+                    times[k].append(time.perf_counter() - start)
+            for k in engines:
+                speed = len(sources) / statistics.median(times[k])
+                result[f"{name}_{k}_sentences_per_s"] = round(speed, 1)
+                result[f"{name}_{k}_bleu"] = round(score(texts[k], refs, ["bleu"])["bleu"], 2)
+            result[f"{name}_ratio_ours_over_{against}"] = round(
+                result[f"{name}_ours_sentences_per_s"]
+                / result[f"{name}_{against}_sentences_per_s"],
+                3,
+            )
+            result[f"{name}_identical_lines"] = sum(
+                a == b for a, b in zip(texts["ours"], texts[against], strict=True)
+            )
+    return result
+
+
+def compare_cli(args, data) -> int:
+    """`seq2seq bench -m MODEL --against ENGINE` on `data.test` (seq2seq.config.DataConfig)."""
+    import json
+    import os
+
+    from seq2seq.inference.evaluate import read_text
+
+    if not args.model:
+        raise ValueError("--against needs -m MODEL")
+    if data.test is None or not data.test.src:
+        raise ValueError("--against needs a test split with src and tgt files")
+    sources = read_text(os.path.join(data.root, data.test.src))
+    refs = read_text(os.path.join(data.root, data.test.tgt))
+    n = args.sentences or len(sources)
+    result = compare(args.model, args.against, sources[:n], refs[:n], args.rounds)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\n".join(f"{key:<36} {value}" for key, value in result.items()))
+    return 0
