@@ -1,0 +1,127 @@
+"""The Python API: `from seq2seq import Translator` translates as `seq2seq translate` does and
+scores forced decodings."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SLICE, read_gz_lines
+
+from seq2seq import Translator
+from seq2seq.cli import main
+from seq2seq.inference.checkpoint import CheckpointError
+from seq2seq.inference.search import BOS, EOS
+
+
+@pytest.fixture(scope="module")
+def sentences() -> list[str]:
+    return read_gz_lines(SLICE / "test_2016_flickr.en.gz", 8)
+
+
+@pytest.fixture(scope="module")
+def translator(checkpoint) -> Translator:
+    return Translator.load(checkpoint, device="cpu")
+
+
+def cli_output(tmp_path, checkpoint, lines: list[str], *options: str) -> list[str]:
+    src, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out), *options]) == 0
+    return out.read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def test_translate_gives_the_commands_output_with_the_saved_decoding_defaults(
+    tmp_path, checkpoint, translator, sentences
+):
+    lines = [sentences[0], "", *sentences[1:]]
+    assert translator.decode.beam == 2  # the fixture's saved defaults: beam search
+    assert translator.translate(lines) == cli_output(tmp_path, checkpoint, lines)
+    assert translator.translate(lines, beam=1) == cli_output(
+        tmp_path, checkpoint, lines, "--beam", "1"
+    )
+    assert translator.translate(lines)[1] == ""
+
+
+def test_one_sentence_gives_one_result_not_a_list(translator, sentences):
+    assert translator.translate(sentences[0]) == translator.translate(sentences[:1])[0]
+
+
+def test_nbest_gives_hypothesis_score_pairs_as_the_commands_nbest_lines(
+    tmp_path, checkpoint, translator, sentences
+):
+    lines = [sentences[0], "", sentences[1]]
+    got = translator.translate(lines, beam=3, nbest=3)
+    rows = cli_output(tmp_path, checkpoint, lines, "--beam", "3", "--nbest", "3")
+    expected = [[] for _ in lines]
+    for row in rows:
+        index, score, text = row.split(" ||| ")
+        expected[int(index)].append((text, float(score)))
+    assert [[t for t, _ in hyps] for hyps in got] == [[t for t, _ in e] for e in expected]
+    for hyps, e in zip(got, expected, strict=True):
+        assert [s for _, s in hyps] == pytest.approx([s for _, s in e], abs=1e-4)
+    assert got[1] == [("", 0.0)]
+    assert [s for _, s in got[0]] == sorted((s for _, s in got[0]), reverse=True)
+
+
+def short_pairs(translator: Translator, n: int) -> tuple[list[str], list[str]]:
+    """Test pairs that fit the tiny model's 48 positions on both sides."""
+    tok, fit = translator.tokenizer, translator.max_positions
+    pairs = zip(
+        read_gz_lines(SLICE / "test_2016_flickr.en.gz"),
+        read_gz_lines(SLICE / "test_2016_flickr.de.gz"),
+        strict=True,
+    )
+    kept = [
+        (s, t)
+        for s, t in pairs
+        if len(tok.encode_src([s])[0]) <= fit and len(tok.encode_tgt([t])[0]) < fit
+    ][:n]
+    assert len(kept) == n
+    return [s for s, _ in kept], [t for _, t in kept]
+
+
+def test_score_is_the_summed_log_probability_of_a_teacher_forced_pass(translator):
+    sources, targets = short_pairs(translator, 6)
+    got = translator.score(sources, targets)
+    model, tok = translator.models[0], translator.tokenizer
+    for src_line, tgt_line, value in zip(sources, targets, got, strict=True):
+        src = torch.tensor([tok.encode_src([src_line])[0]])
+        ids = tok.encode_tgt([tgt_line])[0]
+        with torch.no_grad():
+            logits = model.project(model(src, torch.tensor([[BOS, *ids]])))  # (1, T, V)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)[0]
+        expected = log_probs.gather(1, torch.tensor([*ids, EOS])[:, None]).sum().item()
+        assert value == pytest.approx(expected, abs=1e-4)
+        assert value < 0
+
+
+def test_score_of_the_models_own_output_is_its_search_log_probability(translator, sentences):
+    """Greedy search sums the same token log-probabilities (EOS included) that score sums."""
+    cfg = translator.settings(beam=1)
+    src_ids = translator.encode(sentences)
+    hyps = [h[0] for h in translator.translate_ids(src_ids, cfg)]
+    forced = translator._forced(src_ids, [h.tokens for h in hyps]).tolist()
+    assert forced == pytest.approx([h.log_prob for h in hyps], abs=1e-4)
+
+
+def test_a_blank_source_scores_as_translate_treats_it(translator):
+    assert translator.score(["", "  "], ["", "Ein Hund."]) == [0.0, -math.inf]
+
+
+def test_score_refuses_unequal_counts_and_over_long_targets_in_one_line(translator):
+    with pytest.raises(ValueError, match="2 sources but 1 targets"):
+        translator.score(["A dog.", "A cat."], ["Ein Hund."])
+    with pytest.raises(ValueError, match="target 2: .* exceed the model's max_positions=48"):
+        translator.score(["A dog.", "A cat."], ["Ein Hund.", "Eine Katze. " * 30])
+
+
+def test_a_missing_model_is_one_clear_error_naming_it(tmp_path):
+    with pytest.raises(CheckpointError, match="nothing-here"):
+        Translator.load(tmp_path / "nothing-here")
+
+
+def test_impossible_settings_are_one_clear_error(translator):
+    with pytest.raises(ValueError, match="decode.nbest=3"):
+        translator.translate(["A dog."], beam=2, nbest=3)
