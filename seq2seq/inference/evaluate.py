@@ -192,10 +192,16 @@ def paired_significance(
         "n": paired.n_samples,
         "signatures": {metric: str(sig) for metric, sig in signatures.items()},
         "systems": [
-            {"system": name, **{m: vars(r[i]) for m, r in results.items()}}
+            {"system": name, **{m: _plain(r[i]) for m, r in results.items()}}
             for i, name in enumerate(names)
         ],
     }
+
+
+def _plain(result) -> dict[str, float | None]:
+    """A sacrebleu.significance.Result as JSON-ready floats (its numbers may be numpy's)."""
+    fields = ("score", "mean", "ci", "p_value")
+    return {k: None if getattr(result, k) is None else float(getattr(result, k)) for k in fields}
 
 
 def format_significance(result: dict) -> str:
