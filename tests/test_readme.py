@@ -3,7 +3,8 @@
 Every fenced block right after a `<!-- quickstart -->` comment in README.md is read line by
 line; each `seq2seq ...` command runs through `seq2seq.cli.main` in a scratch folder. Only the
 training is shrunk (tiny model, a few updates, the slice as `--data.root`); translate and
-evaluate run exactly as written, on files made here under the names the README gives.
+evaluate run exactly as written, on files made here under the names the README gives. Then
+the Python block after `<!-- python-api -->` runs on the model the quickstart trained.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from seq2seq.cli import main
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MARKER = "<!-- quickstart -->"
+API_MARKER = "<!-- python-api -->"
 #: sacreBLEU's formatted score: "BLEU|nrefs:1|case:mixed|...|version:2.6.0 = 12.34 ..."
 BLEU_LINE = re.compile(r"^BLEU\|nrefs:1\|case:(mixed|lc)\|.*\|version:[\w.]+ = \d+\.\d+ ", re.M)
 #: Test lines translated (the slice's test set has 200).
@@ -109,6 +111,19 @@ def test_readme_quickstart_runs(multi30k_slice, tmp_path, monkeypatch, capsys):
             assert found, f"no BLEU line with a signature in:\n{out}"
             assert found.group(1) == ("lc" if "--lowercase" in argv else "mixed")
     assert run_dir is not None
+    # The Python API snippet, on the model the quickstart just trained.
+    names: dict = {}
+    exec(python_api_block(README.read_text(encoding="utf-8")), names)  # noqa: S102
+    assert len(names["best"]) == 2 and names["best"][1] == ""  # a 20-step model may say ""
+    assert 1 <= len(names["nbest"][0]) <= 2 and isinstance(names["nbest"][0][0][1], float)
+    assert names["log_probs"][0] < 0
+
+
+def python_api_block(text: str) -> str:
+    """The fenced Python block right after `<!-- python-api -->`."""
+    found = re.search(re.escape(API_MARKER) + r"\s*```python\n(.*?)\n```", text, re.S)
+    assert found, f"README.md has no python block after {API_MARKER}"
+    return found.group(1)
 
 
 @pytest.mark.parametrize(
