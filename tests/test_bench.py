@@ -138,23 +138,40 @@ def test_a_count_below_its_minimum_is_one_clear_line(option, value, message, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
-def test_the_bench_trains_with_the_recipes_label_smoothing_and_schedule(monkeypatch):
-    import seq2seq.training.bench as bench
-    from seq2seq.config import OptimConfig
+def test_the_bench_times_the_training_step_of_train_with_the_recipes_settings(monkeypatch):
+    """The bench runs TranslationModule.training_step under a Lightning Trainer: the recipe's
+    label smoothing reaches the loss, its schedule the optimizer (lr after each measured
+    step), and its gradient clipping the Trainer."""
+    import seq2seq.training.module as module
+    from seq2seq.config import OptimConfig, TrainerConfig
     from seq2seq.data.batching import collate
+    from seq2seq.training.bench import _StepTimer, measure_training
 
-    seen = []
-    real = bench.batch_loss
+    seen, lrs, clips = [], [], []
+    real = module.batch_loss
 
     def recording(model, batch, epsilon):
         seen.append(epsilon)
         return real(model, batch, epsilon)
 
-    monkeypatch.setattr(bench, "batch_loss", recording)
+    def after_step(self, trainer, pl_module, outputs, batch, batch_idx):
+        lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+        clips.append(trainer.gradient_clip_val)
+
+    monkeypatch.setattr(module, "batch_loss", recording)
+    real_end = _StepTimer.on_train_batch_end
+    monkeypatch.setattr(
+        _StepTimer,
+        "on_train_batch_end",
+        lambda self, *a: (after_step(self, *a), real_end(self, *a)),
+    )
     cfg = preset("tiny", src_vocab_size=30, tgt_vocab_size=30)
     batches = [collate([(0, [5, 6, 3], [7, 8]), (1, [9, 3], [10])]) for _ in range(3)]
     optim = OptimConfig(lr=1e-3, warmup_steps=1, schedule="linear", label_smoothing=0.3)
-    result = bench.measure_training(
-        cfg, batches, torch.device("cpu"), "32-true", 1, optim=optim, max_steps=5
-    )
+    trainer = TrainerConfig(max_steps=5, gradient_clip_val=0.5)
+    result = measure_training(cfg, batches, torch.device("cpu"), "32-true", 1, False, optim, trainer)
     assert seen == [0.3, 0.3, 0.3] and result["measured_steps"] == 2
+    assert clips == [0.5, 0.5, 0.5]
+    # Linear decay from 1e-3 after one warm-up step to 0 at step 5; after update k the
+    # optimizer holds the next update's lr, 1e-3 * (4 - k) / 4.
+    assert lrs == pytest.approx([0.75e-3, 0.5e-3, 0.25e-3])

@@ -1,8 +1,9 @@
 """`seq2seq bench`: training and decoding speed on real Multi30k batches, from timers only.
 
 Training: the recipe's (or a preset's) model on token-budget batches of Multi30k en-de with a
-joint 8k SentencePiece vocabulary; median target tokens/s and source+target tokens/s over
-`--steps` optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model
+joint 8k SentencePiece vocabulary, timing `seq2seq train`'s own training step (the Lightning
+module under a Trainer); median target tokens/s and source+target tokens/s over `--steps`
+optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model
 FLOPs utilization. Decoding (with `-m MODEL`): sentences/s and output tokens/s for greedy and
 beam 5 over the 1,000 test_2016_flickr sentences, with the BLEU of that output beside them.
 """
@@ -13,23 +14,26 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import platform
 import resource
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 
+import lightning as L
 import numpy as np
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
 
-from seq2seq.config import ModelConfig, OptimConfig, Recipe, preset
-from seq2seq.kernels import for_cpu_training
+from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig, Recipe, TrainerConfig, preset
 from seq2seq.kernels.onednn import onednn_works
-from seq2seq.nn.transformer import Transformer
-from seq2seq.training.module import batch_loss
-from seq2seq.training.optim import build_optimizer
+from seq2seq.training.module import TranslationModule
+from seq2seq.training.train import PYTREE_WARNING
 
 #: Multi30k en-de with a joint 8k vocabulary: the data every bench runs on.
 MULTI30K = {
@@ -125,9 +129,49 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+@contextlib.contextmanager
+def _quiet_lightning():
+    """No "GPU available" or "`Trainer.fit` stopped" lines in the bench's output."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _same(batch):
+    return batch
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class _StepTimer(Callback):
+    """Times each training step as the Trainer runs it: forward, loss, backward, clipping,
+    optimizer and schedule (the batch is on the device already); the first `warmup` steps
+    are not kept."""
+
+    def __init__(self, device: torch.device, warmup: int, lengths: list[tuple[int, int]]):
+        self.device, self.warmup, self.lengths = device, warmup, lengths
+        self.records: list[tuple[float, int, int, int, int]] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        _sync(self.device)
+        seconds = time.perf_counter() - self._start
+        if batch_idx >= self.warmup:
+            n = (batch.n_src_tokens, batch.n_tgt_tokens)
+            self.records.append((seconds, *n, *self.lengths[batch_idx]))
 
 
 def measure_training(
@@ -138,45 +182,41 @@ def measure_training(
     warmup: int,
     compile_model: bool = False,
     optim: OptimConfig | None = None,
-    max_steps: int | None = None,
+    trainer_cfg: TrainerConfig | None = None,
 ) -> dict:
-    """Time real optimizer steps, with the recipe's optimizer, schedule and label smoothing
-    (`optim`, its decay ending at `max_steps`; the defaults without one) and the kernels `seq2seq train` swaps in; the first
-    `warmup` steps are not counted (with `compile_model`, they include torch.compile's
-    compilations)."""
-    optim = optim or OptimConfig()
+    """Time the very training step `seq2seq train` runs: `TranslationModule.training_step`
+    under a Lightning Trainer, with the recipe's optimizer, schedule, label smoothing,
+    gradient clipping and logging interval (`optim`, `trainer_cfg`; the defaults without
+    them) and the kernels the module swaps in at fit time. The first `warmup` steps are not
+    counted (with `compile_model`, they include torch.compile's compilations)."""
+    optim, t = optim or OptimConfig(), trainer_cfg or TrainerConfig()
     torch.manual_seed(0)
-    model = Transformer(cfg).to(device).train()
-    for_cpu_training(model, device)  # as `seq2seq train` does at fit time
-    forward = torch.compile(model, dynamic=True) if compile_model else model
-    optimizer, schedule = build_optimizer(model.parameters(), optim, cfg.d_model, max_steps)
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "16-mixed")
-    records = []
-    for k, batch in enumerate(batches):
-        lengths = sentence_lengths(batch)
-        batch = batch.to(device)
-        _sync(device)
-        start = time.perf_counter()
-        autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with autocast:
-            loss = batch_loss(forward, batch, optim.label_smoothing).loss
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        schedule.step()
-        _sync(device)
-        seconds = time.perf_counter() - start
-        if k >= warmup:
-            records.append(
-                (
-                    seconds,
-                    batch.n_src_tokens,
-                    batch.n_tgt_tokens,
-                    *lengths,
-                )
-            )
+    module = TranslationModule(cfg, optim, DecodeConfig(), {}, compile_model=compile_model)
+    timer = _StepTimer(device, warmup, [sentence_lengths(b) for b in batches])
+    with warnings.catch_warnings(), _quiet_lightning():
+        warnings.filterwarnings("ignore", message=PYTREE_WARNING)
+        warnings.filterwarnings("ignore", message=".*does not have many workers")
+        warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no")
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=[device.index or 0] if device.type == "cuda" else 1,
+            precision=precision,
+            max_steps=max(t.max_steps, len(batches)),  # the schedule decays to the recipe's
+            max_epochs=1,
+            limit_train_batches=len(batches),
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            gradient_clip_val=t.gradient_clip_val,
+            log_every_n_steps=t.log_every_n_steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
+        loader = DataLoader(batches, batch_size=None, collate_fn=_same)
+        trainer.fit(module, train_dataloaders=loader)
+    records, model = timer.records, module.model
     step = statistics.median(r[0] for r in records)
     result = {
         "params": sum(p.numel() for p in model.parameters()),
@@ -279,7 +319,7 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
             args.warmup,
             args.compile,
             recipe.optim,
-            recipe.trainer.max_steps,
+            recipe.trainer,
         )
     )
     if args.model:
