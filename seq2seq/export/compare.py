@@ -3,9 +3,10 @@
 
 Matched settings. Every engine gets our source ids (pieces + EOS, over-long lines truncated
 as `translate` truncates them), never emits <pad> or <s>, and stops a sentence at EOS or at
-our limit of floor(a * |x| + b) tokens. Their limit is one number per call, so `exact=True`
+our limit of floor(a * |x| + b) tokens. CTranslate2's limit is one number per call, so `exact=True`
 calls them once per limit (parity), and otherwise once for all sentences with the largest
-limit (speed; a sentence that would have hit its own limit can then run longer). Length
+limit (speed; a sentence that would have hit its own limit can then run longer). Hugging
+Face's generate takes a logits processor, through which each sentence gets its own limit. Length
 penalties differ in form (ours GNMT's ((5 + |y|) / 6)^alpha, theirs |y|^alpha): the
 comparison runs all engines with the penalty off. Beam search ends a sentence by the other
 engine's rule: CTranslate2 once its best hypothesis has ended (our stop='best'), Hugging Face
@@ -15,6 +16,7 @@ with early_stopping once `beam` hypotheses have (our stop='beam').
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import tempfile
 import time
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from seq2seq.config import DecodeConfig
-from seq2seq.constants import PAD_ID
+from seq2seq.constants import EOS_ID, PAD_ID
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
 from seq2seq.inference.translate import encode_lines, make_batches, one_line, translate_ids
@@ -58,39 +60,55 @@ def _calls(limits: list[int], exact: bool) -> list[tuple[int, list[int]]]:
 
 
 def hf_translate(
-    model,
-    tokenizer,
-    src_ids: list[list[int]],
-    limits: list[int],
-    beam: int,
-    max_tokens: int,
-    exact: bool = True,
+    model, tokenizer, src_ids: list[list[int]], limits: list[int], beam: int, max_tokens: int
 ) -> list[str]:
-    """Marian's `generate` on our ids: the best hypothesis per sentence, decoded by the
-    MarianTokenizer (length penalty off; early_stopping: stop once `beam` have ended)."""
+    """Marian's `generate` on our ids, in our batches of `max_tokens` source tokens: the best
+    hypothesis per sentence, decoded by the MarianTokenizer (length penalty off;
+    early_stopping: a sentence ends once `beam` hypotheses have). Each sentence stops at its
+    own limit (`_EosAtLimit`), so this is exact, not only for parity."""
     out = [""] * len(src_ids)
-    for limit, group in _calls(limits, exact):
-        lengths = [len(src_ids[i]) for i in group]
-        for batch in make_batches(lengths, max_tokens):
-            rows = [src_ids[group[j]] for j in batch]
-            width = max(map(len, rows))
-            ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
-            with torch.inference_mode():
-                gen = model.generate(
-                    input_ids=ids,
-                    attention_mask=ids != PAD_ID,
-                    num_beams=beam,
-                    num_return_sequences=1,
-                    length_penalty=0.0,
-                    early_stopping=True,
-                    do_sample=False,
-                    max_new_tokens=limit + 1,  # the last one EOS, forced
-                    max_length=None,
-                )
-            texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
-            for j, text in zip(batch, texts, strict=True):
-                out[group[j]] = one_line(text)
+    for batch in make_batches([len(s) for s in src_ids], max_tokens):
+        rows = [src_ids[i] for i in batch]
+        width = max(map(len, rows))
+        ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
+        limit = torch.tensor([limits[i] for i in batch])
+        with torch.inference_mode():
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=ids != PAD_ID,
+                num_beams=beam,
+                num_return_sequences=1,
+                length_penalty=0.0,
+                early_stopping=True,
+                do_sample=False,
+                max_new_tokens=int(limit.max()) + 1,  # the last one EOS, forced
+                max_length=None,
+                forced_eos_token_id=None,
+                logits_processor=_eos_at_limit(limit.repeat_interleave(beam)),
+            )
+        texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
+        for i, text in zip(batch, texts, strict=True):
+            out[i] = one_line(text)
     return out
+
+
+def _eos_at_limit(limit: torch.Tensor):
+    """Our rule at the length limit: after `limit[row]` tokens only EOS, scored by its own
+    log-probability. (Marian's forced_eos_token_id scores it 0, log 1, instead, at one length
+    for the whole batch: beam search then ranks hypotheses that hit the limit higher than we
+    do.) Rows are sentence-major, `beam` per sentence, as generate lays them out."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class EosAtLimit(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            done = input_ids.size(1) - 1 >= limit  # (rows,): the start token + tokens so far
+            if bool(done.any()):
+                eos, scores = scores[done, EOS_ID], scores.clone()
+                scores[done] = -math.inf
+                scores[done, EOS_ID] = eos
+            return scores
+
+    return LogitsProcessorList([EosAtLimit()])
 
 
 def ct2_translate(
@@ -145,9 +163,7 @@ def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cf
 
         model = MarianMTModel.from_pretrained(str(folder)).eval()
         tok = MarianTokenizer.from_pretrained(str(folder))
-        return lambda beam: hf_translate(
-            model, tok, src_ids, limits, beam, cfg.max_tokens, exact=False
-        )
+        return lambda beam: hf_translate(model, tok, src_ids, limits, beam, cfg.max_tokens)
     import ctranslate2
 
     translator = ctranslate2.Translator(
@@ -189,7 +205,8 @@ def compare(
             f"float32 on the CPU; ours torch threads={threads}, "
             + ("ctranslate2 intra_threads" if against == "ctranslate2" else "hf torch threads")
             + f"={threads}; batches of {cfg.max_tokens} source tokens; length penalty off; "
-            f"beam stop rule '{cfg.stop}'; their length limit the largest of ours"
+            f"beam stop rule '{cfg.stop}'; length limit a*|x|+b per sentence"
+            + ("" if against == "hf" else " for ours, the batch's largest for ctranslate2")
         ),
     }
     with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:

@@ -1,0 +1,306 @@
+"""`seq2seq export --to hf|ctranslate2`: the exported models compute our function (float32
+parity on the 200 test sentences of the slice), load offline, and bad input gets one line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import MAX_POSITIONS, SLICE, read_gz_lines
+
+from seq2seq.cli import main
+from seq2seq.config import DecodeConfig
+from seq2seq.export import compare
+from seq2seq.export.hf import basis_permutation
+from seq2seq.inference.checkpoint import inference_state, load_model, read_checkpoint
+from seq2seq.inference.translate import encode_lines, pad_batch, translate_ids
+from seq2seq.nn.transformer import Transformer, sinusoidal_positions
+
+transformers = pytest.importorskip("transformers")  # CI installs the extra: these run there
+ctranslate2 = pytest.importorskip("ctranslate2")
+warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+
+
+def export(model: Path, to: str, out: Path, *options: str) -> int:
+    return main(["export", "-m", str(model), "--to", to, str(out), *options])
+
+
+@pytest.fixture(scope="module")
+def sources() -> list[str]:
+    return read_gz_lines(SLICE / "test_2016_flickr.en.gz")  # the 200 test sentences
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def src_ids(loaded, sources) -> list[list[int]]:
+    return compare.source_ids(loaded, sources)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "hf"
+    assert export(checkpoint, "hf", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def marian(hf_dir):
+    model = transformers.MarianMTModel.from_pretrained(str(hf_dir)).eval()
+    return model, transformers.MarianTokenizer.from_pretrained(str(hf_dir))
+
+
+@pytest.fixture(scope="module")
+def ours_greedy(checkpoint, sources, tmp_path_factory) -> list[str]:
+    """What `seq2seq translate --beam 1` writes for the 200 sentences."""
+    folder = tmp_path_factory.mktemp("greedy")
+    (folder / "in.en").write_text("\n".join(sources) + "\n", encoding="utf-8")
+    args = ["-i", str(folder / "in.en"), "-o", str(folder / "out.de"), "--beam", "1"]
+    assert main(["translate", "-m", str(checkpoint), *args]) == 0
+    return (folder / "out.de").read_text(encoding="utf-8").split("\n")[:-1]
+
+
+def limits(loaded, src_ids, cfg: DecodeConfig) -> list[int]:
+    return compare.output_limits(src_ids, cfg, loaded.model.cfg.max_positions)
+
+
+# --- Hugging Face ---------------------------------------------------------------------------
+def test_hf_folder_holds_the_marian_files_and_loads_offline(hf_dir, marian):
+    names = {p.name for p in hf_dir.iterdir()}
+    for name in ("config.json", "model.safetensors", "generation_config.json", "source.spm"):
+        assert name in names
+    assert {"target.spm", "vocab.json", "tokenizer_config.json"} <= names
+    model, tok = marian
+    out = model.generate(**tok(["A dog runs in the snow."], return_tensors="pt"), max_new_tokens=5)
+    assert out[0, 0] == 2 and isinstance(tok.decode(out[0], skip_special_tokens=True), str)
+
+
+@pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) >= 5,
+    reason="transformers 5 removed the translation pipeline (MIGRATION_GUIDE_V5.md)",
+)
+def test_hf_folder_loads_in_the_translation_pipeline(hf_dir):
+    pipe = transformers.pipeline("translation", model=str(hf_dir), device="cpu")
+    out = pipe(["A dog runs in the snow."], max_new_tokens=5)
+    assert isinstance(out[0]["translation_text"], str)
+
+
+def test_generation_config_holds_our_decoding_defaults(hf_dir, loaded):
+    gen = json.loads((hf_dir / "generation_config.json").read_text())
+    config = json.loads((hf_dir / "config.json").read_text())
+    decode = loaded.decode  # the fixture's: beam 2, lenpen 0.6, a=1.0, b=4
+    assert (gen["num_beams"], gen["length_penalty"]) == (decode.beam, decode.lenpen)
+    assert (gen["seq2seq_max_len_a"], gen["seq2seq_max_len_b"]) == (1.0, 4)
+    assert gen["max_length"] == MAX_POSITIONS + 1 and gen["decoder_start_token_id"] == 2
+    assert config["decoder_start_token_id"] == 2 and config["scale_embedding"] is True
+
+
+def test_marian_position_table_is_ours_in_the_permuted_basis(marian):
+    model, _ = marian
+    ours = sinusoidal_positions(MAX_POSITIONS, model.config.d_model)
+    theirs = model.model.encoder.embed_positions.weight
+    assert torch.equal(theirs, ours[:, basis_permutation(model.config.d_model)])
+    assert torch.equal(model.model.decoder.embed_positions.weight, theirs)
+
+
+def test_marian_tokenizer_gives_our_source_ids_and_decodes_our_target_ids(marian, loaded, sources):
+    _, tok = marian
+    short = [
+        s
+        for s, ids in zip(sources, encode_lines(loaded.tokenizer, sources, 10**6), strict=True)
+        if ids
+    ]
+    assert tok(short)["input_ids"] == loaded.tokenizer.encode_src(short)  # pieces + EOS, no BOS
+    ids = loaded.tokenizer.encode_tgt(["Ein Hund läuft im Schnee."])[0]
+    assert tok.decode([2, *ids, 3], skip_special_tokens=True) == loaded.tokenizer.decode_tgt(ids)
+
+
+def test_hf_greedy_equals_translate_beam_1_line_for_line(
+    marian, loaded, src_ids, sources, ours_greedy
+):
+    model, tok = marian
+    cfg = DecodeConfig(beam=1, max_len_a=loaded.decode.max_len_a, max_len_b=loaded.decode.max_len_b)
+    theirs = compare.hf_translate(model, tok, src_ids, limits(loaded, src_ids, cfg), 1, 4096)
+    assert len(ours_greedy) == len(sources) == 200
+    assert theirs == ours_greedy
+
+
+def test_hf_decoder_log_probs_agree_within_1e_4_at_every_step(marian, loaded, src_ids):
+    """Teacher-forced on our greedy outputs: every position's whole distribution."""
+    model, _ = marian
+    cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
+    hyps = translate_ids(loaded.model, src_ids, cfg)
+    tgt_in = [[2, *h[0].tokens] for h in hyps]
+    src, tgt = pad_batch(src_ids, torch.device("cpu")), pad_batch(tgt_in, torch.device("cpu"))
+    with torch.inference_mode():
+        ours = loaded.model.project(loaded.model(src, tgt)).log_softmax(-1)
+        theirs = model(input_ids=src, attention_mask=src != 0, decoder_input_ids=tgt)
+    theirs = theirs.logits.log_softmax(-1)
+    real = torch.zeros(tgt.shape, dtype=torch.bool)
+    for i, seq in enumerate(tgt_in):
+        real[i, : len(seq)] = True
+    assert (ours[real] - theirs[real]).abs().max() < 1e-4
+
+
+def test_hf_beam_5_agrees_on_99_percent_of_lines_under_matched_settings(marian, loaded, src_ids):
+    """Length penalty off (the forms differ), both stopping once 5 hypotheses have ended."""
+    model, tok = marian
+    cfg = DecodeConfig(beam=5, lenpen=0.0, stop="beam", max_len_a=1.0, max_len_b=4)
+    hyps = translate_ids(loaded.model, src_ids, cfg)
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in hyps]
+    theirs = compare.hf_translate(model, tok, src_ids, limits(loaded, src_ids, cfg), 5, 4096)
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    assert same >= 0.99 * len(ours)
+
+
+# --- CTranslate2 ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ct2_dir(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "ct2"
+    assert export(checkpoint, "ctranslate2", out) == 0
+    return out
+
+
+def ct2_greedy(folder: Path, loaded, src_ids) -> list[str]:
+    translator = ctranslate2.Translator(str(folder), device="cpu", intra_threads=1)
+    cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
+    lim = limits(loaded, src_ids, cfg)
+    return compare.ct2_translate(translator, loaded.tokenizer, src_ids, lim, 1, 4096)
+
+
+def test_ctranslate2_greedy_equals_ours_on_the_200_sentences(ct2_dir, loaded, src_ids, ours_greedy):
+    assert {"model.bin", "config.json", "source.spm", "target.spm"} <= set(
+        p.name for p in ct2_dir.iterdir()
+    )
+    assert ct2_greedy(ct2_dir, loaded, src_ids) == ours_greedy
+
+
+def test_ctranslate2_int8_export_loads_and_translates(checkpoint, tmp_path, loaded, src_ids):
+    out = tmp_path / "int8"
+    assert export(checkpoint, "ctranslate2", out, "--quantization", "int8") == 0
+    config = json.loads((out / "config.json").read_text())
+    texts = ct2_greedy(out, loaded, src_ids[:20])
+    assert len(texts) == 20 and all(texts)
+    assert config.get("add_source_eos") is True
+
+
+@pytest.fixture(scope="module")
+def pre_norm_checkpoint(checkpoint, tmp_path_factory) -> Path:
+    """The fixture's tokenizer and shape with pre-norm layers (random weights)."""
+    extra = read_checkpoint(checkpoint)["seq2seq"]
+    cfg = load_model(checkpoint).model.cfg
+    cfg = type(cfg)(**{**extra["model_config"], "pre_norm": True})
+    torch.manual_seed(1)
+    model = Transformer(cfg)
+    path = tmp_path_factory.mktemp("pre-norm") / "pre.ckpt"
+    state = inference_state(cfg, extra["tokenizer"], DecodeConfig(**extra["decode"]), {})
+    torch.save(
+        {"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "seq2seq": state},
+        path,
+    )
+    return path
+
+
+def test_a_pre_norm_model_exports_to_ctranslate2_with_greedy_parity(
+    pre_norm_checkpoint, tmp_path, sources
+):
+    loaded = load_model(pre_norm_checkpoint)
+    ids = compare.source_ids(loaded, sources[:50])
+    cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in translate_ids(loaded.model, ids, cfg)]
+    assert export(pre_norm_checkpoint, "ctranslate2", tmp_path / "ct2") == 0
+    assert ct2_greedy(tmp_path / "ct2", loaded, ids) == ours
+
+
+# --- Bad input ------------------------------------------------------------------------------
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_pre_norm_model_is_refused_as_marian_with_one_line_naming_the_feature(
+    pre_norm_checkpoint, tmp_path, capsys
+):
+    capsys.readouterr()
+    assert export(pre_norm_checkpoint, "hf", tmp_path / "hf") == 1
+    assert "model.pre_norm" in one_error_line(capsys)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_non_empty_folder_is_refused_without_overwrite(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    capsys.readouterr()
+    assert export(checkpoint, "ctranslate2", out) == 1
+    assert "--overwrite" in one_error_line(capsys)
+    assert (out / "config.json").read_text() == "{}"
+
+
+def test_overwrite_replaces_an_earlier_export_but_never_a_foreign_file(
+    checkpoint, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert export(checkpoint, "ctranslate2", out) == 0
+    assert export(checkpoint, "ctranslate2", out, "--overwrite") == 0
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert export(checkpoint, "ctranslate2", out, "--overwrite") == 1
+    assert "notes.txt" in one_error_line(capsys)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.bin").exists()
+
+
+def test_a_checkpoint_not_ours_gets_the_same_error_as_translate(tmp_path, capsys):
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    capsys.readouterr()
+    assert main(["translate", "-m", str(foreign), "-i", str(foreign)]) == 1
+    translate_error = one_error_line(capsys).split("error: ", 1)[1]
+    assert export(foreign, "hf", tmp_path / "out") == 1
+    assert one_error_line(capsys) == f"seq2seq export: error: {translate_error}"
+
+
+def test_without_the_extra_the_command_names_pip_install_export(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    real = importlib.import_module
+
+    def missing(name, *args):
+        if name.split(".")[0] in ("transformers", "ctranslate2"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", missing)
+    for to in ("hf", "ctranslate2"):
+        capsys.readouterr()
+        assert export(checkpoint, to, tmp_path / to) == 1
+        assert "pip install -e .[export]" in one_error_line(capsys)
+        assert not (tmp_path / to).exists()
+
+
+# --- bench --against ------------------------------------------------------------------------
+@pytest.mark.parametrize("against", ["ctranslate2", "hf"])
+def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
+    checkpoint, multi30k_slice, against, capsys
+):
+    args = ["bench", "-m", str(checkpoint), "--against", against, "--sentences", "8"]
+    args += ["--rounds", "1", "--json", "--data.root", str(multi30k_slice)]
+    capsys.readouterr()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    for search in ("greedy", "beam5"):
+        for engine in ("ours", against):
+            assert result[f"{search}_{engine}_sentences_per_s"] > 0
+            assert f"{search}_{engine}_bleu" in result
+        assert result[f"{search}_ratio_ours_over_{against}"] > 0
+    assert result["sentences"] == 8 and "threads" in result["settings"]
+    if against == "hf":  # the same per-sentence length limit: the same lines
+        assert result["greedy_identical_lines"] == 8
