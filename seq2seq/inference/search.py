@@ -41,7 +41,8 @@ PAD, UNK, BOS, EOS = PAD_ID, UNK_ID, BOS_ID, EOS_ID  # short names for the searc
 
 
 class Decoder(Protocol):
-    """What search needs from a model (seq2seq.nn.transformer.Transformer is one)."""
+    """What search needs from a model (seq2seq.nn.transformer.Transformer is one, and so is
+    seq2seq.inference.ensemble.Ensemble, whose project gives log-probabilities)."""
 
     tgt_vocab_size: int
 
