@@ -136,3 +136,25 @@ def test_models_with_different_tokenizers_are_one_error_naming_both(
     assert "different tokenizers" in err[-1]
     with pytest.raises(ValueError, match="different tokenizers"):
         Translator.load([checkpoint, stranger])
+
+
+def test_evaluate_with_two_models_scores_the_ensembles_translation(
+    tmp_path, checkpoint, sentences, capsys
+):
+    src, ref = tmp_path / "src.en", tmp_path / "ref.de"
+    src.write_text("\n".join(sentences[:3]) + "\n", encoding="utf-8")
+    ref.write_text("Ein Hund rennt.\nZwei Männer.\nEine Frau.\n", encoding="utf-8")
+    reports = []
+    for models in ([checkpoint], [checkpoint, checkpoint]):
+        flags = [arg for m in models for arg in ("-m", str(m))]
+        assert main(["evaluate", *flags, "--src", str(src), "--ref", str(ref), "--json"]) == 0
+        reports.append(capsys.readouterr().out)
+    assert reports[0] == reports[1] and '"bleu"' in reports[0]
+
+
+def test_attention_heatmaps_with_an_ensemble_are_one_clear_error(tmp_path, checkpoint, capsys):
+    code, out = cli_output(
+        tmp_path, [checkpoint, checkpoint], ["A dog."], "--attention", str(tmp_path / "maps")
+    )
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and out == [] and "give a single -m" in err and "\n" not in err
