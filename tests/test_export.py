@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from seq2seq.nn.transformer import Transformer, sinusoidal_positions
 
 transformers = pytest.importorskip("transformers")  # CI installs the extra: these run there
 ctranslate2 = pytest.importorskip("ctranslate2")
-warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
 
 
 def export(model: Path, to: str, out: Path, *options: str) -> int:
@@ -304,3 +303,50 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
     assert result["sentences"] == 8 and "threads" in result["settings"]
     if against == "hf":  # the same per-sentence length limit: the same lines
         assert result["greedy_identical_lines"] == 8
+
+
+# --- Separate vocabularies, an untied output projection with a bias ----------------------------
+@pytest.fixture(scope="module")
+def separate_checkpoint(multi30k_slice, tmp_path_factory) -> Path:
+    from seq2seq.config import TokenizerConfig, preset
+    from seq2seq.data.tokenizer import Tokenizer
+
+    out = tmp_path_factory.mktemp("separate")
+    en = read_gz_lines(multi30k_slice / "train.en.gz", 300)
+    de = read_gz_lines(multi30k_slice / "train.de.gz", 300)
+    tok = Tokenizer.train(en, de, TokenizerConfig(joint=False, vocab_size=200), out / "tok")
+    cfg = preset(
+        "tiny",
+        src_vocab_size=tok.src_vocab_size,
+        tgt_vocab_size=tok.tgt_vocab_size,
+        max_positions=MAX_POSITIONS,
+        tie_output=False,
+        output_bias=True,
+    )
+    torch.manual_seed(2)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        model.generator.bias.normal_()  # a bias that matters
+    state = inference_state(cfg, tok.to_state(), DecodeConfig(), {})
+    path = out / "separate.ckpt"
+    weights = {"model." + k: v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": weights, "seq2seq": state}, path)
+    return path
+
+
+def test_separate_vocabularies_and_an_output_bias_export_exactly(
+    separate_checkpoint, tmp_path, sources
+):
+    loaded = load_model(separate_checkpoint)
+    assert not loaded.tokenizer.joint
+    ids = compare.source_ids(loaded, sources[:40])
+    cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
+    lim = limits(loaded, ids, cfg)
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in translate_ids(loaded.model, ids, cfg)]
+    assert export(separate_checkpoint, "hf", tmp_path / "hf") == 0
+    assert (tmp_path / "hf" / "target_vocab.json").exists()
+    model = transformers.MarianMTModel.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = transformers.MarianTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert compare.hf_translate(model, tok, ids, lim, 1, 4096) == ours
+    assert export(separate_checkpoint, "ctranslate2", tmp_path / "ct2") == 0
+    assert ct2_greedy(tmp_path / "ct2", loaded, ids) == ours

@@ -73,7 +73,6 @@ def marian_config(cfg: ModelConfig) -> dict:
         "eos_token_id": EOS_ID,
         "bos_token_id": BOS_ID,
         "decoder_start_token_id": BOS_ID,
-        "forced_eos_token_id": EOS_ID,
         "architectures": ["MarianMTModel"],
     }
 
@@ -230,7 +229,10 @@ def _check_special_ids(tok) -> None:
 
 def write_hf(loaded: LoadedModel, out: Path) -> None:
     """Write a MarianMTModel folder for `loaded` into the new folder `out`."""
+    from transformers.utils import logging as hf_logging
+
     check_marian(loaded.model.cfg)
+    hf_logging.disable_progress_bar()  # stderr keeps to one line per problem
     out.mkdir(parents=True)
     hf = build_marian(loaded.model.float(), loaded.decode)
     hf.save_pretrained(str(out))
