@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 from seq2seq.constants import PAD_ID
@@ -110,6 +111,21 @@ class CorpusConfig:
     """The dataset's split name."""
     max_pairs: int | None = None
     """Keep only the first N pairs (for smoke runs)."""
+    name: str | None = None
+    """What reports and messages call this corpus (None: its file or dataset name)."""
+    weight: float = 1.0
+    """Training corpora only: how many times an epoch holds each of its pairs (fairseq's
+    --upsample-primary, Marian's data weighting). 2 repeats every pair; 1.5 adds a fixed,
+    seeded half of them once more; 0.5 keeps a seeded half."""
+
+    def label(self) -> str:
+        """The corpus's name: `name`, else its source file, TSV or dataset name."""
+        if self.name:
+            return self.name
+        if self.dataset:
+            return self.dataset + (f"/{self.split}" if self.split != "train" else "")
+        path = self.src or self.tsv or ""
+        return os.path.basename(path) or "corpus"
 
 
 @dataclass
@@ -160,8 +176,9 @@ class DataConfig:
     """Base URL to fetch the known corpus from (None: its public home, e.g. GitHub)."""
     cache_dir: str | None = None
     """Folder for the Arrow caches of read and tokenized splits (None: <run_dir>/cache)."""
-    train: CorpusConfig = field(default_factory=CorpusConfig)
-    """Training split."""
+    train: CorpusConfig | list[CorpusConfig] = field(default_factory=CorpusConfig)
+    """Training split: one corpus, or a list of corpora (each with an optional `weight`),
+    cleaned and deduplicated together and reported one by one."""
     valid: CorpusConfig = field(default_factory=CorpusConfig)
     """Validation split (checkpoint selection)."""
     test: CorpusConfig | None = None
@@ -183,10 +200,29 @@ class DataConfig:
     """Seed of the per-epoch batch shuffle."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, list) and not self.train:
+            raise ValueError("data.train is an empty list; give at least one corpus")
+        names: dict[str, str] = {}
+        for key, corpus in self.train_corpora():
+            if not corpus.weight > 0:  # also refuses NaN
+                raise ValueError(f"{key}.weight={corpus.weight} must be a number above 0")
+            if corpus.label() in names:
+                raise ValueError(
+                    f"{key} and {names[corpus.label()]} are both named {corpus.label()!r}; "
+                    "give one of them another `name`"
+                )
+            names[corpus.label()] = key
         if self.max_tokens < 1:
             raise ValueError(f"data.max_tokens={self.max_tokens} must be at least 1")
         if self.row_tokens is not None and self.row_tokens < 1:
             raise ValueError(f"data.row_tokens={self.row_tokens} must be positive (or null)")
+
+    def train_corpora(self) -> list[tuple[str, CorpusConfig]]:
+        """Every training corpus with its key in the recipe: `data.train` for a single one,
+        `data.train[i]` in a list."""
+        if isinstance(self.train, CorpusConfig):
+            return [("data.train", self.train)]
+        return [(f"data.train[{i}]", corpus) for i, corpus in enumerate(self.train)]
 
 
 SCHEDULES = ("inverse_sqrt", "linear", "cosine")

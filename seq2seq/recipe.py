@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from seq2seq.config import ModelConfig, Recipe, preset
+from seq2seq.config import CorpusConfig, ModelConfig, Recipe, preset
 
 
 class RecipeError(ValueError):
@@ -47,20 +47,38 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
 
 
 def _check_corpora(config: str, name: str) -> None:
-    """Each of data.train/valid/test is one corpus (a mapping): say so plainly, where
-    jsonargparse would report an internal error about `**` and a mapping."""
+    """data.valid/test are one corpus (a mapping) each, data.train one or a list of them: say
+    what is wrong with a corpus plainly, naming its key, where jsonargparse would report every
+    way the value fails to match `CorpusConfig | list[CorpusConfig]`."""
     try:
         doc = yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
     except (OSError, yaml.YAMLError):
         return  # jsonargparse reports unreadable YAML with its position
     data = doc.get("data") if isinstance(doc, dict) else None
-    for split in ("train", "valid", "test"):
-        value = data.get(split) if isinstance(data, dict) else None
-        if isinstance(value, list):
+    if not isinstance(data, dict):
+        return
+    for split in ("valid", "test"):
+        if isinstance(data.get(split), list):
             raise RecipeError(
                 f"{name}: data.{split} is a list; give one corpus (src and tgt files, a tsv, "
                 "or a dataset)"
             )
+    train = data.get("train")
+    items = enumerate(train) if isinstance(train, list) else [(None, train)]
+    known = {f.name for f in dataclasses.fields(CorpusConfig)}
+    for i, corpus in items:
+        key = "data.train" if i is None else f"data.train[{i}]"
+        if corpus is None and i is None:
+            continue
+        if not isinstance(corpus, dict):
+            raise RecipeError(f"{name}: {key} must be a corpus (a mapping), not {corpus!r}")
+        if unknown := sorted(set(corpus) - known):
+            raise RecipeError(
+                f"{name}: {key} has no key {unknown[0]!r} (keys: {', '.join(sorted(known))})"
+            )
+        weight = corpus.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise RecipeError(f"{name}: {key}.weight={weight!r} is not a number")
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

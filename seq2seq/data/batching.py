@@ -361,6 +361,9 @@ class RowSubsetBatches:
     def __len__(self) -> int:
         return len(self.sampler)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
 
 def eval_shard(src_lengths: np.ndarray, tgt_lengths: np.ndarray, world: int, rank: int):
     """This rank's rows of an evaluation set split over `world` ranks: every world-th pair of

@@ -153,10 +153,14 @@ class TranslationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled token-budget batches of this rank; resumes where `load_state_dict` says."""
-        train = self.prepared.train
+        train, rows = self.prepared.train, self.prepared.train_rows
         world, rank = self._world()
+        src_lengths, tgt_lengths = batch_lengths(train)
+        if rows is not None:  # weighted corpora: the epoch's rows, some repeated
+            src_lengths, tgt_lengths = src_lengths[rows], tgt_lengths[rows]
         sampler = TokenBudgetBatchSampler(
-            *batch_lengths(train),
+            src_lengths,
+            tgt_lengths,
             self.cfg.max_tokens,
             shuffle=True,
             seed=self.cfg.seed,
@@ -168,7 +172,8 @@ class TranslationDataModule(L.LightningDataModule):
             self._resume = None
         self._train_sampler = sampler
         self._epoch, self._consumed = sampler.epoch, sampler.state_dict()["position"]
-        return self._loader(train, sampler, row_tokens=self.cfg.row_tokens)
+        batches = sampler if rows is None else RowSubsetBatches(sampler, rows)
+        return self._loader(train, batches, row_tokens=self.cfg.row_tokens)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches sorted by length (fast decoding). Under DDP each rank decodes

@@ -11,15 +11,22 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-from datasets import Dataset, Features, List, Value
+from datasets import Dataset, Features, List, Value, concatenate_datasets
 
 from seq2seq.config import CleanConfig, DataConfig
-from seq2seq.data.readers import TEXT, DataError, cache_key, read_corpus, worker_processes
+from seq2seq.data.readers import (
+    TEXT,
+    DataError,
+    cache_key,
+    check_corpus,
+    read_corpus,
+    worker_processes,
+)
 from seq2seq.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,9 @@ class CleanReport:
     """Pairs kept."""
     dropped: dict[str, int]
     """Pairs dropped, by the first filter that rejected them (in filter order)."""
+    corpora: list[dict[str, object]] = field(default_factory=list)
+    """With several training corpora, the same counts for each (`name`, `key`, `read`,
+    `kept`, `dropped`), its `weight` and the pairs it puts in one epoch (`epoch_pairs`)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -59,6 +69,9 @@ class PreparedData:
     """Counts of read, kept and dropped training pairs."""
     train_hashes: Dataset
     """Per kept training pair: `src_hash`, `pair_hash` (64-bit), for overlap checks."""
+    train_rows: np.ndarray | None = None
+    """The rows of `train` one epoch holds, repeated or thinned by their corpus's weight
+    (`epoch_rows`); None: every row once."""
 
 
 # ---- tokenizing and cleaning -----------------------------------------------------------------
@@ -130,11 +143,15 @@ def id_lengths(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def clean(train: Dataset, cfg: CleanConfig) -> tuple[np.ndarray, CleanReport]:
+def clean(
+    train: Dataset, cfg: CleanConfig, corpora: list[tuple[str, str, int]] | None = None
+) -> tuple[np.ndarray, CleanReport]:
     """Which training rows survive the filters, and the report; each drop counts under its first filter.
 
     Filters in order: empty side, source == target, either side longer than `max_length`
-    pieces, piece-length ratio above `max_ratio`, duplicate of an earlier kept pair.
+    pieces, piece-length ratio above `max_ratio`, duplicate of an earlier kept pair (in any
+    corpus). `corpora` lists the corpora `train` concatenates, as (name, key, rows), for
+    counts per corpus.
     """
     src_ids_len, tgt_len = id_lengths(train)
     src_len = src_ids_len - 1  # pieces, without the EOS
@@ -158,11 +175,39 @@ def clean(train: Dataset, cfg: CleanConfig) -> tuple[np.ndarray, CleanReport]:
         else:
             mask = masks[key]() if callable(masks[key]) else masks[key]
             reason[(reason == 0) & mask] = code
+    report = _counts(reason, filters)
+    if corpora and len(corpora) > 1:
+        start = 0
+        for name, key, n in corpora:
+            part = _counts(reason[start : start + n], filters)
+            report.corpora.append(
+                {"name": name, "key": key, "read": part.read, "kept": part.kept}
+                | {"dropped": part.dropped}
+            )
+            start += n
+    return np.flatnonzero(reason == 0), report
+
+
+def _counts(reason: np.ndarray, filters: dict[str, str]) -> CleanReport:
     counts = np.bincount(reason, minlength=len(filters) + 1)
     dropped = {key: int(c) for key, c in zip(filters, counts[1:], strict=True)}
-    return np.flatnonzero(reason == 0), CleanReport(
-        read=len(train), kept=int(counts[0]), dropped=dropped
-    )
+    return CleanReport(read=len(reason), kept=int(counts[0]), dropped=dropped)
+
+
+def epoch_rows(corpus_of: np.ndarray, weights: list[float], seed: int) -> np.ndarray | None:
+    """The rows one training epoch holds when corpus `c` (`corpus_of[row]`) has weight
+    `weights[c]`: every row int(w) times, plus a fixed, seeded share (w - int(w)) of the
+    corpus's rows once more, in row order. None when every weight is 1 (each row once)."""
+    if all(w == 1 for w in weights):
+        return None
+    rng = np.random.default_rng([seed, 20170612])
+    parts = []
+    for c, w in enumerate(weights):
+        rows = np.flatnonzero(corpus_of == c)
+        parts += [rows] * int(w)
+        if extra := round((w - int(w)) * len(rows)):
+            parts.append(np.sort(rng.choice(rows, size=extra, replace=False)))
+    return np.sort(np.concatenate(parts), kind="stable")
 
 
 def _filter_names(cfg: CleanConfig) -> dict[str, str]:
@@ -195,7 +240,12 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     """
     run_dir = Path(run_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
-    raw_train = read_corpus(cfg.train, cfg, cache, "train")
+    corpora = cfg.train_corpora()
+    for key, corpus in corpora:  # a missing file fails before hours of reading the others
+        check_corpus(corpus, cfg, key.removeprefix("data."))
+    parts = [read_corpus(c, cfg, cache, key.removeprefix("data.")) for key, c in corpora]
+    raw_train = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    sizes = [(c.label(), key, len(part)) for (key, c), part in zip(corpora, parts, strict=True)]
     raw_valid = read_corpus(cfg.valid, cfg, cache, "valid")
     raw_test = read_corpus(cfg.test, cfg, cache, "test") if cfg.test else None
 
@@ -214,7 +264,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     tokenized = tokenize(
         raw_train, tokenizer, keep_text=False, cache_dir=cache, num_proc=cfg.num_proc
     )
-    keep, report = clean(tokenized, cfg.clean)
+    keep, report = clean(tokenized, cfg.clean, sizes)
     if report.kept == 0:
         reasons = ", ".join(f"{k}: {v}" for k, v in report.dropped.items() if v)
         raise DataError(
@@ -234,6 +284,13 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
         else None
     )
     log.info("train: %d pairs read, %d kept, dropped %s", report.read, report.kept, report.dropped)
+    weights = [c.weight for _, c in corpora]
+    corpus_of = np.repeat(np.arange(len(sizes)), [n for *_, n in sizes])[keep]
+    rows = epoch_rows(corpus_of, weights, cfg.seed)
+    for c, part in enumerate(report.corpora):
+        part["weight"] = weights[c]
+        in_epoch = corpus_of if rows is None else corpus_of[rows]
+        part["epoch_pairs"] = int(np.sum(in_epoch == c))
     return PreparedData(
         tokenizer=tokenizer,
         train=tokenized.select_columns(["src_ids", "tgt_ids"]),
@@ -241,6 +298,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
         test=test,
         report=report,
         train_hashes=tokenized.select_columns(["src_hash", "pair_hash"]),
+        train_rows=rows,
     )
 
 

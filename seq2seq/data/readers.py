@@ -45,25 +45,12 @@ def read_corpus(
         cache_dir: where the Arrow cache files go.
         name: the split's name in `cfg` ('train', 'valid', 'test'), for messages.
     """
-    given = [k for k in ("src", "tsv", "dataset") if getattr(corpus, k)]
-    if len(given) != 1 or (corpus.src is None) != (corpus.tgt is None):
-        raise DataError(
-            f"data.{name}: give exactly one of src+tgt, tsv or dataset (got {given or 'none'})"
-        )
-    if corpus.max_pairs is not None and corpus.max_pairs < 1:
-        raise DataError(
-            f"data.{name}.max_pairs={corpus.max_pairs} leaves the {name} set empty (at least 1)"
-        )
+    paths = check_corpus(corpus, cfg, name)
     if corpus.dataset:
         return _read_dataset(corpus, cfg, Path(cache_dir), name)
     if corpus.tsv:
-        paths = (_existing(cfg.root, corpus.tsv, f"data.{name}.tsv"),)
         kind, kwargs = "tsv", {"columns": tuple(corpus.tsv_columns)}
     else:
-        paths = (
-            _existing(cfg.root, corpus.src, f"data.{name}.src"),
-            _existing(cfg.root, corpus.tgt, f"data.{name}.tgt"),
-        )
         kind = "sgm" if is_sgm(*paths) else "plain"
         kwargs = {}
     stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
@@ -87,6 +74,29 @@ def read_corpus(
             raise
         files = " and ".join(str(p) for p in paths)
         raise DataError(f"data.{name}: the {name} set is empty ({files} hold no pairs)") from None
+
+
+def check_corpus(corpus: CorpusConfig, cfg: DataConfig, name: str) -> tuple[Path, ...]:
+    """The corpus's files (none for a dataset), after checking that it names exactly one
+    source of pairs, a sane `max_pairs`, and files that exist: cheap checks that `load_splits`
+    runs on every training corpus before reading any."""
+    given = [k for k in ("src", "tsv", "dataset") if getattr(corpus, k)]
+    if len(given) != 1 or (corpus.src is None) != (corpus.tgt is None):
+        raise DataError(
+            f"data.{name}: give exactly one of src+tgt, tsv or dataset (got {given or 'none'})"
+        )
+    if corpus.max_pairs is not None and corpus.max_pairs < 1:
+        raise DataError(
+            f"data.{name}.max_pairs={corpus.max_pairs} leaves the {name} set empty (at least 1)"
+        )
+    if corpus.dataset:
+        return ()
+    if corpus.tsv:
+        return (_existing(cfg.root, corpus.tsv, f"data.{name}.tsv"),)
+    return (
+        _existing(cfg.root, corpus.src, f"data.{name}.src"),
+        _existing(cfg.root, corpus.tgt, f"data.{name}.tgt"),
+    )
 
 
 def _existing(root: str, path: str, key: str) -> Path:

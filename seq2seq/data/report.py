@@ -95,6 +95,14 @@ def format_report(report: dict[str, object]) -> str:
             f"joint {vocab['src']}" if vocab["joint"] else f"src {vocab['src']}, tgt {vocab['tgt']}"
         ),
     ]
+    for corpus in train.get("corpora", []):
+        gone = ", ".join(f"{k} {v}" for k, v in corpus["dropped"].items() if v)
+        lines.insert(
+            len(lines) - 1,
+            f"  {corpus['name']} ({corpus['key']})  {corpus['read']} read, {corpus['kept']} kept, "
+            f"weight {corpus['weight']:g}: {corpus['epoch_pairs']} per epoch; "
+            f"dropped: {gone or 'none'}",
+        )
     if report["downloaded"]:
         lines.insert(1, f"downloaded   {len(report['downloaded'])} files")
     lines.append(
