@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -140,8 +139,3 @@ def _writer(to: str) -> Callable[[LoadedModel, Path, str | None], None]:
     from seq2seq.export.ct2 import write_ct2
 
     return write_ct2
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a temporary export this package made (bench's)."""
-    shutil.rmtree(path, ignore_errors=True)
