@@ -152,12 +152,13 @@ def test_impossible_training_settings_are_one_line_naming_the_key(
     assert not (tmp_path / "run").exists()
 
 
-def test_a_recipe_whose_training_corpus_is_a_list_is_one_clear_line(tmp_path, capsys):
+def test_a_recipe_whose_validation_corpus_is_a_list_is_one_clear_line(tmp_path, capsys):
+    """data.train may list several corpora; data.valid is one."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("data:\n  train:\n    - src: a.en\n      tgt: a.de\n")
+    recipe.write_text("data:\n  valid:\n    - src: a.en\n      tgt: a.de\n")
     assert main(["train", str(recipe), "--run-dir", str(tmp_path / "run")]) == 1
     err = one_line_error(capsys)
-    assert "r.yaml" in err and "data.train is a list" in err
+    assert "r.yaml" in err and "data.valid is a list" in err
 
 
 def test_an_empty_training_set_is_named(multi30k_slice, tmp_path, capsys):
