@@ -2,12 +2,13 @@
 `ct2_translate`) that the parity tests and `seq2seq bench --against` use.
 
 Matched settings. Every engine gets our source ids (pieces + EOS, over-long lines truncated
-as `translate` truncates them), never emits <pad> or <s>, and stops a sentence at EOS or at
-our limit of floor(a * |x| + b) tokens. CTranslate2's limit is one number per call, so `exact=True`
-calls them once per limit (parity), and otherwise once for all sentences with the largest
-limit (speed; a sentence that would have hit its own limit can then run longer). Hugging
-Face's generate takes a logits processor, through which each sentence gets its own limit. Length
-penalties differ in form (ours GNMT's ((5 + |y|) / 6)^alpha, theirs |y|^alpha): the
+as `translate` truncates them) in our batches (by length, `max_tokens` padded source tokens
+each), never emits <pad> or <s>, and stops a sentence at EOS or at our limit of
+floor(a * |x| + b) tokens. Hugging Face's generate takes a logits processor, through which
+each sentence gets its own limit. CTranslate2's limit is one number per call: with
+`exact=True` (parity) each batch holds sentences of one limit, otherwise a batch gets its
+largest (speed; a sentence that would have hit its own limit can then run a little longer).
+Length penalties differ in form (ours GNMT's ((5 + |y|) / 6)^alpha, theirs |y|^alpha): the
 comparison runs all engines with the penalty off. Beam search ends a sentence by the other
 engine's rule: CTranslate2 once its best hypothesis has ended (our stop='best'), Hugging Face
 with early_stopping once `beam` hypotheses have (our stop='beam').
@@ -49,14 +50,21 @@ def output_limits(src_ids: list[list[int]], cfg: DecodeConfig, max_positions: in
     return limits
 
 
-def _calls(limits: list[int], exact: bool) -> list[tuple[int, list[int]]]:
-    """(limit, sentence indices) per engine call."""
-    if not exact:
-        return [(max(limits), list(range(len(limits))))]
+def _batches(
+    src_ids: list[list[int]], limits: list[int], max_tokens: int, exact: bool
+) -> list[tuple[int, list[int]]]:
+    """(limit, sentence indices) per engine call: our batches (`translate.make_batches`: by
+    length, `max_tokens` padded source tokens each), with the batch's largest limit; with
+    `exact`, cut within groups of equal limits instead."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, limit in enumerate(limits):
-        groups[limit].append(i)
-    return sorted(groups.items())
+        groups[limit if exact else 0].append(i)
+    calls = []
+    for group in groups.values():
+        for batch in make_batches([len(src_ids[i]) for i in group], max_tokens):
+            indices = [group[j] for j in batch]
+            calls.append((max(limits[i] for i in indices), indices))
+    return calls
 
 
 def hf_translate(
@@ -120,26 +128,23 @@ def ct2_translate(
     max_tokens: int,
     exact: bool = True,
 ) -> list[str]:
-    """`ctranslate2.Translator.translate_batch` on our pieces (the model appends EOS), batches
-    of `max_tokens` tokens; the best hypothesis per sentence, detokenized by our tokenizer."""
+    """`ctranslate2.Translator.translate_batch` on our pieces (the model appends EOS), in our
+    batches (`_batches`); the best hypothesis per sentence, detokenized by our tokenizer."""
     from seq2seq.export.ct2 import SUPPRESS, tokenizer_pieces
 
     pieces, tgt_pieces = tokenizer_pieces(tokenizer)
     tgt_id = {p: i for i, p in enumerate(tgt_pieces)}
     out = [""] * len(src_ids)
-    for limit, group in _calls(limits, exact):
-        todo = [i for i in group if src_ids[i]]
+    for limit, batch in _batches(src_ids, limits, max_tokens, exact):
         results = translator.translate_batch(
-            [[pieces[t] for t in src_ids[i][:-1]] for i in todo],
+            [[pieces[t] for t in src_ids[i][:-1]] for i in batch],
             beam_size=beam,
             length_penalty=0.0,
             max_decoding_length=limit,
             suppress_sequences=SUPPRESS,
-            max_batch_size=max_tokens,
-            batch_type="tokens",
             return_scores=False,
         )
-        for i, result in zip(todo, results, strict=True):
+        for i, result in zip(batch, results, strict=True):
             ids = [tgt_id[p] for p in result.hypotheses[0]]
             out[i] = one_line(tokenizer.decode_tgt(ids))
     return out
