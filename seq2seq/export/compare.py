@@ -255,6 +255,8 @@ def compare_cli(args, data) -> int:
 
     if not args.model:
         raise ValueError("--against needs -m MODEL")
+    if args.device != "cpu" or args.decode_precision != "fp32":
+        raise ValueError("--against compares float32 decoding on the CPU only")
     if data.test is None or not data.test.src:
         raise ValueError("--against needs a test split with src and tgt files")
     sources = read_text(os.path.join(data.root, data.test.src))
