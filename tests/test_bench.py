@@ -172,6 +172,8 @@ def test_the_bench_times_the_training_step_of_train_with_the_recipes_settings(mo
     result = measure_training(cfg, batches, torch.device("cpu"), "32-true", 1, False, optim, trainer)
     assert seen == [0.3, 0.3, 0.3] and result["measured_steps"] == 2
     assert clips == [0.5, 0.5, 0.5]
+    # Each batch: src (2, 3) and tgt_in (2, 3) are 12 positions for 5 + 5 real tokens.
+    assert result["padding_percent"] == pytest.approx(100 * 2 / 12, abs=0.05)
     # Linear decay from 1e-3 after one warm-up step to 0 at step 5; after update k the
     # optimizer holds the next update's lr, 1e-3 * (4 - k) / 4.
     assert lrs == pytest.approx([0.75e-3, 0.5e-3, 0.25e-3])

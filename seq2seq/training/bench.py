@@ -1,7 +1,8 @@
-"""`seq2seq bench`: training and decoding speed on real Multi30k batches, from timers only.
+"""`seq2seq bench`: training and decoding speed on real batches, from timers only.
 
-Training: the recipe's (or a preset's) model on token-budget batches of Multi30k en-de with a
-joint 8k SentencePiece vocabulary, timing `seq2seq train`'s own training step (the Lightning
+Training: a preset's model on token-budget batches of Multi30k en-de with a joint 8k
+SentencePiece vocabulary, or a recipe's model on its own data (e.g. the WMT-sized
+recipes/scale_wmt_like.yaml), timing `seq2seq train`'s own training step (the Lightning
 module under a Trainer); median target tokens/s and source+target tokens/s over `--steps`
 optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model
 FLOPs utilization. Decoding (with `-m MODEL`): sentences/s and output tokens/s for greedy and
@@ -160,6 +161,7 @@ class _StepTimer(Callback):
     def __init__(self, device: torch.device, warmup: int, lengths: list[tuple[int, int]]):
         self.device, self.warmup, self.lengths = device, warmup, lengths
         self.records: list[tuple[float, int, int, int, int]] = []
+        self.positions = 0  # source and target positions computed over, padding included
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
@@ -172,6 +174,7 @@ class _StepTimer(Callback):
         if batch_idx >= self.warmup:
             n = (batch.n_src_tokens, batch.n_tgt_tokens)
             self.records.append((seconds, *n, *self.lengths[batch_idx]))
+            self.positions += batch.src.numel() + batch.tgt_in.numel()
 
 
 def measure_training(
@@ -228,6 +231,9 @@ def measure_training(
             statistics.median((r[1] + r[2]) / r[0] for r in records), 1
         ),
         "mean_tgt_tokens_per_batch": round(statistics.mean(r[2] for r in records), 1),
+        "padding_percent": round(
+            100 * (1 - sum(r[1] + r[2] for r in records) / max(timer.positions, 1)), 1
+        ),
         "train_peak_mem_mib": round(peak_memory_mib(device), 1),
     }
     if device.type == "cuda":
