@@ -350,3 +350,27 @@ def test_separate_vocabularies_and_an_output_bias_export_exactly(
     assert compare.hf_translate(model, tok, ids, lim, 1, 4096) == ours
     assert export(separate_checkpoint, "ctranslate2", tmp_path / "ct2") == 0
     assert ct2_greedy(tmp_path / "ct2", loaded, ids) == ours
+
+
+def test_a_minimum_length_is_kept_by_both_engines(separate_checkpoint, tmp_path, sources):
+    """A model that wants EOS at once (a large EOS bias) writes exactly min_len tokens in
+    ours, Marian's generate and CTranslate2."""
+    ckpt = torch.load(separate_checkpoint, weights_only=True)
+    ckpt["state_dict"]["model.generator.bias"][3] = 50.0
+    eager = tmp_path / "eager.ckpt"
+    torch.save(ckpt, eager)
+    loaded = load_model(eager)
+    cfg = DecodeConfig(beam=1, min_len=6, max_len_a=0.0, max_len_b=8)
+    ids = compare.source_ids(loaded, sources[:20])
+    lim = limits(loaded, ids, cfg)
+    hyps = translate_ids(loaded.model, ids, cfg)
+    assert {len(h[0].tokens) for h in hyps} == {6}
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in hyps]
+    assert export(eager, "hf", tmp_path / "hf") == 0
+    model = transformers.MarianMTModel.from_pretrained(str(tmp_path / "hf")).eval()
+    tok = transformers.MarianTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert compare.hf_translate(model, tok, ids, lim, 1, 4096, min_len=6) == ours
+    assert export(eager, "ctranslate2", tmp_path / "ct2") == 0
+    translator = ctranslate2.Translator(str(tmp_path / "ct2"), device="cpu", intra_threads=1)
+    theirs = compare.ct2_translate(translator, loaded.tokenizer, ids, lim, 1, 4096, min_len=6)
+    assert theirs == ours

@@ -68,7 +68,13 @@ def _batches(
 
 
 def hf_translate(
-    model, tokenizer, src_ids: list[list[int]], limits: list[int], beam: int, max_tokens: int
+    model,
+    tokenizer,
+    src_ids: list[list[int]],
+    limits: list[int],
+    beam: int,
+    max_tokens: int,
+    min_len: int = 1,
 ) -> list[str]:
     """Marian's `generate` on our ids, in our batches of `max_tokens` source tokens: the best
     hypothesis per sentence, decoded by the MarianTokenizer (length penalty off;
@@ -91,6 +97,7 @@ def hf_translate(
                 do_sample=False,
                 max_new_tokens=int(limit.max()) + 1,  # the last one EOS, forced
                 max_length=None,
+                min_length=min_len + 1,  # HF counts the start token
                 forced_eos_token_id=None,
                 logits_processor=_eos_at_limit(limit.repeat_interleave(beam)),
             )
@@ -127,6 +134,7 @@ def ct2_translate(
     beam: int,
     max_tokens: int,
     exact: bool = True,
+    min_len: int = 1,
 ) -> list[str]:
     """`ctranslate2.Translator.translate_batch` on our pieces (the model appends EOS), in our
     batches (`_batches`); the best hypothesis per sentence, detokenized by our tokenizer."""
@@ -141,6 +149,7 @@ def ct2_translate(
             beam_size=beam,
             length_penalty=0.0,
             max_decoding_length=limit,
+            min_decoding_length=min_len,
             suppress_sequences=SUPPRESS,
             return_scores=False,
         )
@@ -168,14 +177,16 @@ def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cf
 
         model = MarianMTModel.from_pretrained(str(folder)).eval()
         tok = MarianTokenizer.from_pretrained(str(folder))
-        return lambda beam: hf_translate(model, tok, src_ids, limits, beam, cfg.max_tokens)
+        return lambda beam: hf_translate(
+            model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len
+        )
     import ctranslate2
 
     translator = ctranslate2.Translator(
         str(folder), device="cpu", compute_type="float32", intra_threads=threads, inter_threads=1
     )
     return lambda beam: ct2_translate(
-        translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, exact=False
+        translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, False, cfg.min_len
     )
 
 
