@@ -177,3 +177,12 @@ def test_the_bench_times_the_training_step_of_train_with_the_recipes_settings(mo
     # Linear decay from 1e-3 after one warm-up step to 0 at step 5; after update k the
     # optimizer holds the next update's lr, 1e-3 * (4 - k) / 4.
     assert lrs == pytest.approx([0.75e-3, 0.5e-3, 0.25e-3])
+
+
+def test_a_recipe_and_a_preset_bench_the_presets_shape_on_the_recipes_data():
+    from seq2seq.training.bench import bench_recipe
+
+    recipe = bench_recipe("recipes/scale_wmt_like.yaml", "big", [])
+    assert recipe.model == preset("big")
+    assert [c.name for _, c in recipe.data.train_corpora()][0] == "europarl"
+    assert bench_recipe("recipes/scale_wmt_like.yaml", None, []).model.d_model == 512

@@ -157,7 +157,10 @@ def add_average(sub: argparse._SubParsersAction, handler: Handler) -> None:
 def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p = sub.add_parser("bench", help="measure training and decoding speed on real Multi30k batches")
     p.add_argument("recipe", nargs="?", help="a recipe whose model shape to measure")
-    p.add_argument("--preset", help="a named shape instead of a recipe (default: small)")
+    p.add_argument(
+        "--preset",
+        help="a named shape (default: small): on Multi30k, or with a recipe on its data",
+    )
     p.add_argument("-m", "--model", help="a trained model: also measure decoding")
     p.add_argument(
         "--against",

@@ -53,11 +53,15 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 def bench_recipe(
     recipe_path: str | None, preset_name: str | None, overrides: Sequence[str]
 ) -> Recipe:
-    """The recipe to measure: a recipe file's model, or a preset (default small), on Multi30k."""
+    """The recipe to measure: a recipe file (its model on its data), a preset (default small)
+    on Multi30k, or both: the preset's shape on the recipe's data."""
     from seq2seq.recipe import load_recipe, parse_recipe
 
     if recipe_path:
-        return load_recipe(recipe_path, overrides)
+        recipe = load_recipe(recipe_path, overrides)
+        if preset_name:
+            recipe = dataclasses.replace(recipe, model=preset(preset_name))
+        return recipe
     model = dataclasses.asdict(preset(preset_name or "small"))
     text = yaml.safe_dump({"model": model, "data": MULTI30K})
     return parse_recipe(text, overrides, f"--preset {preset_name or 'small'}")
