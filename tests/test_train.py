@@ -110,6 +110,7 @@ def test_a_tiny_run_trains_its_loss_falls_and_it_writes_checkpoints_and_results(
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk == results
     assert results["steps"] == 60
+    assert 0.0 < results["first_update_s"] < results["wall_time_s"]
     for split in ("valid", "test"):
         assert 0.0 <= results[split]["bleu"] <= 100.0
         assert results[split]["bleu_signature"].startswith("nrefs:1|")

@@ -73,6 +73,7 @@ class TranslationModule(L.LightningModule):
         self._interval_sums: torch.Tensor | None = None  # (loss, nll) * tokens since the last log
         self._logged_step = -1
         self._lr = 0.0  # learning rate of the latest update
+        self.first_update_at: float | None = None  # perf_counter() after this process's first
 
     def setup(self, stage: str) -> None:
         """Before fitting: the CPU training kernels, swapped in from outside the model (same
@@ -129,6 +130,8 @@ class TranslationModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._train_tokens += batch.n_tgt_tokens
         self._train_seconds += time.perf_counter() - self._step_start
+        if self.first_update_at is None:
+            self.first_update_at = time.perf_counter()
         step = self.global_step
         if step % max(self.trainer.log_every_n_steps, 1) == 0 and step != self._logged_step:
             now = time.perf_counter()

@@ -406,16 +406,24 @@ def train(
         raise Interrupted(run_dir, terminated=trainer.received_sigterm)
     if not trainer.is_global_zero:
         return {}
-    return _finish(recipe, run_dir, trainer, datamodule, time.perf_counter() - start)
+    return _finish(recipe, run_dir, trainer, datamodule, start)
 
 
-def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall: float) -> dict:
+def _first_update_s(trainer: L.Trainer, start: float) -> float | None:
+    """Seconds from `start` to the end of this process's first update (None when it made
+    none: a finished run scored again)."""
+    first = trainer.lightning_module.first_update_at
+    return None if first is None else round(first - start, 1)
+
+
+def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start: float) -> dict:
     """Average checkpoints if asked, score valid and test with the chosen model (the recipe's
     decoding defaults, and greedy beside them), write results.json."""
     from seq2seq.inference.evaluate import score
     from seq2seq.inference.translate import translate_texts
     from seq2seq.training.average import average_checkpoints
 
+    wall = time.perf_counter() - start  # training; scoring below is not counted
     if recipe.trainer.average_last > 1:
         run = RunDir(run_dir)
         by_step = run.recent() if recipe.trainer.keep_last else None
@@ -429,6 +437,9 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, wall:
         "checkpoint": str(chosen),
         "steps": state["steps"],
         "wall_time_s": round(wall, 1),
+        # From the start of `train` (checks done, data not yet read) to the end of this
+        # process's first update: data loading, model building and one step.
+        "first_update_s": _first_update_s(trainer, start),
         "train_tgt_tokens_per_s": round(state["train_tgt_tokens_per_s"], 1),
         "decode": dataclasses.asdict(recipe.decode),
     }
