@@ -80,6 +80,19 @@ def hf_translate(
     hypothesis per sentence, decoded by the MarianTokenizer (length penalty off;
     early_stopping: a sentence ends once `beam` hypotheses have). Each sentence stops at its
     own limit (`_EosAtLimit`), so this is exact, not only for parity."""
+    # Keywords, not a GenerationConfig: transformers 4.x replaces a passed config's values
+    # that equal the library defaults (num_beams=1) by the model's own.
+    settings = {
+        "num_beams": beam,
+        "num_return_sequences": 1,
+        "do_sample": False,
+        "max_length": None,
+        "min_length": min_len + 1,  # HF counts the start token
+        "forced_eos_token_id": None,
+        # Greedy search takes neither: the library defaults (else a warning names them).
+        "length_penalty": 0.0 if beam > 1 else 1.0,
+        "early_stopping": beam > 1,
+    }
     out = [""] * len(src_ids)
     for batch in make_batches([len(s) for s in src_ids], max_tokens):
         rows = [src_ids[i] for i in batch]
@@ -90,15 +103,8 @@ def hf_translate(
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=ids != PAD_ID,
-                num_beams=beam,
-                num_return_sequences=1,
-                length_penalty=0.0,
-                early_stopping=True,
-                do_sample=False,
                 max_new_tokens=int(limit.max()) + 1,  # the last one EOS, forced
-                max_length=None,
-                min_length=min_len + 1,  # HF counts the start token
-                forced_eos_token_id=None,
+                **settings,
                 logits_processor=_eos_at_limit(limit.repeat_interleave(beam)),
             )
         texts = tokenizer.batch_decode(gen, skip_special_tokens=True)
