@@ -63,11 +63,15 @@ class TranslationDataModule(L.LightningDataModule):
         this on local rank 0 only, but `train` calls it in every process, and ranks that a
         launcher started together (torchrun, srun) get there at once: a file lock in the run
         directory lets one prepare while the others wait, then find its work and reuse it
-        (one tokenizer for all ranks, trained once)."""
+        (one tokenizer for all ranks, trained once). The splits it loaded are kept, so that
+        `setup` and Lightning's own call of this hook in the same process load nothing again."""
+        if self.data is not None:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         with FileLock(self.run_dir / PREPARE_LOCK):
             ensure_downloaded(self.cfg)
-            load_splits(self.cfg, self.run_dir)
+            self.data = load_splits(self.cfg, self.run_dir)
+            self._texts.clear()
 
     def setup(self, stage: str | None = None) -> None:
         """Load the prepared splits (memory-mapped caches) on every rank."""
