@@ -204,3 +204,31 @@ def test_one_cutter_bounds_padded_tokens_or_real_target_tokens():
             assert used <= 120 or len(b) == 1
     with pytest.raises(ValueError, match="budget must be"):
         cut(order, src, tgt, 120, "words")
+
+
+def _greedy_reference(src, tgt, max_tokens, budget):
+    """The cutter's rule, one row at a time: add the next row unless that passes the budget."""
+    ends, n, longest, total = [], 0, 0, 0
+    for i, (s, t) in enumerate(zip(src.tolist(), tgt.tolist(), strict=True)):
+        grown = max(longest, s, t)
+        over = (n + 1) * grown > max_tokens if budget == "padded" else total + t > max_tokens
+        if n and over:
+            ends.append(i)
+            n, grown, total = 0, max(s, t), 0
+        n, longest, total = n + 1, grown, total + t
+    return ends + ([len(src)] if n else [])
+
+
+@pytest.mark.parametrize("budget", ["padded", "target"])
+def test_the_vectorized_cutter_cuts_where_the_row_by_row_rule_does(budget):
+    from seq2seq.data.batching import pack
+
+    rng = np.random.default_rng(11)
+    for trial in range(30):
+        n = int(rng.integers(0, 3000))
+        src, tgt = rng.integers(1, 200, n), rng.integers(0, 200, n)
+        if trial % 3 == 0:  # sorted, as training cuts them
+            order = np.lexsort((src, tgt))
+            src, tgt = src[order], tgt[order]
+        max_tokens = int(rng.choice([1, 50, 150, 1000, 4096]))
+        assert pack(src, tgt, max_tokens, budget) == _greedy_reference(src, tgt, max_tokens, budget)

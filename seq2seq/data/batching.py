@@ -54,17 +54,32 @@ def pack(
     """
     if budget not in ("padded", "target"):
         raise ValueError(f"budget must be 'padded' or 'target', not {budget!r}")
-    ends: list[int] = []
-    n, longest, total = 0, 0, 0
-    for i, (s, t) in enumerate(zip(src_len.tolist(), tgt_len.tolist(), strict=True)):
-        grown = max(longest, s, t)
-        over = (n + 1) * grown > max_tokens if budget == "padded" else total + t > max_tokens
-        if n and over:
-            ends.append(i)
-            n, grown, total = 0, max(s, t), 0
-        n, longest, total = n + 1, grown, total + t
-    if n:
-        ends.append(len(src_len))
+    n = len(src_len)
+    if budget == "target":
+        # Batch after batch: the first row whose running sum of target tokens passes the budget.
+        total = np.cumsum(np.asarray(tgt_len, dtype=np.int64))
+        ends, start = [], 0
+        while start < n:
+            base = total[start - 1] if start else 0
+            end = int(np.searchsorted(total, base + max_tokens, side="right"))
+            start = max(end, start + 1)  # a row over the budget alone gets a batch by itself
+            ends.append(start)
+        return ends
+    # Padded: a batch of k rows from `start` costs k * (its longest row on either side); each
+    # batch is found with vector operations over a window that doubles until it holds the cut.
+    longest = np.maximum(np.asarray(src_len, dtype=np.int64), np.asarray(tgt_len, dtype=np.int64))
+    ends, start, window = [], 0, 256
+    while start < n:
+        while True:
+            stop = min(start + window, n)
+            cost = np.maximum.accumulate(longest[start:stop]) * np.arange(1, stop - start + 1)
+            over = np.flatnonzero(cost > max_tokens)
+            if len(over) or stop == n:
+                break
+            window *= 2
+        size = max(int(over[0]), 1) if len(over) else stop - start
+        start += size
+        ends.append(start)
     return ends
 
 
