@@ -89,6 +89,19 @@ def test_the_joined_log_reads_a_last_attempt_that_logged_nothing(tmp_path):
 
     run = RunDir(tmp_path)
     run.logs.mkdir()
-    run.metrics.write_text("step,val_bleu\n10,1.0\n20,2.0\n")
+    # Validations after updates 10 and 20 log at rows 9 and 19.
+    run.metrics.write_text("step,val_bleu\n9,1.0\n19,2.0\n")
     run.keep_metrics_for_resume(20)  # resumed at max_steps: nothing more is logged
-    assert read_metrics(tmp_path)["val_bleu"] == [(10, 1.0), (20, 2.0)]
+    assert read_metrics(tmp_path)["val_bleu"] == [(9, 1.0), (19, 2.0)]
+
+
+def test_a_resume_from_a_log_step_keeps_one_row_per_update(tmp_path):
+    """Update k logs at row k - 1. Resumed from global step 9, the earlier attempt's row 9
+    (update 10, trained again after the resume) gives way to the next attempt's."""
+    from seq2seq.training.plot import read_metrics
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics-001-until0000009.csv").write_text("epoch,lr,step\n0,0.1,4\n0,0.2,9\n")
+    (logs / "metrics.csv").write_text("epoch,lr,step\n0,0.25,9\n0,0.3,14\n")
+    assert read_metrics(tmp_path)["lr"] == [(4, 0.1), (9, 0.25), (14, 0.3)]

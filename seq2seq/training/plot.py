@@ -12,7 +12,11 @@ from seq2seq.rundir import RunDir
 def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series per metric from the run's CSV logs, joined across resumes: each
     earlier attempt's rows count up to the step the next attempt resumed from (the later
-    ones were trained again), so a resumed run reads like an uninterrupted one."""
+    ones were trained again), so a resumed run reads like an uninterrupted one.
+
+    Lightning logs the metrics of update k (and of the validation after it) at row step
+    k - 1, so a resume from global step G keeps the earlier rows below G: the row at G
+    belongs to update G + 1, which the next attempt trains and logs again."""
     run = RunDir(run_dir)
     parts = [*run.earlier_metrics(), (None, run.metrics)]
     if not any(path.is_file() for _, path in parts):
@@ -25,7 +29,7 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
         # scored the test set), it trained no update.
         rows += _rows(path) if path.is_file() else []
         if until is not None:
-            rows = [row for row in rows if row[0] <= until]
+            rows = [row for row in rows if row[0] < until]
     series: dict[str, list[tuple[int, float]]] = {}
     for step, key, value in rows:
         series.setdefault(key, []).append((step, value))
