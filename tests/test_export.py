@@ -16,12 +16,18 @@ from seq2seq.config import DecodeConfig
 from seq2seq.export import compare
 from seq2seq.export.hf import basis_permutation
 from seq2seq.inference.checkpoint import inference_state, load_model, read_checkpoint
-from seq2seq.inference.translate import encode_lines, pad_batch, translate_ids
+from seq2seq.inference.translate import encode_lines, pad_batch
+from seq2seq.inference.translator import Translator
 from seq2seq.nn.transformer import Transformer, sinusoidal_positions
 
 transformers = pytest.importorskip("transformers")  # CI installs the extra: these run there
 ctranslate2 = pytest.importorskip("ctranslate2")
 pytestmark = pytest.mark.filterwarnings("ignore:Recommended. pip install sacremoses")
+
+
+def decode_ids(loaded, src_ids, cfg):
+    """Our hypotheses per source with the plain model (the export's reference)."""
+    return Translator([loaded.model], loaded.tokenizer, cfg).translate_ids(src_ids, cfg)
 
 
 def export(model: Path, to: str, out: Path, *options: str) -> int:
@@ -135,7 +141,7 @@ def test_hf_decoder_log_probs_agree_within_1e_4_at_every_step(marian, loaded, sr
     """Teacher-forced on our greedy outputs: every position's whole distribution."""
     model, _ = marian
     cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
-    hyps = translate_ids(loaded.model, src_ids, cfg)
+    hyps = decode_ids(loaded, src_ids, cfg)
     tgt_in = [[2, *h[0].tokens] for h in hyps]
     src, tgt = pad_batch(src_ids, torch.device("cpu")), pad_batch(tgt_in, torch.device("cpu"))
     with torch.inference_mode():
@@ -152,7 +158,7 @@ def test_hf_beam_5_agrees_on_99_percent_of_lines_under_matched_settings(marian, 
     """Length penalty off (the forms differ), both stopping once 5 hypotheses have ended."""
     model, tok = marian
     cfg = DecodeConfig(beam=5, lenpen=0.0, stop="beam", max_len_a=1.0, max_len_b=4)
-    hyps = translate_ids(loaded.model, src_ids, cfg)
+    hyps = decode_ids(loaded, src_ids, cfg)
     ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in hyps]
     theirs = compare.hf_translate(model, tok, src_ids, limits(loaded, src_ids, cfg), 5, 4096)
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
@@ -213,7 +219,7 @@ def test_a_pre_norm_model_exports_to_ctranslate2_with_greedy_parity(
     loaded = load_model(pre_norm_checkpoint)
     ids = compare.source_ids(loaded, sources[:50])
     cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
-    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in translate_ids(loaded.model, ids, cfg)]
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in decode_ids(loaded, ids, cfg)]
     assert export(pre_norm_checkpoint, "ctranslate2", tmp_path / "ct2") == 0
     assert ct2_greedy(tmp_path / "ct2", loaded, ids) == ours
 
@@ -342,7 +348,7 @@ def test_separate_vocabularies_and_an_output_bias_export_exactly(
     ids = compare.source_ids(loaded, sources[:40])
     cfg = DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4)
     lim = limits(loaded, ids, cfg)
-    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in translate_ids(loaded.model, ids, cfg)]
+    ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in decode_ids(loaded, ids, cfg)]
     assert export(separate_checkpoint, "hf", tmp_path / "hf") == 0
     assert (tmp_path / "hf" / "target_vocab.json").exists()
     model = transformers.MarianMTModel.from_pretrained(str(tmp_path / "hf")).eval()
@@ -363,7 +369,7 @@ def test_a_minimum_length_is_kept_by_both_engines(separate_checkpoint, tmp_path,
     cfg = DecodeConfig(beam=1, min_len=6, max_len_a=0.0, max_len_b=8)
     ids = compare.source_ids(loaded, sources[:20])
     lim = limits(loaded, ids, cfg)
-    hyps = translate_ids(loaded.model, ids, cfg)
+    hyps = decode_ids(loaded, ids, cfg)
     assert {len(h[0].tokens) for h in hyps} == {6}
     ours = [loaded.tokenizer.decode_tgt(h[0].tokens) for h in hyps]
     assert export(eager, "hf", tmp_path / "hf") == 0

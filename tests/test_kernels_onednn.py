@@ -153,11 +153,33 @@ def test_a_packed_projection_gives_f_linear_for_every_row_count():
     weight, bias = torch.randn(50, 16), torch.randn(50)
     packed = PackedLinear(weight, bias)
     with torch.inference_mode():
-        for rows in (1, 2, 7, 300):
+        for rows in (1, 2, 7, 16, 17, 33, 300, 1025):  # exact and padded (row_bucket) counts
             x = torch.randn(rows, 16)
             torch.testing.assert_close(packed(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 3, 16)
         torch.testing.assert_close(packed(x3), F.linear(x3, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_row_buckets_cover_every_count_with_few_kernels_and_little_padding():
+    counts = range(1, 4097)
+    buckets = [onednn.row_bucket(m) for m in counts]
+    assert all(b >= m for b, m in zip(buckets, counts, strict=True))
+    assert buckets[:16] == list(range(1, 17))  # small counts (greedy on a few lines) are exact
+    assert max(b / m for b, m in zip(buckets, counts, strict=True)) < 1.25
+    assert len(set(buckets)) == 16 + 4 * 8  # 4 per power of two above 16 (17..4096)
+    assert all(onednn.row_bucket(b) == b for b in buckets)  # a bucket is its own bucket
+
+
+def test_translators_pack_the_projection_unless_asked_not_to(checkpoint):
+    from seq2seq.inference.translator import Translator
+
+    packed = Translator.load(checkpoint, "cpu", "fp32")
+    plain = Translator.load(checkpoint, "cpu", "fp32", pack_projection=False)
+    assert type(plain.models[0].generator) is nn.Linear
+    if onednn.packing_works():
+        assert isinstance(packed.models[0].generator, PackedLinear)
+    lines = ["A dog runs on the grass.", "Two men are talking."]
+    assert packed.translate(lines, beam=1) == plain.translate(lines, beam=1)
 
 
 def test_decoding_with_the_packed_projection_gives_the_same_logits():

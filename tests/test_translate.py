@@ -13,6 +13,7 @@ import seq2seq.inference.translate as translate
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig
 from seq2seq.inference.checkpoint import load_model
+from seq2seq.inference.translator import Translator
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +67,9 @@ def test_order_is_kept_for_inputs_of_shuffled_lengths(checkpoint, sentences):
     model = loaded.model.double()  # float64: batched and alone give the same argmax
     lines = sorted(sentences, key=lambda s: (hash(s) % 7, len(s)))  # lengths out of order
     cfg = DecodeConfig(beam=2, max_len_a=1.0, max_len_b=4, max_tokens=60)
-    together = translate.translate_texts(model, loaded.tokenizer, lines, cfg)
-    alone = [translate.translate_texts(model, loaded.tokenizer, [s], cfg)[0] for s in lines]
+    translator = Translator([model], loaded.tokenizer, cfg)
+    together = translator.translate_texts(lines, cfg)
+    alone = [translator.translate_texts([s], cfg)[0] for s in lines]
     assert together == alone
     assert len(translate.make_batches([len(s) for s in lines], 60)) > 1
 

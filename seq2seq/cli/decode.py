@@ -66,9 +66,10 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     )
     p.add_argument(
         "--pack-projection",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="fp32 on a CPU: run the output projection on oneDNN with its weight packed once "
-        "(faster on some CPUs; peak memory grows with the input's length)",
+        "(default; --no-pack-projection: torch's default kernel)",
     )
     p.add_argument(
         "--errors",

@@ -30,7 +30,8 @@ from seq2seq.config import DecodeConfig
 from seq2seq.constants import EOS_ID, PAD_ID
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
-from seq2seq.inference.translate import encode_lines, make_batches, one_line, translate_ids
+from seq2seq.inference.translate import encode_lines, make_batches, one_line
+from seq2seq.inference.translator import Translator
 
 #: `--against`: the engines, and the stopping rule of ours that matches each.
 ENGINES = {"ctranslate2": "best", "hf": "beam"}
@@ -166,14 +167,16 @@ def ct2_translate(
 
 
 class _Ours:
+    """Our decode of the ids, prepared as `seq2seq translate` prepares it (float32, CPU)."""
+
     def __init__(self, loaded: LoadedModel, src_ids, cfg: DecodeConfig):
-        self.loaded, self.src_ids, self.cfg = loaded, src_ids, cfg
+        self.translator = Translator.of([loaded], "cpu", "fp32")
+        self.src_ids, self.cfg = src_ids, cfg
 
     def __call__(self, beam: int) -> list[str]:
         cfg = dataclasses.replace(self.cfg, beam=beam, nbest=1)
-        hyps = translate_ids(self.loaded.model, self.src_ids, cfg)
-        decode = self.loaded.tokenizer.decode_tgt
-        return [one_line(decode(h[0].tokens)) if h else "" for h in hyps]
+        hyps = self.translator.translate_ids(self.src_ids, cfg)
+        return [self.translator.text(h[0]) if h else "" for h in hyps]
 
 
 def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads):

@@ -173,26 +173,6 @@ class Translation:
 
 
 # --- Translating ------------------------------------------------------------------------------
-def translate_ids(
-    model: Transformer, src_ids: list[list[int]], cfg: DecodeConfig, progress=None
-) -> list[list[Hypothesis]]:
-    """Hypotheses per source (in the given order); [] for an empty source (a blank line).
-    (seq2seq.inference.translator.Translator.translate_ids, for one model.)"""
-    from seq2seq.inference.translator import Translator
-
-    return Translator([model], None, cfg).translate_ids(src_ids, cfg, progress)
-
-
-def translate_texts(
-    model: Transformer, tokenizer, lines: list[str], cfg: DecodeConfig
-) -> list[str]:
-    """Translate raw sentences with the best hypothesis each (bench, the final test scores).
-    (seq2seq.inference.translator.Translator.translate_texts, for one model.)"""
-    from seq2seq.inference.translator import Translator
-
-    return Translator([model], tokenizer, cfg).translate_texts(lines, cfg)
-
-
 def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) -> list[str]:
     """The output line(s) of input line `index` (0-based): the best text, or n-best lines."""
     texts = [one_line(tokenizer.decode_tgt(h.tokens)) for h in hyps]
@@ -204,7 +184,7 @@ def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) ->
 
 
 def prepare_model(
-    model: Transformer, device: str, precision: str, pack_projection: bool = False
+    model: Transformer, device: str, precision: str, pack_projection: bool = True
 ) -> Transformer:
     """Move to `device` ('auto': cuda when available, the CPU for int8) and cast or quantize
     to `precision`.
@@ -213,9 +193,7 @@ def prepare_model(
     projection (`generator`) included, of a copy of the model; the embeddings stay in float32.
     With `pack_projection`, in float32 on a CPU, the output projection is swapped, in place,
     for a copy whose weight is packed for oneDNN (`seq2seq.kernels.onednn.use_packed_projection`;
-    the model is for decoding from then on). Off by default: on a 20,000-line file its peak
-    RSS grew chunk by chunk (319 to 459 MiB on the Transformer-tiny shape) where the plain
-    projection's stayed flat (319 to 337), and on a 2-core AVX2 CPU it was no faster.
+    the model is for decoding from then on).
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.config import DecodeConfig
+from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.ensemble import Ensemble, check_shared_tokenizer
 from seq2seq.inference.search import BOS, EOS, PAD, Decoder, Hypothesis, search
 from seq2seq.inference.translate import (
@@ -68,24 +69,35 @@ class Translator:
         path: str | os.PathLike | Sequence[str | os.PathLike],
         device: str = "auto",
         precision: str = "fp32",
-        pack_projection: bool = False,
+        pack_projection: bool = True,
     ) -> Translator:
         """Load a run directory or checkpoint file, or a list of them (an ensemble).
 
         Args:
             device: 'auto' (cuda when available; the CPU for int8), 'cpu' or 'cuda'.
             precision: 'fp32', 'bf16', 'fp16' or 'int8' (seq2seq.inference.translate.prepare_model).
+            pack_projection: in float32 on a CPU, decode the output projection with its weight
+                packed for oneDNN (seq2seq.kernels.onednn.use_packed_projection).
 
         Raises:
             ValueError: one line, naming the file: unreadable checkpoints, or ensemble models
                 with different tokenizers (naming both).
         """
-        from seq2seq.inference.checkpoint import load_model
-
         paths = [path] if isinstance(path, str | os.PathLike) else list(path)
         if not paths:
             raise ValueError("Translator.load needs at least one model")
-        loaded = [load_model(p) for p in paths]
+        return cls.of([load_model(p) for p in paths], device, precision, pack_projection)
+
+    @classmethod
+    def of(
+        cls,
+        loaded: Sequence[LoadedModel],
+        device: str = "auto",
+        precision: str = "fp32",
+        pack_projection: bool = True,
+    ) -> Translator:
+        """A Translator of checkpoints already loaded (seq2seq.inference.checkpoint.load_model),
+        prepared as `load` prepares them; their models are decoding-only from then on."""
         check_shared_tokenizer([one.path for one in loaded], [one.tokenizer for one in loaded])
         models = [prepare_model(one.model, device, precision, pack_projection) for one in loaded]
         return cls(models, loaded[0].tokenizer, loaded[0].decode, [one.path for one in loaded])

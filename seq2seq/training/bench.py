@@ -254,26 +254,24 @@ def measure_decoding(
 ) -> dict:
     """Greedy and beam-5 speed and BLEU over the test sentences, with a trained model, and
     beam search's stopping rule `stop` (default: the model's)."""
-    from seq2seq.inference.checkpoint import load_model
     from seq2seq.inference.evaluate import read_text, score
-    from seq2seq.inference.translate import prepare_model, translate_texts
+    from seq2seq.inference.translator import Translator
 
     test, root = recipe.data.test, recipe.data.root
     sources = read_text(os.path.join(root, test.src))
     refs = read_text(os.path.join(root, test.tgt))
-    loaded = load_model(model_path)
-    model = prepare_model(loaded.model, device.type, precision)
-    stop = stop or loaded.decode.stop
+    translator = Translator.load(model_path, device.type, precision)
+    stop = stop or translator.decode.stop
     result: dict = {"decode_sentences": len(sources), "decode_precision": precision, "stop": stop}
     for name, beam in (("greedy", 1), ("beam5", 5)):
-        cfg = dataclasses.replace(loaded.decode, beam=beam, nbest=1, stop=stop)
-        translate_texts(model, loaded.tokenizer, sources[:50], cfg)  # warm-up
+        cfg = dataclasses.replace(translator.decode, beam=beam, nbest=1, stop=stop)
+        translator.translate_texts(sources[:50], cfg)  # warm-up
         _sync(device)
         start = time.perf_counter()
-        hyps = translate_texts(model, loaded.tokenizer, sources, cfg)
+        hyps = translator.translate_texts(sources, cfg)
         _sync(device)
         seconds = time.perf_counter() - start
-        out_tokens = sum(len(ids) + 1 for ids in loaded.tokenizer.encode_tgt(hyps))
+        out_tokens = sum(len(ids) + 1 for ids in translator.tokenizer.encode_tgt(hyps))
         result[f"{name}_sentences_per_s"] = round(len(sources) / seconds, 1)
         result[f"{name}_tokens_per_s"] = round(out_tokens / seconds, 1)
         result[f"{name}_bleu"] = round(score(hyps, refs, ["bleu"])["bleu"], 2)

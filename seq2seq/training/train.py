@@ -420,7 +420,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
     """Average checkpoints if asked, score valid and test with the chosen model (the recipe's
     decoding defaults, and greedy beside them), write results.json."""
     from seq2seq.inference.evaluate import score
-    from seq2seq.inference.translate import translate_texts
+    from seq2seq.inference.translator import Translator
     from seq2seq.training.average import average_checkpoints
 
     wall = time.perf_counter() - start  # training; scoring below is not counted
@@ -431,7 +431,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
         if len(kept) > 1:
             average_checkpoints(kept, run.averaged)
     chosen = resolve_checkpoint(run_dir)
-    loaded = load_model(chosen)
+    translator = Translator.of([load_model(chosen)], "cpu", "fp32")
     state = json.loads(RunDir(run_dir).train_state.read_text())
     results: dict = {
         "checkpoint": str(chosen),
@@ -451,9 +451,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
         searches["_greedy"] = dataclasses.replace(recipe.decode, beam=1, nbest=1)
     for split, (sources, refs) in splits.items():
         for suffix, decode in searches.items():
-            hyps = translate_texts(
-                loaded.model, loaded.tokenizer, sources, dataclasses.replace(decode, nbest=1)
-            )
+            hyps = translator.translate_texts(sources, dataclasses.replace(decode, nbest=1))
             results[split + suffix] = score(hyps, refs, ["bleu", "chrf"])
     write_atomically(RunDir(run_dir).results, json.dumps(results, indent=2) + "\n")
     return results
