@@ -1,5 +1,6 @@
 """`seq2seq bench` runs and reports its fields (never a speed: timings are not asserted)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -169,7 +170,9 @@ def test_the_bench_times_the_training_step_of_train_with_the_recipes_settings(mo
     batches = [collate([(0, [5, 6, 3], [7, 8]), (1, [9, 3], [10])]) for _ in range(3)]
     optim = OptimConfig(lr=1e-3, warmup_steps=1, schedule="linear", label_smoothing=0.3)
     trainer = TrainerConfig(max_steps=5, gradient_clip_val=0.5)
-    result = measure_training(cfg, batches, torch.device("cpu"), "32-true", 1, False, optim, trainer)
+    result = measure_training(
+        cfg, batches, torch.device("cpu"), "32-true", 1, False, optim, trainer
+    )
     assert seen == [0.3, 0.3, 0.3] and result["measured_steps"] == 2
     assert clips == [0.5, 0.5, 0.5]
     # Each batch: src (2, 3) and tgt_in (2, 3) are 12 positions for 5 + 5 real tokens.
@@ -186,3 +189,59 @@ def test_a_recipe_and_a_preset_bench_the_presets_shape_on_the_recipes_data():
     assert recipe.model == preset("big")
     assert [c.name for _, c in recipe.data.train_corpora()][0] == "europarl"
     assert bench_recipe("recipes/scale_wmt_like.yaml", None, []).model.d_model == 512
+
+
+# --- Training beside HF's MarianMTModel (--against hf without -m) -----------------------------
+def test_bench_against_hf_trains_a_marian_of_the_same_shape_on_the_same_batches(
+    multi30k_slice, tmp_path, capsys
+):
+    pytest.importorskip("transformers")
+    assert main([*bench_args(multi30k_slice, tmp_path / "bench"), "--against", "hf"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["hf_params"] == result["params"]  # the same architecture, parameter for parameter
+    assert result["measured_steps"] == 2
+    for key in ("hf_median_step_s", "hf_train_tgt_tokens_per_s", "train_ratio_ours_over_hf"):
+        assert result[key] > 0
+
+
+def test_the_hf_training_peer_learns_from_our_batches(multi30k_slice, tmp_path):
+    pytest.importorskip("transformers")
+    from seq2seq.config import OptimConfig
+    from seq2seq.export.peer import HfTrainingPeer
+    from seq2seq.training.bench import bench_recipe, training_batches
+
+    overrides = ["--data.root", str(multi30k_slice), "--data.download", "null"]
+    recipe = bench_recipe(None, "tiny", [*overrides, "--data.tokenizer.vocab_size", "500"])
+    batches, tok = training_batches(recipe, str(tmp_path / "bench"), 300, 1)
+    cfg = dataclasses.replace(recipe.model, src_vocab_size=500, tgt_vocab_size=500, dropout=0.0)
+    peer = HfTrainingPeer(cfg, OptimConfig(label_smoothing=0.0), lr=3e-3, clip=1.0)
+    batch = batches[0]
+
+    def loss() -> float:
+        peer.model.eval()
+        with torch.no_grad():
+            logits = peer.model(input_ids=batch.src, decoder_input_ids=batch.tgt_in).logits
+        peer.model.train()
+        real = batch.tgt_out != 0
+        return float(torch.nn.functional.cross_entropy(logits[real], batch.tgt_out[real]))
+
+    before = loss()
+    for _ in range(5):
+        assert peer.step(batch) > 0
+    assert loss() < before - 0.5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--against", "ctranslate2"], "--against ctranslate2 compares decoding: give -m MODEL"),
+        (["--against", "hf", "--row-tokens", "64"], "leave out --row-tokens"),
+        (["--against", "hf", "--precision", "16-mixed"], "not --precision 16-mixed"),
+    ],
+)
+def test_what_training_against_hf_cannot_do_is_one_clear_line(
+    multi30k_slice, tmp_path, extra, message, capsys
+):
+    assert main([*bench_args(multi30k_slice, tmp_path / "bench"), *extra]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -102,13 +102,18 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
-    if args.against:  # decoding beside an exported copy only: no training measurement
+    if args.against and args.model:  # decoding beside an exported copy: no training measured
         from seq2seq.export.compare import compare_cli
         from seq2seq.training.bench import bench_recipe
 
         return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
     from seq2seq.training.bench import bench_cli
 
+    if args.against:  # training beside HF's MarianMTModel, on the same batches
+        from seq2seq.export.peer import HfTrainingPeer, check_training_peer
+
+        check_training_peer(args)
+        return bench_cli(args, overrides, HfTrainingPeer)
     return bench_cli(args, overrides)
 
 

@@ -166,7 +166,9 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--against",
         choices=["ctranslate2", "hf"],
-        help="with -m: export the model, then time its decoding beside ours (needs the extra)",
+        help="with -m: export the model, then time its decoding beside ours; without -m (hf "
+        "only): train HF's MarianMTModel of the same shape on the same batches, step by step "
+        "in turn with ours (needs the export extra)",
     )
     p.add_argument(
         "--sentences", type=at_least(1), help="--against: the first N test sentences only"

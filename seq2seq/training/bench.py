@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig, Recipe, TrainerConfig, preset
 from seq2seq.kernels.onednn import onednn_works
 from seq2seq.training.module import TranslationModule
+from seq2seq.training.optim import peak_lr
 from seq2seq.training.train import PYTREE_WARNING
 
 #: Multi30k en-de with a joint 8k vocabulary: the data every bench runs on.
@@ -160,15 +161,26 @@ def _sync(device: torch.device) -> None:
 class _StepTimer(Callback):
     """Times each training step as the Trainer runs it: forward, loss, backward, clipping,
     optimizer and schedule (the batch is on the device already); the first `warmup` steps
-    are not kept."""
+    are not kept. With a `peer` (`--against hf`), the peer steps on each batch too, outside
+    our timing: after our step on even batches, before it on odd ones."""
 
-    def __init__(self, device: torch.device, warmup: int, lengths: list[tuple[int, int]]):
-        self.device, self.warmup, self.lengths = device, warmup, lengths
+    def __init__(
+        self, device: torch.device, warmup: int, lengths: list[tuple[int, int]], peer=None
+    ):
+        self.device, self.warmup, self.lengths, self.peer = device, warmup, lengths, peer
         self.records: list[tuple[float, int, int, int, int]] = []
+        self.peer_seconds: list[float] = []  # the peer's step on each kept batch
         self.positions = 0  # source and target positions computed over, padding included
         self._start = 0.0
 
+    def _peer_step(self, batch, batch_idx: int) -> None:
+        seconds = self.peer.step(batch)
+        if batch_idx >= self.warmup:
+            self.peer_seconds.append(seconds)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self.peer is not None and batch_idx % 2:
+            self._peer_step(batch, batch_idx)
         _sync(self.device)
         self._start = time.perf_counter()
 
@@ -179,6 +191,8 @@ class _StepTimer(Callback):
             n = (batch.n_src_tokens, batch.n_tgt_tokens)
             self.records.append((seconds, *n, *self.lengths[batch_idx]))
             self.positions += batch.src.numel() + batch.tgt_in.numel()
+        if self.peer is not None and not batch_idx % 2:
+            self._peer_step(batch, batch_idx)
 
 
 def measure_training(
@@ -190,16 +204,24 @@ def measure_training(
     compile_model: bool = False,
     optim: OptimConfig | None = None,
     trainer_cfg: TrainerConfig | None = None,
+    peer_factory=None,
 ) -> dict:
     """Time the very training step `seq2seq train` runs: `TranslationModule.training_step`
     under a Lightning Trainer, with the recipe's optimizer, schedule, label smoothing,
     gradient clipping and logging interval (`optim`, `trainer_cfg`; the defaults without
     them) and the kernels the module swaps in at fit time. The first `warmup` steps are not
-    counted (with `compile_model`, they include torch.compile's compilations)."""
+    counted (with `compile_model`, they include torch.compile's compilations). With
+    `peer_factory` (seq2seq.export.peer.HfTrainingPeer), a peer of the same shape steps on the
+    same batches in turn, and its figures come beside ours under `hf_` keys."""
     optim, t = optim or OptimConfig(), trainer_cfg or TrainerConfig()
+    peer = None
+    if peer_factory is not None:
+        lr = peak_lr(optim, cfg.d_model)
+        bf16 = precision == "bf16-mixed"
+        peer = peer_factory(cfg, optim, lr, t.gradient_clip_val, device, bf16)
     torch.manual_seed(0)
     module = TranslationModule(cfg, optim, DecodeConfig(), {}, compile_model=compile_model)
-    timer = _StepTimer(device, warmup, [sentence_lengths(b) for b in batches])
+    timer = _StepTimer(device, warmup, [sentence_lengths(b) for b in batches], peer)
     with warnings.catch_warnings(), _quiet_lightning():
         warnings.filterwarnings("ignore", message=PYTREE_WARNING)
         warnings.filterwarnings("ignore", message=".*does not have many workers")
@@ -240,6 +262,17 @@ def measure_training(
         ),
         "train_peak_mem_mib": round(peak_memory_mib(device), 1),
     }
+    if peer is not None:
+        theirs = timer.peer_seconds
+        result["hf_params"] = peer.params
+        result["hf_median_step_s"] = round(statistics.median(theirs), 4)
+        result["hf_train_tgt_tokens_per_s"] = round(
+            statistics.median(r[2] / s for r, s in zip(records, theirs, strict=True)), 1
+        )
+        # Per batch, their step time over ours: the same work, a minute apart at most.
+        result["train_ratio_ours_over_hf"] = round(
+            statistics.median(s / r[0] for r, s in zip(records, theirs, strict=True)), 3
+        )
     if device.type == "cuda":
         flops = statistics.median(model_flops(cfg, r[1], r[2], r[3], r[4]) / r[0] for r in records)
         name = torch.cuda.get_device_name(device)
@@ -288,8 +321,9 @@ def machine() -> dict:
     }
 
 
-def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
-    """Everything `seq2seq bench` measures, as one dict."""
+def run_bench(args: argparse.Namespace, overrides: Sequence[str], peer=None) -> dict:
+    """Everything `seq2seq bench` measures, as one dict; with `peer` (a factory such as
+    seq2seq.export.peer.HfTrainingPeer), training beside that peer."""
     device = torch.device(args.device)
     recipe = bench_recipe(args.recipe, args.preset, overrides)
     run_dir = args.run_dir or os.path.join("runs", "bench-multi30k")
@@ -328,6 +362,7 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str]) -> dict:
             args.compile,
             recipe.optim,
             recipe.trainer,
+            peer,
         )
     )
     if args.model:
@@ -348,7 +383,7 @@ def format_result(result: dict) -> str:
     return "\n".join(lines)
 
 
-def bench_cli(args: argparse.Namespace, overrides: Sequence[str]) -> int:
-    result = run_bench(args, overrides)
+def bench_cli(args: argparse.Namespace, overrides: Sequence[str], peer=None) -> int:
+    result = run_bench(args, overrides, peer)
     print(json.dumps(result, indent=2) if args.json else format_result(result))
     return 0
