@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from seq2seq.export.hf import basis_permutation
 from seq2seq.inference.checkpoint import inference_state, load_model, read_checkpoint
 from seq2seq.inference.translate import encode_lines, pad_batch
 from seq2seq.inference.translator import Translator
+from seq2seq.kernels.onednn import packing_works
 from seq2seq.nn.transformer import Transformer, sinusoidal_positions
 
 transformers = pytest.importorskip("transformers")  # CI installs the extra: these run there
@@ -187,6 +190,18 @@ def test_ctranslate2_greedy_equals_ours_on_the_200_sentences(ct2_dir, loaded, sr
     assert ct2_greedy(ct2_dir, loaded, src_ids) == ours_greedy
 
 
+def test_the_ctranslate2_kernels_are_read_from_its_own_log(ct2_dir):
+    """In a fresh process (CTranslate2 logs its CPU choices once per process), with its
+    stderr left as it was."""
+    code = (
+        "import sys; from pathlib import Path; from seq2seq.export.compare import ct2_translator;"
+        f"_, said = ct2_translator(Path({str(ct2_dir)!r}), 1); print(said); print('after', file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "Selected ISA: " in out.stdout and "SGEMM backend: " in out.stdout, out.stderr
+    assert out.stderr.strip() == "after"  # the log went to the report, stderr came back
+
+
 def test_ctranslate2_int8_export_loads_and_translates(checkpoint, tmp_path, loaded, src_ids):
     out = tmp_path / "int8"
     assert export(checkpoint, "ctranslate2", out, "--quantization", "int8") == 0
@@ -307,6 +322,11 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
             assert f"{search}_{engine}_bleu" in result
         assert result[f"{search}_ratio_ours_over_{against}"] > 0
     assert result["sentences"] == 8 and "threads" in result["settings"]
+    assert "output projection: oneDNN" in result["ours_kernels"] or not packing_works()
+    if against == "ctranslate2":  # what CTranslate2 logged choosing its float32 GEMM
+        assert "SGEMM backend:" in result["ctranslate2_kernels"] or (
+            result["ctranslate2_kernels"] == "not logged"
+        )
     if against == "hf":  # the same per-sentence length limit: the same lines
         assert result["greedy_identical_lines"] == 8
 

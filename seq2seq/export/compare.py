@@ -32,6 +32,7 @@ from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
 from seq2seq.inference.translate import encode_lines, make_batches, one_line
 from seq2seq.inference.translator import Translator
+from seq2seq.kernels.onednn import PackedLinear
 
 #: `--against`: the engines, and the stopping rule of ours that matches each.
 ENGINES = {"ctranslate2": "best", "hf": "beam"}
@@ -179,24 +180,63 @@ class _Ours:
         return [self.translator.text(h[0]) if h else "" for h in hyps]
 
 
+def ct2_translator(folder: Path, threads: int):
+    """A float32 CPU `ctranslate2.Translator`, and the CPU kernels it says it chose (the ISA and
+    SGEMM backend lines of its info log, read from the stderr it writes while loading; "" when
+    it logged none, as when the process had loaded a CTranslate2 model before)."""
+    import logging
+    import os
+
+    import ctranslate2
+
+    ctranslate2.set_log_level(logging.INFO)
+    with tempfile.TemporaryFile() as log:
+        saved = os.dup(2)
+        os.dup2(log.fileno(), 2)
+        try:
+            translator = ctranslate2.Translator(
+                str(folder),
+                device="cpu",
+                compute_type="float32",
+                intra_threads=threads,
+                inter_threads=1,
+            )
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            ctranslate2.set_log_level(logging.WARNING)
+        log.seek(0)
+        lines = log.read().decode("utf-8", "replace").splitlines()
+    keep = ("Selected ISA:", "SGEMM backend:")
+    said = [line.split("]")[-1].strip(" -") for line in lines if any(k in line for k in keep)]
+    return translator, "; ".join(said)
+
+
+def ours_kernels(translator: Translator) -> str:
+    """The CPU kernels our float32 decode runs (seq2seq.kernels.onednn)."""
+    gemm = "MKL" if torch.backends.mkl.is_available() else "torch's CPU GEMM"
+    if isinstance(translator.models[0].generator, PackedLinear):
+        return f"output projection: oneDNN, packed, row-bucketed; other linear layers: {gemm}"
+    return f"linear layers: {gemm}"
+
+
 def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads):
-    """A function beam -> texts running the exported model in `folder`."""
+    """A function beam -> texts running the exported model in `folder`, and the CPU kernels
+    that engine runs."""
     if against == "hf":
         from transformers import MarianMTModel, MarianTokenizer
 
         model = MarianMTModel.from_pretrained(str(folder)).eval()
         tok = MarianTokenizer.from_pretrained(str(folder))
-        return lambda beam: hf_translate(
+        run = lambda beam: hf_translate(  # noqa: E731
             model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len
         )
-    import ctranslate2
-
-    translator = ctranslate2.Translator(
-        str(folder), device="cpu", compute_type="float32", intra_threads=threads, inter_threads=1
-    )
-    return lambda beam: ct2_translate(
+        return run, "linear layers: " + ("MKL" if torch.backends.mkl.is_available() else "torch")
+    translator, kernels = ct2_translator(folder, threads)
+    run = lambda beam: ct2_translate(  # noqa: E731
         translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, False, cfg.min_len
     )
+    return run, kernels or "not logged"
 
 
 def compare(
@@ -237,10 +277,11 @@ def compare(
     with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
         folder = Path(tmp) / against
         export(model_path, against, folder)
-        engines = {
-            "ours": _Ours(loaded, src_ids, cfg),
-            against: _theirs(against, folder, loaded, src_ids, limits, cfg, threads),
-        }
+        ours = _Ours(loaded, src_ids, cfg)
+        theirs, their_kernels = _theirs(against, folder, loaded, src_ids, limits, cfg, threads)
+        engines = {"ours": ours, against: theirs}
+        result["ours_kernels"] = ours_kernels(ours.translator)
+        result[f"{against}_kernels"] = their_kernels
         for name, beam in (("greedy", 1), ("beam5", 5)):
             times: dict[str, list[float]] = {k: [] for k in engines}
             texts: dict[str, list[str]] = {}

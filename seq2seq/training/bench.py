@@ -4,9 +4,11 @@ Training: a preset's model on token-budget batches of Multi30k en-de with a join
 SentencePiece vocabulary, or a recipe's model on its own data (e.g. the WMT-sized
 recipes/scale_wmt_like.yaml), timing `seq2seq train`'s own training step (the Lightning
 module under a Trainer); median target tokens/s and source+target tokens/s over `--steps`
-optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model
-FLOPs utilization. Decoding (with `-m MODEL`): sentences/s and output tokens/s for greedy and
-beam 5 over the 1,000 test_2016_flickr sentences, with the BLEU of that output beside them.
+optimizer steps after `--warmup`, step time, peak memory, and on a GPU the model FLOPs
+utilization; with a training peer (`--against hf`, seq2seq.export.peer), HF's MarianMTModel
+of the same shape steps on the same batches in turn. Decoding (with `-m MODEL`): sentences/s
+and output tokens/s for greedy and beam 5 over the 1,000 test_2016_flickr sentences, with the
+BLEU of that output beside them.
 """
 
 from __future__ import annotations
