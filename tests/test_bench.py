@@ -192,6 +192,11 @@ def test_a_recipe_and_a_preset_bench_the_presets_shape_on_the_recipes_data():
 
 
 # --- Training beside HF's MarianMTModel (--against hf without -m) -----------------------------
+#: Raised inside transformers' own modules as they import, not by how we call them.
+HF_IMPORT_WARNING = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 def test_bench_against_hf_trains_a_marian_of_the_same_shape_on_the_same_batches(
     multi30k_slice, tmp_path, capsys
 ):
@@ -204,6 +209,7 @@ def test_bench_against_hf_trains_a_marian_of_the_same_shape_on_the_same_batches(
         assert result[key] > 0
 
 
+@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 def test_the_hf_training_peer_learns_from_our_batches(multi30k_slice, tmp_path):
     pytest.importorskip("transformers")
     from seq2seq.config import OptimConfig
@@ -231,6 +237,7 @@ def test_the_hf_training_peer_learns_from_our_batches(multi30k_slice, tmp_path):
     assert loss() < before - 0.5
 
 
+@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
