@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -192,11 +193,6 @@ def test_a_recipe_and_a_preset_bench_the_presets_shape_on_the_recipes_data():
 
 
 # --- Training beside HF's MarianMTModel (--against hf without -m) -----------------------------
-#: Raised inside transformers' own modules as they import, not by how we call them.
-HF_IMPORT_WARNING = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
-
-
-@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 def test_bench_against_hf_trains_a_marian_of_the_same_shape_on_the_same_batches(
     multi30k_slice, tmp_path, capsys
 ):
@@ -209,7 +205,6 @@ def test_bench_against_hf_trains_a_marian_of_the_same_shape_on_the_same_batches(
         assert result[key] > 0
 
 
-@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 def test_the_hf_training_peer_learns_from_our_batches(multi30k_slice, tmp_path):
     pytest.importorskip("transformers")
     from seq2seq.config import OptimConfig
@@ -237,7 +232,6 @@ def test_the_hf_training_peer_learns_from_our_batches(multi30k_slice, tmp_path):
     assert loss() < before - 0.5
 
 
-@pytest.mark.filterwarnings(HF_IMPORT_WARNING)
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -252,3 +246,10 @@ def test_what_training_against_hf_cannot_do_is_one_clear_line(
     assert main([*bench_args(multi30k_slice, tmp_path / "bench"), *extra]) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_training_against_hf_without_the_export_extra_names_the_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    assert main(["bench", "--preset", "tiny", "--against", "hf"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "pip install -e .[export]" in err and len(err.splitlines()) == 1

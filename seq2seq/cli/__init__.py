@@ -107,14 +107,15 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         from seq2seq.training.bench import bench_recipe
 
         return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
-    from seq2seq.training.bench import bench_cli
-
+    peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer
 
-        check_training_peer(args)
-        return bench_cli(args, overrides, HfTrainingPeer)
-    return bench_cli(args, overrides)
+        check_training_peer(args)  # before Lightning is imported, which imports transformers
+        peer = HfTrainingPeer
+    from seq2seq.training.bench import bench_cli
+
+    return bench_cli(args, overrides, peer)
 
 
 def _cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
