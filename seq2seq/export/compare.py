@@ -212,12 +212,18 @@ def ct2_translator(folder: Path, threads: int):
     return translator, "; ".join(said)
 
 
+def _torch_gemm() -> str:
+    """What torch's float32 CPU linear layers run on."""
+    return "MKL" if torch.backends.mkl.is_available() else "torch's CPU GEMM"
+
+
 def ours_kernels(translator: Translator) -> str:
     """The CPU kernels our float32 decode runs (seq2seq.kernels.onednn)."""
-    gemm = "MKL" if torch.backends.mkl.is_available() else "torch's CPU GEMM"
     if isinstance(translator.models[0].generator, PackedLinear):
-        return f"output projection: oneDNN, packed, row-bucketed; other linear layers: {gemm}"
-    return f"linear layers: {gemm}"
+        return (
+            f"output projection: oneDNN, packed, row-bucketed; other linear layers: {_torch_gemm()}"
+        )
+    return f"linear layers: {_torch_gemm()}"
 
 
 def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads):
@@ -231,7 +237,7 @@ def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cf
         run = lambda beam: hf_translate(  # noqa: E731
             model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len
         )
-        return run, "linear layers: " + ("MKL" if torch.backends.mkl.is_available() else "torch")
+        return run, f"linear layers: {_torch_gemm()}"
     translator, kernels = ct2_translator(folder, threads)
     run = lambda beam: ct2_translate(  # noqa: E731
         translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, False, cfg.min_len
@@ -255,8 +261,7 @@ def compare(
 
     if against not in ENGINES:
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
-    loaded = load_model(model_path)
-    loaded.model.float().eval()
+    loaded = load_model(model_path)  # ours decodes it as translate does (_Ours)
     threads = torch.get_num_threads()
     cfg = dataclasses.replace(loaded.decode, lenpen=0.0, stop=ENGINES[against])
     src_ids = source_ids(loaded, sources)

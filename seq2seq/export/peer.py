@@ -28,10 +28,9 @@ def check_training_peer(args) -> None:
             f"--against {args.against} compares decoding: give -m MODEL (training compares "
             "against hf only)"
         )
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        raise ValueError("--against hf needs transformers: pip install -e .[export]") from None
+    from seq2seq.export import require
+
+    require("transformers")
     if args.row_tokens:
         raise ValueError("--against hf trains one pair per row: leave out --row-tokens")
     if args.precision not in ("32-true", "bf16-mixed"):
