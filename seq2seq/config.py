@@ -359,6 +359,9 @@ class DecodeConfig:
     """Minimum output length (EOS is forbidden before it)."""
     max_tokens: int = 4096
     """Source tokens in one decoding batch, padding included (a longer sentence goes alone)."""
+    max_sentences: int | None = None
+    """Sentences in one decoding batch at most (fairseq's --batch-size, CTranslate2's
+    max_batch_size); None: max_tokens alone cuts batches."""
     stop: str = "beam"
     """When beam search ends a sentence: 'beam' once `beam` hypotheses have ended (fairseq's
     rule, Hugging Face's early_stopping); 'best' as soon as its best candidate ends, once `nbest`
@@ -377,6 +380,8 @@ class DecodeConfig:
             )
         if self.max_tokens < 1:
             raise ValueError(f"decode.max_tokens={self.max_tokens} must be positive")
+        if self.max_sentences is not None and self.max_sentences < 1:
+            raise ValueError(f"decode.max_sentences={self.max_sentences} must be positive")
         if not math.isfinite(self.lenpen):
             raise ValueError(f"decode.lenpen={self.lenpen} must be a finite number")
         if not (math.isfinite(self.max_len_a) and self.max_len_a >= 0):

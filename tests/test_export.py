@@ -190,6 +190,20 @@ def test_ctranslate2_greedy_equals_ours_on_the_200_sentences(ct2_dir, loaded, sr
     assert ct2_greedy(ct2_dir, loaded, src_ids) == ours_greedy
 
 
+def test_ctranslate2_in_batches_of_a_few_sentences_still_equals_ours(
+    ct2_dir, loaded, src_ids, ours_greedy
+):
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", intra_threads=1)
+    lim = limits(loaded, src_ids, DecodeConfig(beam=1, max_len_a=1.0, max_len_b=4))
+    calls = compare._batches(src_ids, lim, 4096, exact=True, max_sentences=7)
+    assert max(len(batch) for _, batch in calls) == 7
+    assert sorted(i for _, batch in calls for i in batch) == list(range(len(src_ids)))
+    texts = compare.ct2_translate(
+        translator, loaded.tokenizer, src_ids, lim, 1, 4096, max_sentences=7
+    )
+    assert texts == ours_greedy
+
+
 def test_the_ctranslate2_kernels_are_read_from_its_own_log(ct2_dir):
     """In a fresh process (CTranslate2 logs its CPU choices once per process), with its
     stderr left as it was."""
@@ -313,6 +327,7 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
 ):
     args = ["bench", "-m", str(checkpoint), "--against", against, "--sentences", "8"]
     args += ["--rounds", "1", "--json", "--data.root", str(multi30k_slice)]
+    args += ["--max-sentences", "3"] if against == "ctranslate2" else []
     capsys.readouterr()
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
@@ -322,6 +337,7 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
             assert f"{search}_{engine}_bleu" in result
         assert result[f"{search}_ratio_ours_over_{against}"] > 0
     assert result["sentences"] == 8 and "threads" in result["settings"]
+    assert ("at most 3 sentences" in result["settings"]) == (against == "ctranslate2")
     assert "output projection: oneDNN" in result["ours_kernels"] or not packing_works()
     if against == "ctranslate2":  # what CTranslate2 logged choosing its float32 GEMM
         assert "SGEMM backend:" in result["ctranslate2_kernels"] or (

@@ -140,6 +140,7 @@ def test_a_minimum_length_no_output_can_reach_is_refused(checkpoint, tmp_path, c
         (("--trainer.max_steps", "-1", "--trainer.max_time_minutes", "null"), "max_steps=-1"),
         (("--trainer.val_check_interval", "0"), "trainer.val_check_interval=0"),
         (("--trainer.save_every_minutes", "0"), "trainer.save_every_minutes=0"),
+        (("--decode.max_sentences", "0"), "decode.max_sentences=0"),
     ],
 )
 def test_impossible_training_settings_are_one_line_naming_the_key(

@@ -74,6 +74,23 @@ def test_order_is_kept_for_inputs_of_shuffled_lengths(checkpoint, sentences):
     assert len(translate.make_batches([len(s) for s in lines], 60)) > 1
 
 
+def test_max_sentences_caps_each_batch_and_keeps_every_line_in_length_order():
+    lengths = [5, 0, 3, 9, 3, 7, 1, 4, 4, 2]
+    batches = translate.make_batches(lengths, max_tokens=1000, max_sentences=4)
+    assert [len(b) for b in batches] == [4, 4, 1]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == [i for i, n in enumerate(lengths) if n]  # the blank line left out
+    assert [lengths[i] for i in flat] == sorted(n for n in lengths if n)
+    assert translate.make_batches(lengths, 1000) == [flat]  # no cap: one batch
+
+
+def test_max_sentences_on_the_command_line_gives_the_same_output(tmp_path, checkpoint, sentences):
+    data = ("\n".join(sentences) + "\n").encode()
+    _, whole = run_translate(tmp_path, checkpoint, data, "--beam", "1")
+    code, capped = run_translate(tmp_path, checkpoint, data, "--beam", "1", "--max-sentences", "3")
+    assert code == 0 and capped == whole
+
+
 def test_streaming_in_chunks_gives_the_same_output(tmp_path, checkpoint, sentences, monkeypatch):
     data = ("\n".join(sentences) + "\n").encode()
     _, whole = run_translate(tmp_path, checkpoint, data, "--beam", "1")

@@ -57,6 +57,11 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--max-tokens", type=int, help="source tokens per decoding batch, padding included"
     )
+    p.add_argument(
+        "--max-sentences",
+        type=at_least(1),
+        help="sentences per decoding batch at most (default: no limit)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument(
         "--precision",
@@ -175,6 +180,12 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     )
     p.add_argument(
         "--rounds", type=at_least(1), default=3, help="--against: timed rounds per engine"
+    )
+    p.add_argument(
+        "--max-sentences",
+        type=at_least(1),
+        help="--against: decode in batches of at most N sentences (default: the model's "
+        "decode.max_tokens source tokens alone)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")

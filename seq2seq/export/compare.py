@@ -53,17 +53,21 @@ def output_limits(src_ids: list[list[int]], cfg: DecodeConfig, max_positions: in
 
 
 def _batches(
-    src_ids: list[list[int]], limits: list[int], max_tokens: int, exact: bool
+    src_ids: list[list[int]],
+    limits: list[int],
+    max_tokens: int,
+    exact: bool,
+    max_sentences: int | None = None,
 ) -> list[tuple[int, list[int]]]:
     """(limit, sentence indices) per engine call: our batches (`translate.make_batches`: by
-    length, `max_tokens` padded source tokens each), with the batch's largest limit; with
-    `exact`, cut within groups of equal limits instead."""
+    length, `max_tokens` padded source tokens and at most `max_sentences` each), with the
+    batch's largest limit; with `exact`, cut within groups of equal limits instead."""
     groups: dict[int, list[int]] = defaultdict(list)
     for i, limit in enumerate(limits):
         groups[limit if exact else 0].append(i)
     calls = []
     for group in groups.values():
-        for batch in make_batches([len(src_ids[i]) for i in group], max_tokens):
+        for batch in make_batches([len(src_ids[i]) for i in group], max_tokens, max_sentences):
             indices = [group[j] for j in batch]
             calls.append((max(limits[i] for i in indices), indices))
     return calls
@@ -77,8 +81,9 @@ def hf_translate(
     beam: int,
     max_tokens: int,
     min_len: int = 1,
+    max_sentences: int | None = None,
 ) -> list[str]:
-    """Marian's `generate` on our ids, in our batches of `max_tokens` source tokens: the best
+    """Marian's `generate` on our ids, in our batches (`translate.make_batches`): the best
     hypothesis per sentence, decoded by the MarianTokenizer (length penalty off;
     early_stopping: a sentence ends once `beam` hypotheses have). Each sentence stops at its
     own limit (`_EosAtLimit`), so this is exact, not only for parity."""
@@ -96,7 +101,7 @@ def hf_translate(
         "early_stopping": beam > 1,
     }
     out = [""] * len(src_ids)
-    for batch in make_batches([len(s) for s in src_ids], max_tokens):
+    for batch in make_batches([len(s) for s in src_ids], max_tokens, max_sentences):
         rows = [src_ids[i] for i in batch]
         width = max(map(len, rows))
         ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])
@@ -143,6 +148,7 @@ def ct2_translate(
     max_tokens: int,
     exact: bool = True,
     min_len: int = 1,
+    max_sentences: int | None = None,
 ) -> list[str]:
     """`ctranslate2.Translator.translate_batch` on our pieces (the model appends EOS), in our
     batches (`_batches`); the best hypothesis per sentence, detokenized by our tokenizer."""
@@ -151,7 +157,7 @@ def ct2_translate(
     pieces, tgt_pieces = tokenizer_pieces(tokenizer)
     tgt_id = {p: i for i, p in enumerate(tgt_pieces)}
     out = [""] * len(src_ids)
-    for limit, batch in _batches(src_ids, limits, max_tokens, exact):
+    for limit, batch in _batches(src_ids, limits, max_tokens, exact, max_sentences):
         results = translator.translate_batch(
             [[pieces[t] for t in src_ids[i][:-1]] for i in batch],
             beam_size=beam,
@@ -235,12 +241,20 @@ def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cf
         model = MarianMTModel.from_pretrained(str(folder)).eval()
         tok = MarianTokenizer.from_pretrained(str(folder))
         run = lambda beam: hf_translate(  # noqa: E731
-            model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len
+            model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len, cfg.max_sentences
         )
         return run, f"linear layers: {_torch_gemm()}"
     translator, kernels = ct2_translator(folder, threads)
     run = lambda beam: ct2_translate(  # noqa: E731
-        translator, loaded.tokenizer, src_ids, limits, beam, cfg.max_tokens, False, cfg.min_len
+        translator,
+        loaded.tokenizer,
+        src_ids,
+        limits,
+        beam,
+        cfg.max_tokens,
+        False,
+        cfg.min_len,
+        cfg.max_sentences,
     )
     return run, kernels or "not logged"
 
@@ -251,11 +265,13 @@ def compare(
     sources: list[str],
     refs: list[str],
     rounds: int = 3,
+    max_sentences: int | None = None,
 ) -> dict:
     """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
     ours and the other engine in this process, alternating rounds (ours, theirs, ours, ...);
     sentences/s is each engine's median over `rounds`, BLEU that of its output. float32, CPU,
-    both on torch's thread count."""
+    both on torch's thread count; both in the model's batches of `decode.max_tokens` source
+    tokens, or of at most `max_sentences` sentences when given."""
     from seq2seq.export import export
     from seq2seq.inference.evaluate import score
 
@@ -263,7 +279,9 @@ def compare(
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
     loaded = load_model(model_path)  # ours decodes it as translate does (_Ours)
     threads = torch.get_num_threads()
-    cfg = dataclasses.replace(loaded.decode, lenpen=0.0, stop=ENGINES[against])
+    cfg = dataclasses.replace(
+        loaded.decode, lenpen=0.0, stop=ENGINES[against], max_sentences=max_sentences
+    )
     src_ids = source_ids(loaded, sources)
     limits = output_limits(src_ids, cfg, loaded.model.cfg.max_positions)
     result: dict = {
@@ -274,7 +292,9 @@ def compare(
         "settings": (
             f"float32 on the CPU; ours torch threads={threads}, "
             + ("ctranslate2 intra_threads" if against == "ctranslate2" else "hf torch threads")
-            + f"={threads}; batches of {cfg.max_tokens} source tokens; length penalty off; "
+            + f"={threads}; batches of {cfg.max_tokens} source tokens"
+            + ("" if max_sentences is None else f" and at most {max_sentences} sentences")
+            + "; length penalty off; "
             f"beam stop rule '{cfg.stop}'; length limit a*|x|+b per sentence"
             + ("" if against == "hf" else " for ours, the batch's largest for ctranslate2")
         ),
@@ -328,7 +348,9 @@ def compare_cli(args, data) -> int:
     sources = read_text(os.path.join(data.root, data.test.src))
     refs = read_text(os.path.join(data.root, data.test.tgt))
     n = args.sentences or len(sources)
-    result = compare(args.model, args.against, sources[:n], refs[:n], args.rounds)
+    result = compare(
+        args.model, args.against, sources[:n], refs[:n], args.rounds, args.max_sentences
+    )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -143,14 +143,19 @@ def encode_lines(
     return out
 
 
-def make_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+def make_batches(
+    lengths: list[int], max_tokens: int, max_sentences: int | None = None
+) -> list[list[int]]:
     """Indices sorted by length, cut by the training batch cutter so that sentences x longest
-    <= max_tokens (padding included); zero lengths (blank lines) are left out; a longer
-    sentence gets a batch alone."""
+    <= max_tokens (padding included), and into pieces of at most `max_sentences`; zero lengths
+    (blank lines) are left out; a longer sentence gets a batch alone."""
     source = np.asarray(lengths, dtype=np.int64)
     order = np.flatnonzero(source > 0)
     order = order[np.argsort(source[order], kind="stable")]
-    return [b.tolist() for b in cut(order, source, np.zeros_like(source), max_tokens)]
+    batches = [b.tolist() for b in cut(order, source, np.zeros_like(source), max_tokens)]
+    if max_sentences is None:
+        return batches
+    return [b[i : i + max_sentences] for b in batches for i in range(0, len(b), max_sentences)]
 
 
 def pad_batch(seqs: list[list[int]], device: torch.device) -> Tensor:
@@ -240,6 +245,7 @@ def decode_settings(translator, args: argparse.Namespace) -> DecodeConfig:
         max_len_b=args.max_len_b,
         min_len=args.min_len,
         max_tokens=args.max_tokens,
+        max_sentences=args.max_sentences,
         stop=args.stop,
     )
 

@@ -116,6 +116,7 @@ class Translator:
         min_len: int | None = None,
         max_tokens: int | None = None,
         stop: str | None = None,
+        max_sentences: int | None = None,
     ) -> DecodeConfig:
         """The saved decoding defaults with the settings given (None keeps the default)."""
         given = {
@@ -127,6 +128,7 @@ class Translator:
             "min_len": min_len,
             "max_tokens": max_tokens,
             "stop": stop,
+            "max_sentences": max_sentences,
         }
         cfg = dataclasses.replace(self.decode, **{k: v for k, v in given.items() if v is not None})
         check_lengths(cfg, self.max_positions)
@@ -142,10 +144,12 @@ class Translator:
         self, src_ids: list[list[int]], cfg: DecodeConfig | None = None, progress=None
     ) -> list[list[Hypothesis]]:
         """Hypotheses per source (in the given order); [] for an empty source (a blank line).
-        Sources are sorted by length into batches of cfg.max_tokens (padding included)."""
+        Sources are sorted by length into batches of cfg.max_tokens (padding included) and at
+        most cfg.max_sentences sentences."""
         cfg = cfg or self.decode
         results: list[list[Hypothesis]] = [[] for _ in src_ids]
-        for batch in make_batches([len(s) for s in src_ids], cfg.max_tokens):
+        lengths = [len(s) for s in src_ids]
+        for batch in make_batches(lengths, cfg.max_tokens, cfg.max_sentences):
             src = pad_batch([src_ids[i] for i in batch], self.device)
             for i, hyps in zip(batch, self.decode_batch(src, cfg), strict=True):
                 results[i] = hyps
@@ -178,13 +182,15 @@ class Translator:
         min_len: int | None = None,
         max_tokens: int | None = None,
         stop: str | None = None,
+        max_sentences: int | None = None,
     ) -> list[str] | list[list[tuple[str, float]]] | str | list[tuple[str, float]]:
         """Translate raw sentences.
 
         Args:
             lines: sentences, or one sentence (then one result is returned, not a list).
-            beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop: as the
-                `seq2seq translate` options; None keeps the model's saved default.
+            beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop,
+                max_sentences: as the `seq2seq translate` options; None keeps the model's
+                saved default.
 
         Returns:
             One string per line, or with `nbest`, per line a list of up to nbest
@@ -193,7 +199,9 @@ class Translator:
         """
         single = isinstance(lines, str)
         batch = [lines] if single else list(lines)
-        cfg = self.settings(beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop)
+        cfg = self.settings(
+            beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop, max_sentences
+        )
         hyps = self.translate_ids(self.encode(batch), cfg)
         if nbest is None:
             out: list = [self.text(h[0]) if h else "" for h in hyps]
@@ -226,7 +234,7 @@ class Translator:
         lengths = [
             max(len(s), len(t) + 1) if s else 0 for s, t in zip(src_ids, tgt_ids, strict=True)
         ]
-        for batch in make_batches(lengths, self.decode.max_tokens):
+        for batch in make_batches(lengths, self.decode.max_tokens, self.decode.max_sentences):
             sums = self._forced([src_ids[i] for i in batch], [tgt_ids[i] for i in batch]).tolist()
             for i, value in zip(batch, sums, strict=True):
                 scores[i] = value
