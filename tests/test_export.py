@@ -347,6 +347,11 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
         assert result["greedy_identical_lines"] == 8
 
 
+def test_bench_max_sentences_without_a_model_to_decode_is_one_line(capsys):
+    assert main(["bench", "--max-sentences", "64"]) == 1
+    assert "--max-sentences batches the decoding of --against" in one_error_line(capsys)
+
+
 # --- Separate vocabularies, an untied output projection with a bias ----------------------------
 @pytest.fixture(scope="module")
 def separate_checkpoint(multi30k_slice, tmp_path_factory) -> Path:

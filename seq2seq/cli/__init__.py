@@ -107,6 +107,8 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         from seq2seq.training.bench import bench_recipe
 
         return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
+    if args.max_sentences is not None:
+        raise ValueError("--max-sentences batches the decoding of --against: give -m MODEL too")
     peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer
