@@ -347,6 +347,58 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
         assert result["greedy_identical_lines"] == 8
 
 
+@pytest.mark.parametrize("precision,compute_type", [("bf16", "float32"), ("int8", "int8")])
+def test_bench_against_ctranslate2_runs_each_engine_at_its_own_precision(
+    checkpoint, multi30k_slice, precision, compute_type, capsys
+):
+    args = ["bench", "-m", str(checkpoint), "--against", "ctranslate2", "--sentences", "6"]
+    args += ["--rounds", "1", "--json", "--data.root", str(multi30k_slice)]
+    args += ["--decode-precision", precision, "--against-compute-type", compute_type]
+    capsys.readouterr()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert f"ours {precision}" in result["settings"]
+    assert f"ctranslate2 {compute_type}" in result["settings"]
+    assert result["ours_kernels"].startswith(f"{precision} linear layers: ")
+    gemm = "GEMM_S8 backend:" if compute_type == "int8" else "SGEMM backend:"
+    kernels = result["ctranslate2_kernels"]
+    assert gemm in kernels or kernels == "not logged"
+    assert result["beam5_ratio_ours_over_ctranslate2"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--against-compute-type", "float16"], "--against-compute-type float16: this "),
+        (["--decode-precision", "fp16"], "--decode-precision fp16: choose fp32, bf16 or int8"),
+    ],
+)
+def test_a_precision_bench_against_cannot_run_is_one_line(
+    checkpoint, multi30k_slice, extra, message, capsys
+):
+    args = ["bench", "-m", str(checkpoint), "--against", "ctranslate2"]
+    args += ["--data.root", str(multi30k_slice), *extra]
+    capsys.readouterr()
+    assert main(args) == 1
+    line = one_error_line(capsys)
+    assert message in line
+    if "float16: this" in message:  # names what this CPU can run instead
+        assert "float32" in line and "int8" in line
+
+
+def test_bench_against_hf_refuses_other_precisions_in_one_line(checkpoint, multi30k_slice, capsys):
+    args = ["bench", "-m", str(checkpoint), "--against", "hf", "--decode-precision", "bf16"]
+    args += ["--data.root", str(multi30k_slice)]
+    capsys.readouterr()
+    assert main(args) == 1
+    assert "--against hf compares float32 only" in one_error_line(capsys)
+
+
+def test_bench_against_compute_type_without_a_model_is_one_line(capsys):
+    assert main(["bench", "--against-compute-type", "int8"]) == 1
+    assert "--against-compute-type is for -m MODEL --against ctranslate2" in one_error_line(capsys)
+
+
 def test_bench_max_sentences_without_a_model_to_decode_is_one_line(capsys):
     assert main(["bench", "--max-sentences", "64"]) == 1
     assert "--max-sentences batches the decoding of --against" in one_error_line(capsys)

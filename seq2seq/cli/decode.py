@@ -187,6 +187,11 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="--against: decode in batches of at most N sentences (default: the model's "
         "decode.max_tokens source tokens alone)",
     )
+    p.add_argument(
+        "--against-compute-type",
+        help="--against ctranslate2: its compute type (default float32; int8 or int8_float32 "
+        "where it runs them); ours runs at --decode-precision",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     p.add_argument(
@@ -208,7 +213,7 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "--decode-precision",
         default="fp32",
         choices=DECODE_PRECISIONS,
-        help="precision of the decoding measurement (with -m)",
+        help="precision of the decoding measurement (with -m; ours, with --against)",
     )
     p.add_argument(
         "--stop",

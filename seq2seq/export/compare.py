@@ -174,10 +174,11 @@ def ct2_translate(
 
 
 class _Ours:
-    """Our decode of the ids, prepared as `seq2seq translate` prepares it (float32, CPU)."""
+    """Our decode of the ids on the CPU, prepared as `seq2seq translate --precision P` prepares
+    it."""
 
-    def __init__(self, loaded: LoadedModel, src_ids, cfg: DecodeConfig):
-        self.translator = Translator.of([loaded], "cpu", "fp32")
+    def __init__(self, loaded: LoadedModel, src_ids, cfg: DecodeConfig, precision: str = "fp32"):
+        self.translator = Translator.of([loaded], "cpu", precision)
         self.src_ids, self.cfg = src_ids, cfg
 
     def __call__(self, beam: int) -> list[str]:
@@ -186,10 +187,11 @@ class _Ours:
         return [self.translator.text(h[0]) if h else "" for h in hyps]
 
 
-def ct2_translator(folder: Path, threads: int):
-    """A float32 CPU `ctranslate2.Translator`, and the CPU kernels it says it chose (the ISA and
-    SGEMM backend lines of its info log, read from the stderr it writes while loading; "" when
-    it logged none, as when the process had loaded a CTranslate2 model before)."""
+def ct2_translator(folder: Path, threads: int, compute_type: str = "float32"):
+    """A CPU `ctranslate2.Translator` of `compute_type`, and the CPU kernels it says it chose
+    (the ISA and GEMM backend lines of its info log, read from the stderr it writes while
+    loading; "" when it logged none, as when the process had loaded a CTranslate2 model
+    before)."""
     import logging
     import os
 
@@ -203,7 +205,7 @@ def ct2_translator(folder: Path, threads: int):
             translator = ctranslate2.Translator(
                 str(folder),
                 device="cpu",
-                compute_type="float32",
+                compute_type=compute_type,
                 intra_threads=threads,
                 inter_threads=1,
             )
@@ -213,7 +215,8 @@ def ct2_translator(folder: Path, threads: int):
             ctranslate2.set_log_level(logging.WARNING)
         log.seek(0)
         lines = log.read().decode("utf-8", "replace").splitlines()
-    keep = ("Selected ISA:", "SGEMM backend:")
+    gemm = "GEMM_S8 backend:" if compute_type.startswith("int8") else "SGEMM backend:"
+    keep = ("Selected ISA:", gemm)
     said = [line.split("]")[-1].strip(" -") for line in lines if any(k in line for k in keep)]
     return translator, "; ".join(said)
 
@@ -223,8 +226,14 @@ def _torch_gemm() -> str:
     return "MKL" if torch.backends.mkl.is_available() else "torch's CPU GEMM"
 
 
-def ours_kernels(translator: Translator) -> str:
-    """The CPU kernels our float32 decode runs (seq2seq.kernels.onednn)."""
+def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
+    """The CPU kernels our decode runs at `precision` (seq2seq.kernels.onednn for float32)."""
+    if precision == "bf16":
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return "bf16 linear layers: oneDNN (the CPU has native bf16)"
+        return "bf16 linear layers: emulated (no AVX-512 BF16 or AMX on this CPU: slow)"
+    if precision == "int8":
+        return f"int8 linear layers: torch dynamic quantization ({torch.backends.quantized.engine})"
     if isinstance(translator.models[0].generator, PackedLinear):
         return (
             f"output projection: oneDNN, packed, row-bucketed; other linear layers: {_torch_gemm()}"
@@ -232,9 +241,11 @@ def ours_kernels(translator: Translator) -> str:
     return f"linear layers: {_torch_gemm()}"
 
 
-def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads):
-    """A function beam -> texts running the exported model in `folder`, and the CPU kernels
-    that engine runs."""
+def _theirs(
+    against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads, compute_type
+):
+    """A function beam -> texts running the exported model in `folder` (CTranslate2 at
+    `compute_type`), and the CPU kernels that engine runs."""
     if against == "hf":
         from transformers import MarianMTModel, MarianTokenizer
 
@@ -244,7 +255,7 @@ def _theirs(against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cf
             model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len, cfg.max_sentences
         )
         return run, f"linear layers: {_torch_gemm()}"
-    translator, kernels = ct2_translator(folder, threads)
+    translator, kernels = ct2_translator(folder, threads, compute_type)
     run = lambda beam: ct2_translate(  # noqa: E731
         translator,
         loaded.tokenizer,
@@ -266,12 +277,15 @@ def compare(
     refs: list[str],
     rounds: int = 3,
     max_sentences: int | None = None,
+    precision: str = "fp32",
+    compute_type: str = "float32",
 ) -> dict:
     """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
     ours and the other engine in this process, alternating rounds (ours, theirs, ours, ...);
-    sentences/s is each engine's median over `rounds`, BLEU that of its output. float32, CPU,
-    both on torch's thread count; both in the model's batches of `decode.max_tokens` source
-    tokens, or of at most `max_sentences` sentences when given."""
+    sentences/s is each engine's median over `rounds`, BLEU that of its output. On the CPU,
+    ours at `precision` (translate's --precision), CTranslate2 at `compute_type` (Hugging Face
+    in float32), both on torch's thread count; both in the model's batches of
+    `decode.max_tokens` source tokens, or of at most `max_sentences` sentences when given."""
     from seq2seq.export import export
     from seq2seq.inference.evaluate import score
 
@@ -290,8 +304,12 @@ def compare(
         "rounds": rounds,
         "threads": threads,
         "settings": (
-            f"float32 on the CPU; ours torch threads={threads}, "
-            + ("ctranslate2 intra_threads" if against == "ctranslate2" else "hf torch threads")
+            f"on the CPU; ours {precision}, torch threads={threads}; "
+            + (
+                f"ctranslate2 {compute_type}, intra_threads"
+                if against == "ctranslate2"
+                else "hf float32, torch threads"
+            )
             + f"={threads}; batches of {cfg.max_tokens} source tokens"
             + ("" if max_sentences is None else f" and at most {max_sentences} sentences")
             + "; length penalty off; "
@@ -302,10 +320,12 @@ def compare(
     with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
         folder = Path(tmp) / against
         export(model_path, against, folder)
-        ours = _Ours(loaded, src_ids, cfg)
-        theirs, their_kernels = _theirs(against, folder, loaded, src_ids, limits, cfg, threads)
+        ours = _Ours(loaded, src_ids, cfg, precision)
+        theirs, their_kernels = _theirs(
+            against, folder, loaded, src_ids, limits, cfg, threads, compute_type
+        )
         engines = {"ours": ours, against: theirs}
-        result["ours_kernels"] = ours_kernels(ours.translator)
+        result["ours_kernels"] = ours_kernels(ours.translator, precision)
         result[f"{against}_kernels"] = their_kernels
         for name, beam in (("greedy", 1), ("beam5", 5)):
             times: dict[str, list[float]] = {k: [] for k in engines}
@@ -332,6 +352,13 @@ def compare(
     return result
 
 
+def _ct2_compute_types() -> set[str]:
+    """The compute types CTranslate2 runs on this CPU (its export extra, checked first)."""
+    from seq2seq.export import require
+
+    return set(require("ctranslate2").get_supported_compute_types("cpu"))
+
+
 def compare_cli(args, data) -> int:
     """`seq2seq bench -m MODEL --against ENGINE` on `data.test` (seq2seq.config.DataConfig)."""
     import json
@@ -341,15 +368,39 @@ def compare_cli(args, data) -> int:
 
     if not args.model:
         raise ValueError("--against needs -m MODEL")
-    if args.device != "cpu" or args.decode_precision != "fp32":
-        raise ValueError("--against compares float32 decoding on the CPU only")
+    if args.device != "cpu":
+        raise ValueError("--against compares decoding on the CPU only (--device cpu)")
+    if args.decode_precision not in ("fp32", "bf16", "int8"):
+        raise ValueError(
+            f"--against --decode-precision {args.decode_precision}: choose fp32, bf16 or int8"
+        )
+    compute_type = args.against_compute_type or "float32"
+    if args.against == "hf" and (args.decode_precision != "fp32" or compute_type != "float32"):
+        raise ValueError(
+            "--against hf compares float32 only (--decode-precision and --against-compute-type "
+            "are for --against ctranslate2)"
+        )
+    if args.against == "ctranslate2":
+        supported = _ct2_compute_types()
+        if compute_type not in supported:
+            raise ValueError(
+                f"--against-compute-type {compute_type}: this CTranslate2 runs "
+                f"{', '.join(sorted(supported))} on this CPU"
+            )
     if data.test is None or not data.test.src:
         raise ValueError("--against needs a test split with src and tgt files")
     sources = read_text(os.path.join(data.root, data.test.src))
     refs = read_text(os.path.join(data.root, data.test.tgt))
     n = args.sentences or len(sources)
     result = compare(
-        args.model, args.against, sources[:n], refs[:n], args.rounds, args.max_sentences
+        args.model,
+        args.against,
+        sources[:n],
+        refs[:n],
+        args.rounds,
+        args.max_sentences,
+        args.decode_precision,
+        compute_type,
     )
     if args.json:
         print(json.dumps(result, indent=2))
