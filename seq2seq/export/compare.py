@@ -229,7 +229,9 @@ def _torch_gemm() -> str:
 def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
     """The CPU kernels our decode runs at `precision` (seq2seq.kernels.onednn for float32)."""
     if precision == "bf16":
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        from seq2seq.training.precision import cpu_has_native_bf16
+
+        if cpu_has_native_bf16():
             return "bf16 linear layers: oneDNN (the CPU has native bf16)"
         return "bf16 linear layers: emulated (no AVX-512 BF16 or AMX on this CPU: slow)"
     if precision == "int8":
