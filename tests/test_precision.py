@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import seq2seq.training.precision as precision
+from seq2seq.kernels.cpu import cpu_has_native_bf16
 
 AVX2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 
 
 def test_the_cpu_flags_name_native_bf16():
-    assert not precision.cpu_has_native_bf16(AVX2)
-    assert precision.cpu_has_native_bf16(SAPPHIRE_RAPIDS)
-    assert not precision.cpu_has_native_bf16("")
+    assert not cpu_has_native_bf16(AVX2)
+    assert cpu_has_native_bf16(SAPPHIRE_RAPIDS)
+    assert not cpu_has_native_bf16("")
 
 
 def test_auto_is_bf16_mixed_on_a_bf16_cpu_and_float32_elsewhere(monkeypatch):

@@ -229,7 +229,7 @@ def _torch_gemm() -> str:
 def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
     """The CPU kernels our decode runs at `precision` (seq2seq.kernels.onednn for float32)."""
     if precision == "bf16":
-        from seq2seq.training.precision import cpu_has_native_bf16
+        from seq2seq.kernels.cpu import cpu_has_native_bf16
 
         if cpu_has_native_bf16():
             return "bf16 linear layers: oneDNN (the CPU has native bf16)"
