@@ -244,6 +244,11 @@ class OptimConfig:
     decay from the peak to zero at `decay_steps`."""
     decay_steps: int | None = None
     """'linear'/'cosine': the update at which lr reaches zero; None means trainer.max_steps."""
+    decay_within_time: bool = False
+    """'linear'/'cosine' with trainer.max_time_minutes: at every validation, move the end of the
+    decay to the update the run will have reached when its time runs out (at its speed so
+    far), where that comes first, so that a run stopped by the time budget ends decayed too.
+    The lr then depends on the machine's speed (a resumed run is not bit-identical)."""
     betas: tuple[float, float] = (0.9, 0.98)
     """Adam betas (paper section 5.3)."""
     eps: float = 1e-9
@@ -257,6 +262,11 @@ class OptimConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}"
+            )
+        if self.decay_within_time and self.schedule == "inverse_sqrt":
+            raise ValueError(
+                "optim.decay_within_time needs optim.schedule 'linear' or 'cosine' (inverse_sqrt "
+                "never reaches zero)"
             )
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             raise ValueError(

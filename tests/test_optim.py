@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seq2seq.config import OptimConfig
-from seq2seq.training.optim import build_optimizer, decay_factor, inverse_sqrt_factor, peak_lr
+from seq2seq.training.optim import Decay, build_optimizer, inverse_sqrt_factor, peak_lr
 
 
 def paper_lrate(step: int, d_model: int, warmup: int) -> float:
@@ -87,10 +87,10 @@ def test_linear_schedule_warms_up_then_falls_to_zero_at_decay_steps():
 
 
 def test_cosine_schedule_is_half_way_down_at_the_midpoint_and_zero_at_the_end():
-    assert decay_factor(59, 10, 110, "cosine") == pytest.approx(0.5)
-    assert decay_factor(34, 10, 110, "cosine") == pytest.approx(0.5 * (1 + 2**-0.5))
-    assert decay_factor(109, 10, 110, "cosine") == pytest.approx(0.0)
-    assert decay_factor(4, 10, 110, "cosine") == pytest.approx(0.5)  # warm-up is linear
+    assert Decay(10, 110, "cosine")(59) == pytest.approx(0.5)
+    assert Decay(10, 110, "cosine")(34) == pytest.approx(0.5 * (1 + 2**-0.5))
+    assert Decay(10, 110, "cosine")(109) == pytest.approx(0.0)
+    assert Decay(10, 110, "cosine")(4) == pytest.approx(0.5)  # warm-up is linear
 
 
 def test_decay_ends_at_max_steps_when_decay_steps_is_unset():
@@ -106,3 +106,49 @@ def test_bad_schedule_settings_are_refused_with_the_key_named():
         OptimConfig(schedule="noam")
     with pytest.raises(ValueError, match="optim.decay_steps=100 must exceed optim.warmup_steps"):
         OptimConfig(warmup_steps=100, schedule="linear", decay_steps=100)
+
+
+def test_an_aimed_decay_goes_on_from_where_it_was_to_zero_at_its_new_end():
+    plain, aimed = Decay(10, 110, "linear"), Decay(10, 110, "linear")
+    aimed.aim(50, 70)  # after 50 updates, on a machine that reaches only 70 in its time
+    # Update 50 (step 49) is where it was: 40 of the planned 100 decay updates done.
+    assert aimed(49) == pytest.approx(plain(49)) == pytest.approx(0.6)
+    assert aimed(59) == pytest.approx(0.3)  # half-way from 0.6 to zero
+    assert aimed(69) == 0.0 and aimed(90) == 0.0
+    steps = [plain(s) for s in range(9, 49)] + [aimed(s) for s in range(49, 110)]
+    assert steps == sorted(steps, reverse=True)  # no jump up where it was aimed
+    cosine = Decay(10, 110, "cosine")
+    cosine.aim(60, 80)
+    assert cosine(59) == pytest.approx(0.5) and cosine(79) == 0.0
+    with pytest.raises(ValueError, match="cannot aim a decay at 40 after 50 updates"):
+        aimed.aim(50, 40)
+
+
+def test_a_decays_aim_survives_a_checkpoint_and_a_new_plan_starts_over(tmp_path):
+    cfg = OptimConfig(lr=1e-3, warmup_steps=10, schedule="linear")
+    param = torch.nn.Parameter(torch.zeros(1))
+    _, schedule = build_optimizer([param], cfg, 512, 110)
+    schedule.lr_lambdas[0].aim(50, 70)
+    torch.save(schedule.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)  # plain numbers only
+    for plan, end in ((110, 70), (200, 200)):
+        _, resumed = build_optimizer([param], cfg, 512, 110)
+        resumed.load_state_dict(state)
+        resumed.lr_lambdas[0].replan(plan)
+        assert resumed.lr_lambdas[0].end == end
+    assert resumed.lr_lambdas[0](104) == pytest.approx(0.5)  # the 200-step plan, unaimed
+
+
+def test_the_decay_end_is_aimed_where_the_time_budget_runs_out():
+    from seq2seq.training.budget import aimed_end
+
+    assert aimed_end(100, 200.0, 600.0, 5000) == 300  # 2 s an update: 200 more in 400 s
+    assert aimed_end(100, 20.0, 600.0, 5000) == 3000
+    assert aimed_end(100, 10.0, 600.0, 5000) == 5000  # fast enough for max_steps
+    assert aimed_end(100, 700.0, 600.0, 5000) == 101  # over budget already: the next update
+    assert aimed_end(0, 0.0, 600.0, 5000) == 5000
+
+
+def test_decay_within_time_needs_a_decay_that_ends():
+    with pytest.raises(ValueError, match="optim.decay_within_time needs optim.schedule"):
+        OptimConfig(schedule="inverse_sqrt", decay_within_time=True)

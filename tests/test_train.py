@@ -719,3 +719,45 @@ def test_a_finished_run_trains_further_with_a_larger_max_steps_and_rescores(
     assert json.loads((run / "results.json").read_text())["steps"] == 30
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["global_step"] == 30
     assert [step for step, _ in read_metrics(run)["val_bleu"]] == [9, 19, 29]
+    # The linear decay of the new plan: it ends at update 30, not at the first run's 20.
+    schedule = read_checkpoint(run / "checkpoints" / "last.ckpt")["lr_schedulers"][0]
+    assert schedule["lr_lambdas"][0]["end"] == 30
+
+
+@pytest.mark.parametrize("within_time", [True, False])
+def test_a_run_stopped_by_its_time_budget_ends_with_its_lr_decayed_when_asked(
+    multi30k_slice, tmp_path, monkeypatch, within_time
+):
+    """A slow machine, simulated: Lightning's Timer reads 2 s of training per update, so the
+    60-second budget ends the run at update 30 of its 60."""
+    from lightning.pytorch.callbacks import Timer
+
+    seen = {}
+    spied = Timer.on_train_batch_end
+
+    def spy(self, trainer, *args, **kwargs):
+        seen["trainer"] = trainer
+        return spied(self, trainer, *args, **kwargs)
+
+    monkeypatch.setattr(Timer, "on_train_batch_end", spy)
+    monkeypatch.setattr(
+        Timer,
+        "time_elapsed",
+        lambda self, stage="train": 2.0 * seen["trainer"].global_step if seen else 0.0,
+    )
+    run = tmp_path / "run"
+    recipe = tiny_recipe(
+        multi30k_slice,
+        tmp_path / "cache",
+        *("--optim.schedule", "linear", "--optim.warmup_steps", "5"),
+        *("--trainer.val_check_interval", "10", "--trainer.max_time_minutes", "1"),
+        *("--optim.decay_within_time", str(within_time).lower()),
+    )
+    assert train(recipe, run)["steps"] == 30
+    last = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    lr = last["optimizer_states"][0]["param_groups"][0]["lr"]
+    decay = last["lr_schedulers"][0]["lr_lambdas"][0]
+    if within_time:  # aimed at update 30 at the first validation (20 s for 10 updates)
+        assert (decay["end"], decay["planned_end"], lr) == (30, 60, 0.0)
+    else:  # cut on the way down: 26 of the 55 decay updates done
+        assert (decay["end"], lr) == (60, pytest.approx(0.005 * 29 / 55))

@@ -24,7 +24,7 @@ from seq2seq.inference.checkpoint import KEY, inference_state
 from seq2seq.kernels import for_cpu_training
 from seq2seq.nn.loss import LossOutput, translation_loss
 from seq2seq.nn.transformer import Transformer
-from seq2seq.training.optim import build_optimizer
+from seq2seq.training.optim import Decay, build_optimizer
 
 
 class NonFiniteLossError(RuntimeError):
@@ -160,6 +160,13 @@ class TranslationModule(L.LightningModule):
             fused=not clipped_mixed,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # A resumed run's schedule state comes from its checkpoint; trained further (a larger
+        # max_steps), a decay starts the new plan's.
+        for fn in self.lr_schedulers().lr_lambdas:
+            if isinstance(fn, Decay):
+                fn.replan(self.optim.decay_steps or self.trainer.max_steps)
 
     # --- validation -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:

@@ -7,7 +7,9 @@ sqrt(warmup / step)), with peak = d_model^-0.5 * warmup^-0.5 for the paper's set
 
 For a run with a fixed budget of updates, `schedule: linear` or `cosine` keeps the same
 warm-up and then decays the peak to zero at `decay_steps`, so the last updates are small
-ones rather than being cut off at whatever lr step^-0.5 had reached.
+ones rather than being cut off at whatever lr step^-0.5 had reached. With
+`optim.decay_within_time` the end of that decay can move earlier during the run (`Decay.aim`,
+called by `training.budget`), so that a run stopped by its time budget has decayed too.
 """
 
 from __future__ import annotations
@@ -36,19 +38,58 @@ def inverse_sqrt_factor(step: int, warmup_steps: int) -> float:
     return min(s / warmup_steps, (warmup_steps / s) ** 0.5)
 
 
-def decay_factor(step: int, warmup_steps: int, decay_steps: int, shape: str) -> float:
-    """Multiplier of the peak lr for `schedule: linear|cosine`: linear warm-up to 1 at
-    `warmup_steps`, then down to 0 at `decay_steps` (and 0 after it). A run whose
-    `decay_steps` falls within warm-up (a short smoke run) simply ends while warming up."""
-    s = step + 1
-    if s <= warmup_steps:
-        return s / warmup_steps
-    done = min((s - warmup_steps) / max(decay_steps - warmup_steps, 1), 1.0)
-    return 1.0 - done if shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+class Decay:
+    """Multiplier of the peak lr for `schedule: linear|cosine`, called with the 0-based
+    optimizer step: linear warm-up to 1 at `warmup_steps`, then down to 0 at update `end` (and
+    0 after it). A run whose end falls within warm-up (a short smoke run) simply ends while
+    warming up.
+
+    The end can be moved while it runs: `aim(done, end)` makes the decay go on from the
+    progress reached after `done` updates to zero at update `end`, without a jump in the lr.
+    Its fields are plain numbers, which torch's LambdaLR saves into a checkpoint and restores
+    on resume."""
+
+    def __init__(self, warmup_steps: int, end: int, shape: str) -> None:
+        self.warmup_steps = warmup_steps
+        self.shape = shape
+        self._start(end)
+
+    def _start(self, end: int) -> None:
+        self.planned_end = self.end = end  # the recipe's end; `end`: where it is aimed now
+        self.anchor_step = self.warmup_steps  # the decay's progress is anchor_progress here
+        self.anchor_progress = 0.0
+
+    def replan(self, planned_end: int) -> None:
+        """After a resume: a run trained further (to a larger max_steps) starts the decay of
+        its new plan; one resumed on the same plan keeps its state, aim included."""
+        if planned_end != self.planned_end:
+            self._start(planned_end)
+
+    def progress(self, s: int) -> float:
+        """How far the decay is (0 to 1) at update s (1-based), past warm-up."""
+        done = (s - self.anchor_step) / max(self.end - self.anchor_step, 1)
+        return min(self.anchor_progress + (1.0 - self.anchor_progress) * done, 1.0)
+
+    def __call__(self, step: int) -> float:
+        s = step + 1
+        if s <= self.warmup_steps:
+            return s / self.warmup_steps
+        done = self.progress(s)
+        return 1.0 - done if self.shape == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+
+    def aim(self, done: int, end: int) -> None:
+        """Reach zero at update `end` (> done), continuing from where update `done` was;
+        `done` must be past warm-up."""
+        if done < self.warmup_steps or end <= done:
+            raise ValueError(f"cannot aim a decay at {end} after {done} updates")
+        self.anchor_progress = self.progress(done)
+        self.anchor_step = done
+        self.end = end
 
 
 def schedule_factor(cfg: OptimConfig, max_steps: int | None = None):
-    """The per-step multiplier of the peak lr that `cfg` names."""
+    """The per-step multiplier of the peak lr that `cfg` names: a function for inverse_sqrt,
+    a `Decay` for linear and cosine."""
     if cfg.schedule == "inverse_sqrt":
         return lambda step: inverse_sqrt_factor(step, cfg.warmup_steps)
     decay_steps = cfg.decay_steps or max_steps
@@ -57,7 +98,7 @@ def schedule_factor(cfg: OptimConfig, max_steps: int | None = None):
             f"optim.schedule={cfg.schedule} decays to zero at a known step: set "
             "optim.decay_steps or trainer.max_steps"
         )
-    return lambda step: decay_factor(step, cfg.warmup_steps, decay_steps, cfg.schedule)
+    return Decay(cfg.warmup_steps, decay_steps, cfg.schedule)
 
 
 #: Devices on which torch's Adam has a fused kernel (one pass over each parameter).

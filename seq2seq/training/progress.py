@@ -70,7 +70,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
-        timer = _time_budget(trainer)
+        timer = time_budget(trainer)
         if timer is not None:
             left = int(timer.time_remaining("train") or 0)
             metrics["time_left"] = f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
@@ -85,7 +85,7 @@ class StepProgressBar(TQDMProgressBar):
                 bar.close()
 
 
-def _time_budget(trainer: L.Trainer) -> Timer | None:
+def time_budget(trainer: L.Trainer) -> Timer | None:
     """Lightning's Timer callback when the run has a time budget, else None."""
     return next(
         (c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None),

@@ -37,6 +37,7 @@ from seq2seq.inference.checkpoint import (
 )
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.rundir import RunDir
+from seq2seq.training.budget import DecayWithinTime
 from seq2seq.training.module import TranslationModule
 from seq2seq.training.optim import schedule_factor
 from seq2seq.training.precision import resolve_precision
@@ -295,6 +296,8 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     ]
     if t.save_every_minutes is not None:
         callbacks.append(SaveEveryMinutes(run_dir, t.save_every_minutes))
+    if recipe.optim.decay_within_time and t.max_time_minutes:
+        callbacks.append(DecayWithinTime(t.val_check_interval, t.max_time_minutes * 60))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_bleu", mode="max", patience=t.early_stopping_patience))
     loggers = [
