@@ -404,6 +404,70 @@ def test_bench_max_sentences_without_a_model_to_decode_is_one_line(capsys):
     assert "--max-sentences batches the decoding of --against" in one_error_line(capsys)
 
 
+def test_the_ct2_file_script_translates_line_for_line_as_ctranslate2_without_torch(
+    ct2_dir, loaded, sources, tmp_path
+):
+    from seq2seq.export.processes import SCRIPT
+
+    lines = sources[:12]
+    lines.insert(3, "")  # a blank line gives a blank line
+    (tmp_path / "in.txt").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    run = (
+        "import runpy, sys; sys.argv = sys.argv[1:]; "
+        "code = 0\ntry: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        "except SystemExit as e: code = e.code\n"
+        "assert code == 0 and 'torch' not in sys.modules and 'seq2seq' not in sys.modules"
+    )
+    command = [sys.executable, "-c", run, str(SCRIPT), str(ct2_dir), str(tmp_path / "in.txt")]
+    command += [str(tmp_path / "out.txt"), "--beam", "1", "--threads", "1"]
+    command += ["--max-decoding-length", str(MAX_POSITIONS - 1)]
+    command += ["--max-input-length", str(MAX_POSITIONS)]  # translate's truncation
+    subprocess.run(command, check=True, cwd=tmp_path)
+    out = (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()
+    assert len(out) == len(lines) and out[3] == ""
+    translator = ctranslate2.Translator(str(ct2_dir), device="cpu", intra_threads=1)
+    kept = lines[:3] + lines[4:]
+    ids = compare.source_ids(loaded, kept)
+    expected = compare.ct2_translate(
+        translator, loaded.tokenizer, ids, [MAX_POSITIONS - 1] * len(ids), 1, 4096, exact=False
+    )
+    assert out[:3] + out[4:] == expected
+
+
+def test_bench_whole_process_times_both_commands_start_up_included(
+    checkpoint, multi30k_slice, capsys
+):
+    args = ["bench", "-m", str(checkpoint), "--against", "ctranslate2", "--whole-process"]
+    args += ["--sentences", "4", "--rounds", "1", "--json", "--data.root", str(multi30k_slice)]
+    capsys.readouterr()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["whole_process"] is True and "ct2_file.py" in result["settings"]
+    for search in ("greedy", "beam5"):
+        ours = result[f"{search}_ours_sentences_per_s"]
+        theirs = result[f"{search}_ctranslate2_sentences_per_s"]
+        assert ours > 0 and theirs > 0
+        assert result[f"{search}_ratio_ours_over_ctranslate2"] == pytest.approx(
+            ours / theirs, rel=0.05
+        )
+        assert 0 <= result[f"{search}_identical_lines"] <= 4
+    assert result["one_line_ours_s"] > 0 and result["one_line_ctranslate2_s"] > 0
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--against", "hf", "-m", "MODEL"], "--whole-process compares with --against ctranslate2"),
+        ([], "--whole-process is for -m MODEL --against ctranslate2"),
+    ],
+)
+def test_whole_process_elsewhere_is_one_line(checkpoint, multi30k_slice, args, message, capsys):
+    args = [str(checkpoint) if a == "MODEL" else a for a in args]
+    capsys.readouterr()
+    assert main(["bench", "--whole-process", "--data.root", str(multi30k_slice), *args]) == 1
+    assert message in one_error_line(capsys)
+
+
 # --- Separate vocabularies, an untied output projection with a bias ----------------------------
 @pytest.fixture(scope="module")
 def separate_checkpoint(multi30k_slice, tmp_path_factory) -> Path:

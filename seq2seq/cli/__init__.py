@@ -111,6 +111,8 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("--max-sentences batches the decoding of --against: give -m MODEL too")
     if args.against_compute_type is not None:
         raise ValueError("--against-compute-type is for -m MODEL --against ctranslate2")
+    if args.whole_process:
+        raise ValueError("--whole-process is for -m MODEL --against ctranslate2")
     peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer

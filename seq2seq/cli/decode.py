@@ -188,6 +188,12 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "decode.max_tokens source tokens alone)",
     )
     p.add_argument(
+        "--whole-process",
+        action="store_true",
+        help="--against ctranslate2: time the whole commands instead, start-up and loading "
+        "included: `seq2seq translate` of the test sources beside a CTranslate2 Python script",
+    )
+    p.add_argument(
         "--against-compute-type",
         help="--against ctranslate2: its compute type (default float32; int8 or int8_float32 "
         "where it runs them); ours runs at --decode-precision",

@@ -372,6 +372,8 @@ def compare_cli(args, data) -> int:
         raise ValueError("--against needs -m MODEL")
     if args.device != "cpu":
         raise ValueError("--against compares decoding on the CPU only (--device cpu)")
+    if args.whole_process and args.against != "ctranslate2":
+        raise ValueError("--whole-process compares with --against ctranslate2 only")
     if args.decode_precision not in ("fp32", "bf16", "int8"):
         raise ValueError(
             f"--against --decode-precision {args.decode_precision}: choose fp32, bf16 or int8"
@@ -394,16 +396,30 @@ def compare_cli(args, data) -> int:
     sources = read_text(os.path.join(data.root, data.test.src))
     refs = read_text(os.path.join(data.root, data.test.tgt))
     n = args.sentences or len(sources)
-    result = compare(
-        args.model,
-        args.against,
-        sources[:n],
-        refs[:n],
-        args.rounds,
-        args.max_sentences,
-        args.decode_precision,
-        compute_type,
-    )
+    if args.whole_process:
+        from seq2seq.export.processes import compare_processes
+
+        result = compare_processes(
+            args.model,
+            sources[:n],
+            refs[:n],
+            torch.get_num_threads(),
+            args.rounds,
+            args.max_sentences,
+            args.decode_precision,
+            compute_type,
+        )
+    else:
+        result = compare(
+            args.model,
+            args.against,
+            sources[:n],
+            refs[:n],
+            args.rounds,
+            args.max_sentences,
+            args.decode_precision,
+            compute_type,
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -1,0 +1,79 @@
+"""Translate a raw text file through CTranslate2's Python API alone: the CTranslate2 side of
+`seq2seq bench -m MODEL --against ctranslate2 --whole-process`, run as a script of its own so
+that its process imports CTranslate2 and SentencePiece, never torch or seq2seq.
+
+    python ct2_file.py CT2_DIR IN OUT [--beam N] [--threads N] [--compute-type T]
+                       [--max-tokens N | --max-sentences N] [--max-decoding-length N]
+                       [--max-input-length N]
+
+CT2_DIR is a `seq2seq export --to ctranslate2` folder (the model, source.spm, target.spm).
+One output line per input line; a blank line gives a blank line. Length penalty off, and
+CTranslate2's own batching (sorted by length) and stopping rule; one length limit for every
+sentence (CTranslate2's default 256; the bench gives the model's position count less one),
+and over-long sources truncated (the bench: to the model's positions, EOS included, as
+translate truncates them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+#: Never emitted (the export's SUPPRESS).
+SUPPRESS = [["<pad>"], ["<s>"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.add_argument("--beam", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0, help="intra_threads (0: CTranslate2's)")
+    p.add_argument("--compute-type", default="float32")
+    p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")
+    p.add_argument("--max-sentences", type=int, help="sentences per batch, instead")
+    p.add_argument("--max-decoding-length", type=int, default=256, help="tokens per output")
+    p.add_argument(
+        "--max-input-length", type=int, default=1024, help="source tokens kept, EOS included"
+    )
+    args = p.parse_args(argv)
+
+    import ctranslate2
+    import sentencepiece as spm
+
+    folder = Path(args.model)
+    src_sp = spm.SentencePieceProcessor(model_file=str(folder / "source.spm"))
+    tgt_sp = spm.SentencePieceProcessor(model_file=str(folder / "target.spm"))
+    translator = ctranslate2.Translator(
+        str(folder),
+        device="cpu",
+        compute_type=args.compute_type,
+        intra_threads=args.threads,
+        inter_threads=1,
+    )
+    lines = Path(args.input).read_text(encoding="utf-8").splitlines()
+    pieces = [src_sp.encode(line, out_type=str) for line in lines]
+    kept = [i for i, p in enumerate(pieces) if p]
+    by_sentences = args.max_sentences is not None
+    results = translator.translate_batch(
+        [pieces[i] for i in kept],
+        max_batch_size=args.max_sentences if by_sentences else args.max_tokens,
+        batch_type="examples" if by_sentences else "tokens",
+        beam_size=args.beam,
+        length_penalty=0.0,
+        max_decoding_length=args.max_decoding_length,
+        max_input_length=args.max_input_length,
+        suppress_sequences=SUPPRESS,
+        return_scores=False,
+    )
+    out = [""] * len(lines)
+    for i, result in zip(kept, results, strict=True):
+        out[i] = tgt_sp.decode(result.hypotheses[0])
+    Path(args.output).write_text("".join(line + "\n" for line in out), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
