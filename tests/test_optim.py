@@ -152,3 +152,37 @@ def test_the_decay_end_is_aimed_where_the_time_budget_runs_out():
 def test_decay_within_time_needs_a_decay_that_ends():
     with pytest.raises(ValueError, match="optim.decay_within_time needs optim.schedule"):
         OptimConfig(schedule="inverse_sqrt", decay_within_time=True)
+
+
+def test_the_decay_is_reaimed_each_interval_later_again_if_the_run_speeds_up(monkeypatch):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from seq2seq.training.budget import DecayWithinTime
+
+    decay, timer, clock = Decay(10, 100, "linear"), Timer(duration={"seconds": 100}), [0.0]
+    monkeypatch.setattr(timer, "time_elapsed", lambda stage="train": clock[0])
+    scheduler = SimpleNamespace(lr_lambdas=[decay])
+    trainer = SimpleNamespace(
+        callbacks=[timer],
+        global_step=0,
+        should_stop=False,
+        lr_scheduler_configs=[SimpleNamespace(scheduler=scheduler)],
+        strategy=SimpleNamespace(broadcast=lambda x: x),  # rank 0's clock
+    )
+    callback = DecayWithinTime(interval=10, budget_s=100)
+
+    def end_after(step: int, seconds: float) -> int:
+        trainer.global_step, clock[0] = step, seconds
+        callback.on_train_batch_end(trainer, None, None, None, 0)
+        return decay.end
+
+    assert end_after(5, 10.0) == 100  # in warm-up: untouched
+    assert end_after(10, 20.0) == 50  # 2 s an update: 40 more in the 80 s left
+    assert end_after(15, 21.0) == 50  # between intervals: untouched
+    assert end_after(20, 30.0) == 66  # faster: later again
+    assert end_after(40, 36.0) == 100  # never past max_steps
+    assert end_after(50, 90.0) == 55 and not trainer.should_stop
+    end_after(55, 99.0)
+    assert trainer.should_stop  # the decay ended before max_steps: stop

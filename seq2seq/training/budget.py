@@ -7,21 +7,19 @@ and the last updates, which a decayed run spends on small steps, never happen. T
 re-aims the decay at every validation interval: at the speed so far (training time, from
 Lightning's Timer, which a resumed run carries on, over updates done), it estimates the
 update the run will have reached when its time runs out, and moves the decay's end there
-when that comes before its current end. On a machine fast enough for max_steps nothing
-changes. Under several processes rank 0's clock decides, so every rank keeps the same lr.
+(never past max_steps; later again if the run speeds up). On a machine fast enough for
+max_steps nothing changes. Under several processes rank 0's clock decides, so every rank
+keeps the same lr.
 """
 
 from __future__ import annotations
 
-import logging
-
 import lightning as L
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from seq2seq.training.optim import Decay
 from seq2seq.training.progress import time_budget
-
-log = logging.getLogger(__name__)
 
 
 def aimed_end(done: int, elapsed_s: float, budget_s: float, end: int) -> int:
@@ -36,8 +34,9 @@ def aimed_end(done: int, elapsed_s: float, budget_s: float, end: int) -> int:
 
 class DecayWithinTime(Callback):
     """Every `interval` updates past warm-up, move the schedule's end (a `Decay`) to
-    `aimed_end` for a budget of `budget_s` seconds of training; stop the run when the decay
-    has ended before max_steps (its remaining updates would change nothing)."""
+    `aimed_end`, capped by the planned end, for a budget of `budget_s` seconds of training;
+    stop the run when the decay has ended before max_steps (its remaining updates would
+    change nothing)."""
 
     def __init__(self, interval: int, budget_s: float) -> None:
         self.interval = interval
@@ -57,13 +56,13 @@ class DecayWithinTime(Callback):
             return
         self._aimed_at = done
         elapsed = trainer.strategy.broadcast(timer.time_elapsed())
-        end = aimed_end(done, elapsed, self.budget_s, schedule.end)
+        end = aimed_end(done, elapsed, self.budget_s, schedule.planned_end)
         if end == schedule.end:
             return
-        if schedule.end - end >= 0.02 * schedule.end:
-            log.info(
-                "time budget: the lr decay now ends at update %d (was %d), where this run gets "
-                "to in trainer.max_time_minutes at %.2f s per update",
-                end, schedule.end, elapsed / done,
+        if abs(schedule.end - end) >= 0.02 * schedule.end:
+            rank_zero_info(  # where Lightning says "Time limit reached"
+                f"time budget: the lr decay now ends at update {end} (was {schedule.end}), "
+                f"where this run gets to in trainer.max_time_minutes at {elapsed / done:.2f} s "
+                "per update"
             )
         schedule.aim(done, end)
