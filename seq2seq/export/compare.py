@@ -289,7 +289,6 @@ def compare(
     in float32), both on torch's thread count; both in the model's batches of
     `decode.max_tokens` source tokens, or of at most `max_sentences` sentences when given."""
     from seq2seq.export import export
-    from seq2seq.inference.evaluate import score
 
     if against not in ENGINES:
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
@@ -339,19 +338,34 @@ def compare(
                     start = time.perf_counter()
                     texts[k] = run(beam)
                     times[k].append(time.perf_counter() - start)
-            for k in engines:
-                speed = len(sources) / statistics.median(times[k])
-                result[f"{name}_{k}_sentences_per_s"] = round(speed, 1)
-                result[f"{name}_{k}_bleu"] = round(score(texts[k], refs, ["bleu"])["bleu"], 2)
-            result[f"{name}_ratio_ours_over_{against}"] = round(
-                result[f"{name}_ours_sentences_per_s"]
-                / result[f"{name}_{against}_sentences_per_s"],
-                3,
-            )
-            result[f"{name}_identical_lines"] = sum(
-                a == b for a, b in zip(texts["ours"], texts[against], strict=True)
-            )
+            result.update(search_figures(name, against, times, texts, refs))
     return result
+
+
+def search_figures(
+    name: str,
+    against: str,
+    seconds: dict[str, list[float]],
+    texts: dict[str, list[str]],
+    refs: list[str],
+) -> dict:
+    """One search's figures for bench --against: per engine ('ours', `against`) sentences/s
+    (its `texts`' lines over the median of its timed `seconds`) and BLEU of its `texts`, their speed ratio, and
+    how many lines both wrote alike."""
+    from seq2seq.inference.evaluate import score
+
+    out: dict = {}
+    for k in ("ours", against):
+        speed = len(texts[k]) / statistics.median(seconds[k])
+        out[f"{name}_{k}_sentences_per_s"] = round(speed, 1)
+        out[f"{name}_{k}_bleu"] = round(score(texts[k], refs, ["bleu"])["bleu"], 2)
+    out[f"{name}_ratio_ours_over_{against}"] = round(
+        out[f"{name}_ours_sentences_per_s"] / out[f"{name}_{against}_sentences_per_s"], 3
+    )
+    out[f"{name}_identical_lines"] = sum(
+        a == b for a, b in zip(texts["ours"], texts[against], strict=True)
+    )
+    return out
 
 
 def _ct2_compute_types() -> set[str]:

@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from seq2seq.export.compare import search_figures
 from seq2seq.inference.checkpoint import load_model
 
 SCRIPT = Path(__file__).with_name("ct2_file.py")
@@ -51,7 +52,6 @@ def compare_processes(
     """Sentences/s of each whole command (greedy and beam 5), their ratio, BLEU, identical
     lines, and each command's seconds on one line (start-up and loading)."""
     from seq2seq.export import export
-    from seq2seq.inference.evaluate import score
 
     loaded = load_model(model_path)
     max_tokens = loaded.decode.max_tokens
@@ -106,16 +106,5 @@ def compare_processes(
             texts = {
                 k: out.read_text(encoding="utf-8").splitlines() for k, (_, out) in runs.items()
             }
-            for k in runs:
-                speed = len(sources) / statistics.median(seconds[k])
-                result[f"{name}_{k}_sentences_per_s"] = round(speed, 1)
-                result[f"{name}_{k}_bleu"] = round(score(texts[k], refs, ["bleu"])["bleu"], 2)
-            result[f"{name}_ratio_ours_over_ctranslate2"] = round(
-                result[f"{name}_ours_sentences_per_s"]
-                / result[f"{name}_ctranslate2_sentences_per_s"],
-                3,
-            )
-            result[f"{name}_identical_lines"] = sum(
-                a == b for a, b in zip(texts["ours"], texts["ctranslate2"], strict=True)
-            )
+            result.update(search_figures(name, "ctranslate2", seconds, texts, refs))
     return result
