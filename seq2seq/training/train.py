@@ -304,6 +304,12 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         CSVLogger(run_dir, name=rundir.LOGS, version=""),
         TensorBoardLogger(run_dir, name=rundir.LOGS, version="", default_hp_metric=False),
     ]
+    # Processes training together (Lightning's 'auto' is one on a CPU; other strings: several).
+    devices = t.devices if isinstance(t.devices, int) else 1 if t.devices == "auto" else 2
+    processes = devices * t.num_nodes
+    precision = resolve_precision(
+        t.precision, t.accelerator, recipe.model, recipe.data.max_tokens, processes
+    )
     return L.Trainer(
         default_root_dir=run_dir,
         max_steps=t.max_steps,
@@ -313,7 +319,7 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
+        precision=precision,
         accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=t.gradient_clip_val,
         # Lightning counts validation intervals in batches; the recipe counts updates.
