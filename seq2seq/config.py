@@ -308,7 +308,9 @@ class TrainerConfig:
     """Keep the best k checkpoints by validation BLEU (plus last.ckpt)."""
     save_every_minutes: float | None = 10.0
     """Also save last.ckpt after the first update this many minutes after the previous save,
-    so a kill loses at most that much training (None: save only at validations)."""
+    so a kill loses at most that much training (None: save only at validations). It skips
+    updates that log a row or validate, whose checkpoint would precede their log: with
+    log_every_n_steps 1 only validations save."""
     keep_last: int = 0
     """Also keep the checkpoints of the last N validations (recent-stepNNNNNNN.ckpt), whatever
     their BLEU: what `average_last` averages when set (fairseq's last-N averaging)."""

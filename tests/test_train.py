@@ -697,6 +697,36 @@ def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
     assert_same_history(straight, run)
 
 
+def test_a_kill_just_after_any_checkpoint_loses_no_logged_row(multi30k_slice, tmp_path, monkeypatch):
+    """At the moment each checkpoint file is complete, the log on disk already holds every
+    row a resume from it keeps (those below its step), validation scores included: timed
+    saves at every update that allows one, validations every 10, a row every 3 updates."""
+    from seq2seq.training import train as train_module
+    from seq2seq.training.plot import _rows
+
+    snapshots: list[tuple[int, list]] = []
+    original = train_module.AtomicCheckpointIO.save_checkpoint
+    metrics = tmp_path / "run" / "logs" / "metrics.csv"
+
+    def save_and_snapshot(self, checkpoint, path, storage_options=None):
+        original(self, checkpoint, path, storage_options)
+        rows = _rows(metrics) if metrics.is_file() else []
+        snapshots.append((checkpoint["global_step"], rows))
+
+    monkeypatch.setattr(train_module.AtomicCheckpointIO, "save_checkpoint", save_and_snapshot)
+    extra = ("--trainer.max_steps", "25", "--trainer.val_check_interval", "10")
+    extra += ("--trainer.save_every_minutes", "1e-9", "--trainer.log_every_n_steps", "3")
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), tmp_path / "run")
+    final = _rows(metrics)
+    timed = {step for step in range(1, 25) if step % 3 and step % 10}
+    assert {step for step, _ in snapshots} == timed | {10, 20, 25}
+    for step, rows in snapshots:
+        kept = [row for row in final if row[0] < step]
+        assert [row for row in rows if row[0] < step] == kept, step
+    validated = {row[0] for row in final if row[1] == "val_bleu"}
+    assert validated == {9, 19, 24}
+
+
 def test_a_finished_run_trains_further_with_a_larger_max_steps_and_rescores(
     multi30k_slice, tmp_path
 ):

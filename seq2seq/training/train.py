@@ -19,8 +19,8 @@ from pathlib import Path
 import lightning as L
 import torch
 import yaml
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, Timer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -38,6 +38,7 @@ from seq2seq.inference.checkpoint import (
 from seq2seq.recipe import dump_recipe, recipe_to_dict
 from seq2seq.rundir import RunDir
 from seq2seq.training.budget import DecayWithinTime
+from seq2seq.training.logs import LogsBeforeCheckpoints, WholeFileCSVLogger
 from seq2seq.training.module import TranslationModule
 from seq2seq.training.optim import schedule_factor
 from seq2seq.training.precision import resolve_precision
@@ -127,21 +128,30 @@ class FinalState(Callback):
 class SaveEveryMinutes(Callback):
     """Save last.ckpt at the first update boundary `minutes` after the previous save (of any
     kind), so a kill loses at most that much work between validations. Rank 0's clock decides
-    for every rank (saving is collective). The CSV rows logged so far are flushed first, so
-    the log on disk always reaches the checkpoint's step."""
+    for every rank (saving is collective).
 
-    def __init__(self, run_dir: Path, minutes: float):
+    It saves only after an update whose checkpoint would be complete. Not after one that
+    logs a metrics row: Lightning logs it after the batch-end hooks, so the checkpoint would
+    be on disk before the row. Not after one that validation follows (on the interval, or
+    because the run stops): the validation's checkpoint saves last.ckpt once it has scored,
+    and one taken before it would resume as if it had run (Lightning's loop skips it on a
+    restart). So it must come after every callback that can stop the run at this update:
+    ValidateFinalUpdate and the time budget's Timer."""
+
+    def __init__(self, run_dir: Path, minutes: float, val_check_interval: int, log_every: int):
         self.last, self.seconds = RunDir(run_dir).last, minutes * 60
+        self.val_check_interval, self.log_every = val_check_interval, log_every
         self.saved_at, self.step = time.monotonic(), -1
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:  # inside an accumulation of batches
             return
-        self.step = trainer.global_step
-        due = trainer.strategy.broadcast(time.monotonic() - self.saved_at >= self.seconds)
-        if due:
-            for logger in trainer.loggers:
-                logger.save()
+        self.step = step = trainer.global_step
+        complete = not (
+            trainer.should_stop or step % self.val_check_interval == 0 or step % self.log_every == 0
+        )
+        due = time.monotonic() - self.saved_at >= self.seconds and complete
+        if trainer.strategy.broadcast(due):
             trainer.save_checkpoint(self.last, weights_only=False)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
@@ -289,19 +299,23 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     if t.keep_last > 0:  # the last N validations', whatever their BLEU
         callbacks.append(_checkpoints(run_dir, rundir.RECENT_PATTERN, "step", t.keep_last))
     callbacks += [
+        LogsBeforeCheckpoints(),
         CurvesCallback(run_dir),
         ValidateFinalUpdate(),
         FinalState(run_dir),
         StepProgressBar(),
     ]
+    if t.max_time_minutes:  # here rather than Trainer(max_time=): before SaveEveryMinutes
+        callbacks.append(Timer(duration={"minutes": t.max_time_minutes}, interval="step"))
     if t.save_every_minutes is not None:
-        callbacks.append(SaveEveryMinutes(run_dir, t.save_every_minutes))
+        every = (t.val_check_interval, t.log_every_n_steps)
+        callbacks.append(SaveEveryMinutes(run_dir, t.save_every_minutes, *every))
     if recipe.optim.decay_within_time and t.max_time_minutes:
         callbacks.append(DecayWithinTime(t.val_check_interval, t.max_time_minutes * 60))
     if t.early_stopping_patience is not None:
         callbacks.append(EarlyStopping("val_bleu", mode="max", patience=t.early_stopping_patience))
     loggers = [
-        CSVLogger(run_dir, name=rundir.LOGS, version=""),
+        WholeFileCSVLogger(run_dir, name=rundir.LOGS, version=""),
         TensorBoardLogger(run_dir, name=rundir.LOGS, version="", default_hp_metric=False),
     ]
     # Processes training together (Lightning's 'auto' is one on a CPU; other strings: several).
@@ -314,7 +328,6 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
         default_root_dir=run_dir,
         max_steps=t.max_steps,
         max_epochs=t.max_epochs if t.max_epochs is not None else -1,
-        max_time={"minutes": t.max_time_minutes} if t.max_time_minutes else None,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
