@@ -174,7 +174,7 @@ def test_translators_pack_the_projection_unless_asked_not_to(checkpoint):
     from seq2seq.inference.translator import Translator
 
     packed = Translator.load(checkpoint, "cpu", "fp32")
-    plain = Translator.load(checkpoint, "cpu", "fp32", pack_projection=False)
+    plain = Translator.load(checkpoint, "cpu", "fp32", pack_weights=False)
     assert type(plain.models[0].generator) is nn.Linear
     if onednn.packing_works():
         assert isinstance(packed.models[0].generator, PackedLinear)
@@ -192,7 +192,7 @@ def test_decoding_with_the_packed_projection_gives_the_same_logits():
         want = model.project(states)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            prepared = prepare_model(model, "cpu", "fp32", pack_projection=True)
+            prepared = prepare_model(model, "cpu", "fp32", pack_weights=True)
         assert isinstance(prepared.generator, PackedLinear) or not onednn.packing_works()
         torch.testing.assert_close(prepared.project(states), want, rtol=1e-5, atol=1e-5)
 

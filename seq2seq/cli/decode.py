@@ -70,11 +70,14 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="int8: dynamic quantization of the linear layers (CPU only)",
     )
     p.add_argument(
+        "--pack-weights",
         "--pack-projection",
+        dest="pack_weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="fp32 on a CPU: run the output projection on oneDNN with its weight packed once "
-        "(default; --no-pack-projection: torch's default kernel)",
+        help="fp32 on a CPU: pack the weights of the layers that run at every step once, the "
+        "decoder layers' for MKL and the output projection's for oneDNN (default; "
+        "--no-pack-weights: torch's default kernels)",
     )
     p.add_argument(
         "--errors",

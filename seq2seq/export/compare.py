@@ -32,6 +32,7 @@ from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
 from seq2seq.inference.translate import encode_lines, make_batches, one_line
 from seq2seq.inference.translator import Translator
+from seq2seq.kernels.mkl import MklPackedLinear
 from seq2seq.kernels.onednn import PackedLinear
 
 #: `--against`: the engines, and the stopping rule of ours that matches each.
@@ -236,11 +237,14 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
         return "bf16 linear layers: emulated (no AVX-512 BF16 or AMX on this CPU: slow)"
     if precision == "int8":
         return f"int8 linear layers: torch dynamic quantization ({torch.backends.quantized.engine})"
-    if isinstance(translator.models[0].generator, PackedLinear):
-        return (
-            f"output projection: oneDNN, packed, row-bucketed; other linear layers: {_torch_gemm()}"
-        )
-    return f"linear layers: {_torch_gemm()}"
+    model = translator.models[0]
+    said = []
+    if isinstance(model.generator, PackedLinear):
+        said.append("output projection: oneDNN, packed, row-bucketed")
+    if any(isinstance(m, MklPackedLinear) for m in model.decoder_layers.modules()):
+        said.append("decoder layers: MKL, packed")
+    rest = "other linear layers" if said else "linear layers"
+    return "; ".join([*said, f"{rest}: {_torch_gemm()}"])
 
 
 def _theirs(

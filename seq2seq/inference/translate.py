@@ -41,6 +41,7 @@ from seq2seq.atomic import atomic_file
 from seq2seq.config import DecodeConfig
 from seq2seq.data.batching import cut
 from seq2seq.inference.search import EOS, PAD, Hypothesis
+from seq2seq.kernels.mkl import use_mkl_packed_decoder
 from seq2seq.kernels.onednn import use_packed_projection
 from seq2seq.nn.transformer import Transformer
 
@@ -189,16 +190,17 @@ def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) ->
 
 
 def prepare_model(
-    model: Transformer, device: str, precision: str, pack_projection: bool = True
+    model: Transformer, device: str, precision: str, pack_weights: bool = True
 ) -> Transformer:
     """Move to `device` ('auto': cuda when available, the CPU for int8) and cast or quantize
     to `precision`.
 
     int8 is torch's dynamic quantization of the nn.Linear layers (CPU only), the output
     projection (`generator`) included, of a copy of the model; the embeddings stay in float32.
-    With `pack_projection`, in float32 on a CPU, the output projection is swapped, in place,
-    for a copy whose weight is packed for oneDNN (`seq2seq.kernels.onednn.use_packed_projection`;
-    the model is for decoding from then on).
+    With `pack_weights`, in float32 on a CPU, layers that run at every decoding step are
+    swapped, in place, for copies whose weights are packed once: the decoder layers' for MKL
+    (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), the output projection for oneDNN
+    (`seq2seq.kernels.onednn.use_packed_projection`). The model is for decoding from then on.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
@@ -219,7 +221,8 @@ def prepare_model(
             warnings.simplefilter("ignore")
             return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
     model = model.to(PRECISIONS[precision])
-    if pack_projection and precision == "fp32":
+    if pack_weights and precision == "fp32":
+        use_mkl_packed_decoder(model)
         use_packed_projection(model)
     return model
 
@@ -281,7 +284,7 @@ def translate_cli(args: argparse.Namespace) -> int:
     check_not_same_file(args.input, args.output)
     if args.attention and len(args.model) > 1:
         raise ValueError("--attention draws one model's cross-attention: give a single -m")
-    translator = Translator.load(args.model, args.device, args.precision, args.pack_projection)
+    translator = Translator.load(args.model, args.device, args.precision, args.pack_weights)
     cfg = decode_settings(translator, args)
     name = "<stdin>" if args.input == "-" else args.input
     paths = " + ".join(map(str, translator.paths))

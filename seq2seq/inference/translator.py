@@ -69,15 +69,15 @@ class Translator:
         path: str | os.PathLike | Sequence[str | os.PathLike],
         device: str = "auto",
         precision: str = "fp32",
-        pack_projection: bool = True,
+        pack_weights: bool = True,
     ) -> Translator:
         """Load a run directory or checkpoint file, or a list of them (an ensemble).
 
         Args:
             device: 'auto' (cuda when available; the CPU for int8), 'cpu' or 'cuda'.
             precision: 'fp32', 'bf16', 'fp16' or 'int8' (seq2seq.inference.translate.prepare_model).
-            pack_projection: in float32 on a CPU, decode the output projection with its weight
-                packed for oneDNN (seq2seq.kernels.onednn.use_packed_projection).
+            pack_weights: in float32 on a CPU, decode with the weights of the layers that run
+                at every step packed once (seq2seq.inference.translate.prepare_model).
 
         Raises:
             ValueError: one line, naming the file: unreadable checkpoints, or ensemble models
@@ -86,7 +86,7 @@ class Translator:
         paths = [path] if isinstance(path, str | os.PathLike) else list(path)
         if not paths:
             raise ValueError("Translator.load needs at least one model")
-        return cls.of([load_model(p) for p in paths], device, precision, pack_projection)
+        return cls.of([load_model(p) for p in paths], device, precision, pack_weights)
 
     @classmethod
     def of(
@@ -94,12 +94,12 @@ class Translator:
         loaded: Sequence[LoadedModel],
         device: str = "auto",
         precision: str = "fp32",
-        pack_projection: bool = True,
+        pack_weights: bool = True,
     ) -> Translator:
         """A Translator of checkpoints already loaded (seq2seq.inference.checkpoint.load_model),
         prepared as `load` prepares them; their models are decoding-only from then on."""
         check_shared_tokenizer([one.path for one in loaded], [one.tokenizer for one in loaded])
-        models = [prepare_model(one.model, device, precision, pack_projection) for one in loaded]
+        models = [prepare_model(one.model, device, precision, pack_weights) for one in loaded]
         return cls(models, loaded[0].tokenizer, loaded[0].decode, [one.path for one in loaded])
 
     @property
