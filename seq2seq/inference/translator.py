@@ -27,6 +27,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.ensemble import Ensemble, check_shared_tokenizer
 from seq2seq.inference.search import BOS, EOS, PAD, Decoder, Hypothesis, search
+from seq2seq.inference.streams import cpu_streams, map_streams
 from seq2seq.inference.translate import (
     check_lengths,
     encode_lines,
@@ -145,14 +146,21 @@ class Translator:
     ) -> list[list[Hypothesis]]:
         """Hypotheses per source (in the given order); [] for an empty source (a blank line).
         Sources are sorted by length into batches of cfg.max_tokens (padding included) and at
-        most cfg.max_sentences sentences."""
+        most cfg.max_sentences sentences. On a CPU the batches are decoded in one stream per
+        torch thread, each on one thread (seq2seq.inference.streams)."""
         cfg = cfg or self.decode
         results: list[list[Hypothesis]] = [[] for _ in src_ids]
-        lengths = [len(s) for s in src_ids]
-        for batch in make_batches(lengths, cfg.max_tokens, cfg.max_sentences):
-            src = pad_batch([src_ids[i] for i in batch], self.device)
-            for i, hyps in zip(batch, self.decode_batch(src, cfg), strict=True):
-                results[i] = hyps
+        batches = make_batches([len(s) for s in src_ids], cfg.max_tokens, cfg.max_sentences)
+
+        def run(batch: list[int]) -> tuple[list[int], list[list[Hypothesis]]]:
+            return batch, self.decode_batch(
+                pad_batch([src_ids[i] for i in batch], self.device), cfg
+            )
+
+        streams = cpu_streams(self.device, len(batches))
+        for batch, hyps in map_streams(run, batches, streams):
+            for i, one in zip(batch, hyps, strict=True):
+                results[i] = one
             if progress is not None:
                 progress.update(len(batch))
         return results
