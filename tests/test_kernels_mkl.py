@@ -90,14 +90,22 @@ def test_decoding_with_packed_decoder_layers_gives_the_same_logits():
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
-def test_translators_pack_the_decoder_unless_asked_not_to(checkpoint):
+@pytest.mark.parametrize("intel", [True, False])
+def test_translators_pack_the_decoder_unless_asked_not_to(checkpoint, monkeypatch, intel):
+    """And the output projection on MKL on an Intel CPU, on oneDNN elsewhere."""
+    from seq2seq.inference import translate
     from seq2seq.inference.translator import Translator
+    from seq2seq.kernels import onednn
 
+    monkeypatch.setattr(translate, "cpu_is_intel", lambda: intel)
     packed = Translator.load(checkpoint, "cpu", "fp32")
     plain = Translator.load(checkpoint, "cpu", "fp32", pack_weights=False)
     assert not any(isinstance(m, MklPackedLinear) for m in plain.models[0].modules())
     if mkl.mkl_packing_works():
         assert isinstance(packed.models[0].decoder_layers[0].ffn.w1, MklPackedLinear)
+        generator = packed.models[0].generator
+        assert isinstance(generator, MklPackedLinear) == intel
+        assert isinstance(generator, onednn.PackedLinear) == (not intel and onednn.packing_works())
     lines = ["A dog runs on the grass.", "Two men are talking.", "A girl in a red coat."]
     for beam in (1, 4):
         assert packed.translate(lines, beam=beam) == plain.translate(lines, beam=beam)
@@ -136,3 +144,11 @@ def test_probing_leaves_torchs_random_stream_alone(fresh_probe):
     torch.manual_seed(0)
     mkl.mkl_packing_works()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_an_intel_cpu_is_told_by_its_vendor_id():
+    from seq2seq.kernels.cpu import cpu_is_intel
+
+    assert cpu_is_intel("processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: fpu\n")
+    assert not cpu_is_intel("processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+    assert not cpu_is_intel("")  # not Linux, or no /proc/cpuinfo

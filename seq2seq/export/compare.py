@@ -241,6 +241,8 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
     said = []
     if isinstance(model.generator, PackedLinear):
         said.append("output projection: oneDNN, packed, row-bucketed")
+    if isinstance(model.generator, MklPackedLinear):
+        said.append("output projection: MKL, packed")
     if any(isinstance(m, MklPackedLinear) for m in model.decoder_layers.modules()):
         said.append("decoder layers: MKL, packed")
     rest = "other linear layers" if said else "linear layers"

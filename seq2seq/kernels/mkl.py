@@ -11,7 +11,8 @@ decoder's shapes 1.1-2x faster than `F.linear`, most at 16-64 rows. Unlike oneDN
 packed weight.
 
 `use_mkl_packed_decoder(model)` (load time) swaps the linear layers that run at every
-decoding step (the decoder layers', and the output projection when asked) for
+decoding step (the decoder layers', and the output projection when asked: `prepare_model` asks
+on an Intel CPU, where it beat oneDNN's packed projection, beam 5 by 10-14%) for
 `MklPackedLinear`s. Each packed weight costs about 8 MiB of MKL's own on top of the weight:
 the encoder's layers, which run once per batch on thousands of rows, keep `F.linear`.
 
