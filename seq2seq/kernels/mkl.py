@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seq2seq.kernels.swap import swap_linears
+
 
 def _op(name: str):
     return getattr(getattr(torch.ops, "mkl", None), name, None)
@@ -107,26 +109,6 @@ def _packable(layer: nn.Linear) -> bool:
     return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
 
 
-def _swap_linears(parent: nn.Module, skip: tuple[str, ...] = ()) -> int:
-    """Swap `parent`'s direct nn.Linear children (except `skip`) for MklPackedLinear, fusing
-    an nn.ReLU registered right after one; recurses into the other children."""
-    swapped = 0
-    children = list(parent.named_children())
-    for i, (name, child) in enumerate(children):
-        if type(child) is nn.Linear:
-            if name in skip or not _packable(child):
-                continue
-            after = children[i + 1] if i + 1 < len(children) else None
-            fuse = after is not None and type(after[1]) is nn.ReLU
-            setattr(parent, name, MklPackedLinear(child, relu=fuse))
-            if fuse:
-                setattr(parent, after[0], nn.Identity())
-            swapped += 1
-        elif not isinstance(child, MklPackedLinear):
-            swapped += _swap_linears(child, skip)
-    return swapped
-
-
 def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     """Swap the linear layers of `model.decoder_layers` that run at every step (not the
     cross-attention's key/value projection, run once per batch on the encoder's output), and
@@ -134,7 +116,8 @@ def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     swapped (0 where the ops are unusable here)."""
     if not mkl_packing_works():
         return 0
-    swapped = sum(_swap_linears(layer, skip=("kv",)) for layer in model.decoder_layers)
+    per_step = lambda name, layer: name != "kv" and _packable(layer)  # noqa: E731
+    swapped = swap_linears(model.decoder_layers, MklPackedLinear, per_step)
     gen = getattr(model, "generator", None)
     if projection and type(gen) is nn.Linear and _packable(gen):
         model.generator = MklPackedLinear(gen)

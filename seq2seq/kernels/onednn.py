@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from seq2seq.kernels.swap import swap_linears
+
 log = logging.getLogger(__name__)
 
 
@@ -200,19 +202,7 @@ def use_onednn_linears(model: nn.Module) -> int:
     layers swapped (0, with one warning, when oneDNN's op is not usable here)."""
     if not onednn_works():
         return 0
-    swapped = 0
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for i, (name, child) in enumerate(children):
-            if type(child) is not nn.Linear:
-                continue
-            after = children[i + 1] if i + 1 < len(children) else None
-            fuse = after is not None and type(after[1]) is nn.ReLU
-            setattr(parent, name, OneDnnLinear.of(child, relu=fuse))
-            if fuse:
-                setattr(parent, after[0], nn.Identity())
-            swapped += 1
-    return swapped
+    return swap_linears(model, lambda layer, relu: OneDnnLinear.of(layer, relu=relu))
 
 
 def row_bucket(rows: int) -> int:
