@@ -73,12 +73,14 @@ def test_several_streams_give_each_line_what_one_stream_gives_it(checkpoint, mon
     translator = Translator.load(checkpoint, "cpu", "fp32")
     cfg = translator.settings(beam=beam, nbest=2 if beam > 1 else 1, max_tokens=40)
     src = translator.encode(LINES)
+    monkeypatch.setattr(translator_module, "cpu_streams", lambda device, n: min(3, n))
     torch.set_num_threads(1)  # both sides on one intra-op thread per batch: exactly equal
     try:
-        monkeypatch.setattr(translator_module, "cpu_streams", lambda device, n: 1)
-        one = translator.translate_ids(src, cfg)
-        monkeypatch.setattr(translator_module, "cpu_streams", lambda device, n: min(3, n))
         three = translator.translate_ids(src, cfg)
+        # The same batches (cut for three streams), decoded one after another in this thread.
+        in_one = lambda fn, items, streams: map_streams(fn, items, 1)  # noqa: E731
+        monkeypatch.setattr(translator_module, "map_streams", in_one)
+        one = translator.translate_ids(src, cfg)
     finally:
         torch.set_num_threads(2)
     assert len(three) == len(LINES) and three[2] == []  # the blank line

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SLICE, read_gz_lines
@@ -242,3 +243,23 @@ def test_an_averaged_checkpoint_translates_like_its_source(tmp_path, checkpoint)
     _, before = run_translate(tmp_path, checkpoint, data)
     _, after = run_translate(tmp_path, averaged, data)
     assert after == before and len(after) == 2
+
+
+def test_batches_cut_for_streams_are_a_multiple_of_them_even_and_largest_first():
+    rng = np.random.default_rng(0)
+    lengths = [int(n) for n in rng.integers(1, 40, size=1000)] + [0, 0]
+    plain = translate.make_batches(lengths, 6000)
+    batches = translate.make_batches(lengths, 6000, streams=2)
+    assert len(plain) % 2 == 1 and len(batches) % 2 == 0
+    flat = sorted(i for b in batches for i in b)
+    assert flat == [i for i, n in enumerate(lengths) if n]  # each line once, blanks left out
+    padded = [len(b) * max(lengths[i] for i in b) for b in batches]
+    assert max(padded) <= 6000
+    assert padded == sorted(padded, reverse=True)  # the largest first
+    assert min(padded) >= 0.9 * max(padded)  # even: no small last batch left to one stream
+    assert translate.make_batches(lengths, 6000, streams=1) == plain
+
+
+def test_a_batch_that_would_be_alone_is_split_between_the_streams():
+    assert [len(b) for b in translate.make_batches([5] * 10, 1000, streams=2)] == [5, 5]
+    assert translate.make_batches([5], 1000, streams=2) == [[0]]  # one sentence: one batch

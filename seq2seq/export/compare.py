@@ -30,6 +30,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.constants import EOS_ID, PAD_ID
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
+from seq2seq.inference.streams import cpu_streams
 from seq2seq.inference.translate import encode_lines, make_batches, one_line
 from seq2seq.inference.translator import Translator
 from seq2seq.kernels.mkl import MklPackedLinear
@@ -53,6 +54,13 @@ def output_limits(src_ids: list[list[int]], cfg: DecodeConfig, max_positions: in
     return limits
 
 
+def our_batches(lengths: list[int], max_tokens: int, max_sentences: int | None) -> list[list[int]]:
+    """The batches our Translator decodes these sources in on this CPU (its streams' even
+    cut), which the other engines get too."""
+    streams = cpu_streams(torch.device("cpu"), len(lengths))
+    return make_batches(lengths, max_tokens, max_sentences, streams)
+
+
 def _batches(
     src_ids: list[list[int]],
     limits: list[int],
@@ -60,7 +68,7 @@ def _batches(
     exact: bool,
     max_sentences: int | None = None,
 ) -> list[tuple[int, list[int]]]:
-    """(limit, sentence indices) per engine call: our batches (`translate.make_batches`: by
+    """(limit, sentence indices) per engine call: our batches (`our_batches`: by
     length, `max_tokens` padded source tokens and at most `max_sentences` each), with the
     batch's largest limit; with `exact`, cut within groups of equal limits instead."""
     groups: dict[int, list[int]] = defaultdict(list)
@@ -68,7 +76,7 @@ def _batches(
         groups[limit if exact else 0].append(i)
     calls = []
     for group in groups.values():
-        for batch in make_batches([len(src_ids[i]) for i in group], max_tokens, max_sentences):
+        for batch in our_batches([len(src_ids[i]) for i in group], max_tokens, max_sentences):
             indices = [group[j] for j in batch]
             calls.append((max(limits[i] for i in indices), indices))
     return calls
@@ -84,7 +92,7 @@ def hf_translate(
     min_len: int = 1,
     max_sentences: int | None = None,
 ) -> list[str]:
-    """Marian's `generate` on our ids, in our batches (`translate.make_batches`): the best
+    """Marian's `generate` on our ids, in our batches (`our_batches`): the best
     hypothesis per sentence, decoded by the MarianTokenizer (length penalty off;
     early_stopping: a sentence ends once `beam` hypotheses have). Each sentence stops at its
     own limit (`_EosAtLimit`), so this is exact, not only for parity."""
@@ -102,7 +110,7 @@ def hf_translate(
         "early_stopping": beam > 1,
     }
     out = [""] * len(src_ids)
-    for batch in make_batches([len(s) for s in src_ids], max_tokens, max_sentences):
+    for batch in our_batches([len(s) for s in src_ids], max_tokens, max_sentences):
         rows = [src_ids[i] for i in batch]
         width = max(map(len, rows))
         ids = torch.tensor([r + [PAD_ID] * (width - len(r)) for r in rows])

@@ -146,18 +146,38 @@ def encode_lines(
 
 
 def make_batches(
-    lengths: list[int], max_tokens: int, max_sentences: int | None = None
+    lengths: list[int], max_tokens: int, max_sentences: int | None = None, streams: int = 1
 ) -> list[list[int]]:
     """Indices sorted by length, cut by the training batch cutter so that sentences x longest
     <= max_tokens (padding included), and into pieces of at most `max_sentences`; zero lengths
-    (blank lines) are left out; a longer sentence gets a batch alone."""
+    (blank lines) are left out; a longer sentence gets a batch alone.
+
+    For `streams` > 1 streams decoding the batches side by side (seq2seq.inference.streams),
+    the batches are as many as that budget needs, rounded up to a multiple of `streams`, and
+    as even as a budget can make them (the smallest budget that needs no more), largest first
+    (rows x longest): the streams then end together, instead of one decoding a last, smaller
+    batch alone (the 1,000 test_2016_flickr sentences in 4,096 tokens: 5 batches, the last of
+    1,504 tokens; for 2 streams 6 of 2,923-2,944). A single batch becomes `streams` batches."""
     source = np.asarray(lengths, dtype=np.int64)
     order = np.flatnonzero(source > 0)
     order = order[np.argsort(source[order], kind="stable")]
-    batches = [b.tolist() for b in cut(order, source, np.zeros_like(source), max_tokens)]
-    if max_sentences is None:
+
+    def batches_of(budget: int) -> list[list[int]]:
+        batches = [b.tolist() for b in cut(order, source, np.zeros_like(source), budget)]
+        if max_sentences is None:
+            return batches
+        return [b[i : i + max_sentences] for b in batches for i in range(0, len(b), max_sentences)]
+
+    batches = batches_of(max_tokens)
+    if streams <= 1 or order.size < streams:
         return batches
-    return [b[i : i + max_sentences] for b in batches for i in range(0, len(b), max_sentences)]
+    want = -(-len(batches) // streams) * streams
+    low, high = 1, max_tokens  # the smallest budget that needs at most `want` batches
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if len(batches_of(mid)) <= want else (mid + 1, high)
+    batches = batches_of(low)
+    return sorted(batches, key=lambda b: len(b) * int(source[b].max()), reverse=True)
 
 
 def pad_batch(seqs: list[list[int]], device: torch.device) -> Tensor:

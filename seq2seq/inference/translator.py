@@ -147,17 +147,20 @@ class Translator:
         """Hypotheses per source (in the given order); [] for an empty source (a blank line).
         Sources are sorted by length into batches of cfg.max_tokens (padding included) and at
         most cfg.max_sentences sentences. On a CPU the batches are decoded in one stream per
-        torch thread, each on one thread (seq2seq.inference.streams)."""
+        torch thread, each on one thread (seq2seq.inference.streams), and cut evenly for them
+        (`make_batches`' streams)."""
         cfg = cfg or self.decode
         results: list[list[Hypothesis]] = [[] for _ in src_ids]
-        batches = make_batches([len(s) for s in src_ids], cfg.max_tokens, cfg.max_sentences)
+        streams = cpu_streams(self.device, len(src_ids))
+        lengths = [len(s) for s in src_ids]
+        batches = make_batches(lengths, cfg.max_tokens, cfg.max_sentences, streams)
+        streams = min(streams, len(batches))  # one batch: all threads on it
 
         def run(batch: list[int]) -> tuple[list[int], list[list[Hypothesis]]]:
             return batch, self.decode_batch(
                 pad_batch([src_ids[i] for i in batch], self.device), cfg
             )
 
-        streams = cpu_streams(self.device, len(batches))
         for batch, hyps in map_streams(run, batches, streams):
             for i, one in zip(batch, hyps, strict=True):
                 results[i] = one
