@@ -55,7 +55,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     truncated and foreign files get one line too."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     except pickle.UnpicklingError as err:
