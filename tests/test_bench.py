@@ -253,3 +253,35 @@ def test_training_against_hf_without_the_export_extra_names_the_install(monkeypa
     assert main(["bench", "--preset", "tiny", "--against", "hf"]) == 1
     err = capsys.readouterr().err.strip()
     assert "pip install -e .[export]" in err and len(err.splitlines()) == 1
+
+
+def test_the_decode_profile_reports_the_matmul_share_and_the_top_operators(
+    multi30k_slice, checkpoint, capsys
+):
+    from seq2seq.inference.profile import MATMUL_OPS
+
+    args = ["bench", "-m", str(checkpoint), "--profile", "--sentences", "12", "--json"]
+    assert main([*args, "--data.root", str(multi30k_slice), "--data.download", "null"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["profile_sentences"] == 12 and result["profile_threads"] == 1
+    for name in ("greedy", "beam5"):
+        ops = result[f"{name}_top_ops"]
+        shares = [share for _, share in ops]
+        assert len(ops) == 10 and shares == sorted(shares, reverse=True) and sum(shares) <= 1.001
+        listed = sum(share for op, share in ops if op in MATMUL_OPS)
+        assert 0.0 < listed <= result[f"{name}_matmul_share"] + 1e-3 < 1.0
+        assert result[f"{name}_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--profile"], "--profile needs -m MODEL"),
+        (["--profile", "-m", "x.ckpt", "--against", "ctranslate2"], "drop --against"),
+    ],
+)
+def test_a_profile_without_a_model_or_beside_another_engine_is_one_clear_line(
+    args, message, capsys
+):
+    assert main(["bench", *args]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

@@ -102,6 +102,13 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.profile:
+        if args.against or args.whole_process:
+            raise ValueError("--profile profiles our decoding alone: drop --against")
+        from seq2seq.inference.profile import profile_cli
+        from seq2seq.training.bench import bench_recipe
+
+        return profile_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
     if args.against and args.model:  # decoding beside an exported copy: no training measured
         from seq2seq.export.compare import compare_cli
         from seq2seq.training.bench import bench_recipe

@@ -197,6 +197,13 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "included: `seq2seq translate` of the test sources beside a CTranslate2 Python script",
     )
     p.add_argument(
+        "--profile",
+        action="store_true",
+        help="with -m MODEL: where decoding's CPU time goes instead (torch.profiler, one "
+        "thread, greedy and beam 5 over the test sentences): the matrix multiplies' share and "
+        "the top operators",
+    )
+    p.add_argument(
         "--against-compute-type",
         help="--against ctranslate2: its compute type (default float32; int8 or int8_float32 "
         "where it runs them); ours runs at --decode-precision",

@@ -1,0 +1,89 @@
+"""`seq2seq bench -m MODEL --profile`: where a decode's CPU time goes, operator by operator.
+
+The test sentences are decoded greedy and with beam 5, batch after batch on one thread (one
+core's view, without the streams of `seq2seq.inference.streams`), under `torch.profiler`.
+Each search reports its wall time, the share of the profiled CPU time spent in matrix
+multiplies (the operators in `MATMUL_OPS`, by their own time, so nested calls count once) and
+the operators that took the most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from torch.profiler import ProfilerActivity, profile
+
+from seq2seq.inference.streams import intra_op_threads
+from seq2seq.inference.translate import make_batches, pad_batch
+from seq2seq.inference.translator import Translator
+
+#: The operators that multiply matrices in a decode: torch's GEMMs and the packed CPU kernels
+#: of seq2seq.kernels.
+MATMUL_OPS = (
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::baddbmm",
+    "mkl::_mkl_linear",
+    "mkldnn::_linear_pointwise",
+    "quantized::linear_dynamic",
+)
+
+
+def profile_decoding(translator: Translator, sources: list[str], top: int = 10) -> dict:
+    """Per search ('greedy', 'beam5'): seconds, matmul_share, and the `top` operators by
+    their own CPU time as [name, share] pairs; shares are fractions of the profiled time."""
+    src_ids = translator.encode(list(sources))
+    result: dict = {"profile_sentences": len(sources), "profile_threads": 1}
+    for name, beam in (("greedy", 1), ("beam5", 5)):
+        cfg = dataclasses.replace(translator.decode, beam=beam, nbest=1)
+        batches = make_batches([len(s) for s in src_ids], cfg.max_tokens, cfg.max_sentences)
+        with intra_op_threads(1):
+            translator.decode_batch(
+                pad_batch([src_ids[i] for i in batches[0]], translator.device), cfg
+            )  # warm-up
+            start = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for batch in batches:
+                    translator.decode_batch(
+                        pad_batch([src_ids[i] for i in batch], translator.device), cfg
+                    )
+            seconds = time.perf_counter() - start
+        ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+        total = sum(ops.values()) or 1.0
+        ranked = sorted(ops.items(), key=lambda kv: kv[1], reverse=True)[:top]
+        result[f"{name}_seconds"] = round(seconds, 2)
+        result[f"{name}_matmul_share"] = round(
+            sum(ops.get(op, 0.0) for op in MATMUL_OPS) / total, 3
+        )
+        result[f"{name}_top_ops"] = [[op, round(t / total, 3)] for op, t in ranked]
+    return result
+
+
+def profile_cli(args, data) -> int:
+    """`seq2seq bench -m MODEL --profile` on `data.test` (seq2seq.config.DataConfig)."""
+    import json
+    import os
+
+    from seq2seq.inference.evaluate import read_text
+
+    if not args.model:
+        raise ValueError("--profile needs -m MODEL")
+    if args.device != "cpu":
+        raise ValueError("--profile profiles decoding on the CPU only (--device cpu)")
+    sources = read_text(os.path.join(data.root, data.test.src))[: args.sentences]
+    translator = Translator.load(args.model, "cpu", args.decode_precision)
+    result = profile_decoding(translator, sources)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"decode profile, {len(sources)} sentences, one thread (torch.profiler, own CPU time)")
+    for name in ("greedy", "beam5"):
+        print(
+            f"  {name}: {result[f'{name}_seconds']} s, matrix multiplies "
+            f"{100 * result[f'{name}_matmul_share']:.1f}%"
+        )
+        for op, share in result[f"{name}_top_ops"]:
+            print(f"    {100 * share:5.1f}%  {op}")
+    return 0
