@@ -66,6 +66,25 @@ def test_our_own_checkpoints_need_nothing_beyond_the_weights_only_loader(checkpo
     assert "state_dict" in read_checkpoint(checkpoint)
 
 
+def test_a_checkpoint_in_torchs_legacy_format_loads_too_and_a_payload_in_it_runs_nothing(
+    checkpoint, tmp_path, capsys
+):
+    ckpt = torch.load(checkpoint, weights_only=True)
+    legacy = tmp_path / "legacy.ckpt"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)  # no mmap for this format
+    loaded = read_checkpoint(legacy)
+    assert torch.equal(
+        loaded["state_dict"]["model.generator.weight"], ckpt["state_dict"]["model.generator.weight"]
+    )
+    marker = tmp_path / "legacy.pwned"
+    ckpt["payload"] = Payload(marker)
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)
+    src = tmp_path / "in.en"
+    src.write_text("A dog runs.\n")
+    assert main(["translate", "-m", str(legacy), "-i", str(src), "-o", str(tmp_path / "out")]) == 1
+    assert str(legacy) in one_line_error(capsys) and not marker.exists()
+
+
 def test_output_over_the_input_or_a_hard_link_to_it_is_refused_before_anything_is_written(
     checkpoint, tmp_path, capsys
 ):

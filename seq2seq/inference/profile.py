@@ -39,6 +39,8 @@ def profile_decoding(translator: Translator, sources: list[str], top: int = 10) 
     for name, beam in (("greedy", 1), ("beam5", 5)):
         cfg = dataclasses.replace(translator.decode, beam=beam, nbest=1)
         batches = make_batches([len(s) for s in src_ids], cfg.max_tokens, cfg.max_sentences)
+        if not batches:
+            raise ValueError("--profile: the test sources have no non-blank line to decode")
         with intra_op_threads(1):
             translator.decode_batch(
                 pad_batch([src_ids[i] for i in batches[0]], translator.device), cfg
