@@ -35,6 +35,10 @@ def profile_decoding(translator: Translator, sources: list[str], top: int = 10) 
     """Per search ('greedy', 'beam5'): seconds, matmul_share, and the `top` operators by
     their own CPU time as [name, share] pairs; shares are fractions of the profiled time."""
     src_ids = translator.encode(list(sources))
+
+    def decode(batch: list[int], cfg) -> None:
+        translator.decode_batch(pad_batch([src_ids[i] for i in batch], translator.device), cfg)
+
     result: dict = {"profile_sentences": len(sources), "profile_threads": 1}
     for name, beam in (("greedy", 1), ("beam5", 5)):
         cfg = dataclasses.replace(translator.decode, beam=beam, nbest=1)
@@ -42,15 +46,11 @@ def profile_decoding(translator: Translator, sources: list[str], top: int = 10) 
         if not batches:
             raise ValueError("--profile: the test sources have no non-blank line to decode")
         with intra_op_threads(1):
-            translator.decode_batch(
-                pad_batch([src_ids[i] for i in batches[0]], translator.device), cfg
-            )  # warm-up
+            decode(batches[0], cfg)  # warm-up
             start = time.perf_counter()
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for batch in batches:
-                    translator.decode_batch(
-                        pad_batch([src_ids[i] for i in batch], translator.device), cfg
-                    )
+                    decode(batch, cfg)
             seconds = time.perf_counter() - start
         ops = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
         total = sum(ops.values()) or 1.0

@@ -161,9 +161,10 @@ def make_batches(
     source = np.asarray(lengths, dtype=np.int64)
     order = np.flatnonzero(source > 0)
     order = order[np.argsort(source[order], kind="stable")]
+    no_target = np.zeros_like(source)
 
     def batches_of(budget: int) -> list[list[int]]:
-        batches = [b.tolist() for b in cut(order, source, np.zeros_like(source), budget)]
+        batches = [b.tolist() for b in cut(order, source, no_target, budget)]
         if max_sentences is None:
             return batches
         return [b[i : i + max_sentences] for b in batches for i in range(0, len(b), max_sentences)]
