@@ -1,6 +1,7 @@
 """`seq2seq evaluate` and `score()`: sacreBLEU's numbers and signatures, line-count checks."""
 
 import gzip
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -11,7 +12,13 @@ import sacrebleu
 from conftest import SLICE, read_gz_lines
 
 from seq2seq.cli import main
-from seq2seq.inference.evaluate import LineCountError, evaluate_files, score
+from seq2seq.inference.evaluate import (
+    LineCountError,
+    corpus_scores,
+    evaluate_files,
+    moses_tokenized,
+    score,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,74 @@ def test_hyp_and_model_are_mutually_exclusive(files, capsys):
     hyp, ref = files
     assert main(["evaluate", "--ref", str(ref)]) == 1
     assert "give either --hyp" in capsys.readouterr().err
+
+
+#: Raw Multi30k test_2016_flickr German lines 1, 2, 226 and 230, and the same lines in the
+#: Multi30k repository's data/task1/tok/test_2016_flickr.lc.norm.tok.de (Moses' lowercase.perl,
+#: normalize-punctuation.perl -l de, tokenizer.perl -l de): the text the papers' BLEU scores.
+MULTI30K_RAW = [
+    "Ein Mann mit einem orangefarbenen Hut, der etwas anstarrt.",
+    "Ein Boston Terrier läuft über saftig-grünes Gras vor einem weißen Zaun.",
+    'Eine Frau auf einem Boot namens "El Corazon" lässt schwarze Gewichte ins Wasser fallen.',
+    'Ein Jugendlicher in einem schwarzen T-Shirt mit dem Aufdruck "Asian Pacific 2007" sitzt '
+    "und spielt eine Trommel.",
+]
+MULTI30K_TOK = [
+    "ein mann mit einem orangefarbenen hut , der etwas anstarrt .",
+    "ein boston terrier läuft über saftig-grünes gras vor einem weißen zaun .",
+    "eine frau auf einem boot namens &quot; el corazon &quot; lässt schwarze gewichte ins "
+    "wasser fallen .",
+    "ein jugendlicher in einem schwarzen t-shirt mit dem aufdruck &quot; asian pacific 2007 "
+    "&quot; sitzt und spielt eine trommel .",
+]
+
+
+def test_moses_tokenization_reproduces_the_multi30k_tok_files():
+    pytest.importorskip("sacremoses")
+    assert moses_tokenized(MULTI30K_RAW, "de", lowercase=True) == MULTI30K_TOK
+    cased = moses_tokenized(MULTI30K_RAW[:1], "de")
+    assert cased == ["Ein Mann mit einem orangefarbenen Hut , der etwas anstarrt ."]
+
+
+def test_moses_bleu_is_sacrebleu_untokenized_on_moses_tokenized_text(refs):
+    pytest.importorskip("sacremoses")
+    hyps = degrade(refs)
+    ((result, signature),) = corpus_scores(
+        hyps, refs, ["bleu"], lowercase=True, moses="de"
+    ).values()
+    tok_hyps = moses_tokenized(hyps, "de", lowercase=True)
+    tok_refs = moses_tokenized(refs, "de", lowercase=True)
+    expected = sacrebleu.corpus_bleu(tok_hyps, [tok_refs], tokenize="none", lowercase=True)
+    assert result.score == expected.score
+    assert "|case:lc|" in signature and "|tok:none|" in signature
+    assert signature.endswith("|moses:de|sacremoses:" + importlib.metadata.version("sacremoses"))
+
+
+def test_moses_normalizes_punctuation_that_13a_scores_as_a_mismatch():
+    pytest.importorskip("sacremoses")
+    refs = [MULTI30K_RAW[2]]
+    hyps = [refs[0].replace('"El Corazon"', "„El Corazon“")]  # German quotation marks
+    assert corpus_scores(hyps, refs, ["bleu"], moses="de")["bleu"][0].score == pytest.approx(100.0)
+    assert corpus_scores(hyps, refs, ["bleu"])["bleu"][0].score < 80
+
+
+def test_cli_moses_prints_the_tokenized_score_with_its_preprocessing(files, capsys):
+    pytest.importorskip("sacremoses")
+    hyp, ref = files
+    args = ["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--metrics", "bleu"]
+    assert main([*args, "--moses", "de", "--lowercase", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = corpus_scores(*map(_lines, files), ["bleu"], lowercase=True, moses="de")
+    assert report["bleu"] == expected["bleu"][0].score
+    assert "tok:none" in report["bleu_signature"] and "moses:de" in report["bleu_signature"]
+
+
+def test_moses_without_sacremoses_is_one_line_naming_the_extra(files, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sacremoses", None)  # import sacremoses now fails
+    hyp, ref = files
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--moses", "de"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "seq2seq evaluate: error: Moses tokenization needs sacremoses, which is not installed: "
+        "pip install -e .[papers]"
+    )

@@ -123,6 +123,13 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="case-insensitive scores (sacreBLEU's -lc; signature case:lc), as papers on "
         "Multi30k report",
     )
+    p.add_argument(
+        "--moses",
+        metavar="LANG",
+        help="papers' tokenized BLEU: both sides through Moses' normalize-punctuation and "
+        "tokenizer for LANG (with --lowercase, lowercased first, as Multi30k's tok/ files), "
+        "then sacreBLEU with tok:none; needs pip install -e .[papers]",
+    )
     paired = p.add_mutually_exclusive_group()
     paired.add_argument(
         "--paired-bs",

@@ -4,6 +4,10 @@ sacreBLEU's paired significance tests between systems.
 Scores are sacreBLEU's defaults on detokenized text against raw references, so they equal
 `sacrebleu REF -i HYP -m bleu chrf ter` on the same files. Files are read as sacreBLEU's
 command reads them: UTF-8, split on "\\n", trailing whitespace stripped; .gz is decompressed.
+
+Papers that report "tokenized BLEU" (fairseq-generate's, or multi-bleu.perl's) score text that
+Moses' scripts tokenized; `moses` reproduces that text with sacremoses and scores it with
+sacreBLEU's `tok:none`, so such numbers can be compared with ours on one system's output.
 """
 
 from __future__ import annotations
@@ -55,12 +59,51 @@ def check_aligned(a: Sequence[str], a_name: str, b: Sequence[str], b_name: str) 
         )
 
 
+#: How to install what `moses_tokenized` needs.
+MOSES_EXTRA = "pip install -e .[papers]"
+
+
+def moses_tokenized(lines: Sequence[str], lang: str, lowercase: bool = False) -> list[str]:
+    """Lines as Moses' `lowercase.perl` (with `lowercase`), `normalize-punctuation.perl -l LANG`
+    and `tokenizer.perl -l LANG` (escaping on, no `-a`) write them, through sacremoses: the text
+    that papers' tokenized BLEU is computed on, such as Multi30k's `data/task1/tok/*.lc.norm.tok.*`.
+
+    Raises:
+        RuntimeError: sacremoses is not installed (naming the extra that installs it).
+    """
+    try:
+        from sacremoses import MosesPunctNormalizer, MosesTokenizer
+    except ImportError:
+        raise RuntimeError(
+            f"Moses tokenization needs sacremoses, which is not installed: {MOSES_EXTRA}"
+        ) from None
+    normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
+    out = []
+    for line in lines:
+        text = normalizer.normalize(line.lower() if lowercase else line)
+        out.append(tokenizer.tokenize(text, escape=True, return_str=True))
+    return out
+
+
+def moses_label(lang: str) -> str:
+    """The preprocessing a `moses` score ran, to print beside sacreBLEU's signature."""
+    from importlib.metadata import version
+
+    return f"moses:{lang}|sacremoses:{version('sacremoses')}"
+
+
 def corpus_scores(
-    hyps: Sequence[str], refs: Sequence[str], metrics: Sequence[str], lowercase: bool = False
+    hyps: Sequence[str],
+    refs: Sequence[str],
+    metrics: Sequence[str],
+    lowercase: bool = False,
+    moses: str | None = None,
 ) -> dict[str, tuple[Score, str]]:
     """sacreBLEU's Score object and signature per metric name (bleu, chrf, ter); with
     `lowercase`, sacreBLEU's case-insensitive variants (signature case:lc), as papers that
-    report lowercased BLEU score."""
+    report lowercased BLEU score. With `moses` (a language code), both sides are first
+    tokenized as `moses_tokenized` does and scored untokenized by sacreBLEU (tok:none); the
+    signature then ends in `moses_label`."""
     check_aligned(hyps, "the hypotheses", refs, "the references")
     if not refs:
         raise ValueError("nothing to score: the hypotheses and the references are empty")
@@ -69,18 +112,27 @@ def corpus_scores(
         raise ValueError(
             f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}"
         )
+    suffix = ""
+    if moses is not None:
+        hyps, refs = (
+            moses_tokenized(hyps, moses, lowercase),
+            moses_tokenized(refs, moses, lowercase),
+        )
+        suffix = f"|{moses_label(moses)}"
     out = {}
     for name in metrics:
-        metric = _metric(name, lowercase)
+        metric = _metric(name, lowercase, pretokenized=moses is not None)
         result = metric.corpus_score(list(hyps), [list(refs)])
-        out[name] = (result, str(metric.get_signature()))
+        out[name] = (result, str(metric.get_signature()) + suffix)
     return out
 
 
-def _metric(name: str, lowercase: bool) -> Metric:
-    if not lowercase:
-        return METRICS[name]()
-    return TER(case_sensitive=False) if name == "ter" else METRICS[name](lowercase=True)
+def _metric(name: str, lowercase: bool, pretokenized: bool = False) -> Metric:
+    if name == "ter":
+        return TER(case_sensitive=False) if lowercase else TER()
+    if name == "bleu" and pretokenized:
+        return BLEU(lowercase=lowercase, tokenize="none", force=True)  # tokenized on purpose
+    return METRICS[name](lowercase=True) if lowercase else METRICS[name]()
 
 
 def score(
@@ -110,14 +162,18 @@ def as_dict(results: dict[str, tuple[Score, str]]) -> dict[str, float | str]:
 
 
 def evaluate_files(
-    hyp: str | Path, ref: str | Path, metrics: Sequence[str], lowercase: bool = False
+    hyp: str | Path,
+    ref: str | Path,
+    metrics: Sequence[str],
+    lowercase: bool = False,
+    moses: str | None = None,
 ) -> dict[str, tuple[Score, str]]:
     """Score a hypothesis file against a reference file; mismatched line counts name both."""
     hyps, refs = read_text(hyp), read_text(ref)
     check_aligned(hyps, str(hyp), refs, str(ref))
     if not refs:
         raise ValueError(f"{hyp} and {ref} are empty: nothing to score")
-    return corpus_scores(hyps, refs, metrics, lowercase)
+    return corpus_scores(hyps, refs, metrics, lowercase, moses)
 
 
 def translate_and_score(
@@ -127,6 +183,7 @@ def translate_and_score(
     metrics: Sequence[str],
     device: str = "auto",
     lowercase: bool = False,
+    moses: str | None = None,
 ) -> dict[str, tuple[Score, str]]:
     """Translate `src` with the model's saved decoding defaults (a list of models: an
     ensemble), then score against `ref`."""
@@ -136,7 +193,7 @@ def translate_and_score(
     check_aligned(sources, src, refs, ref)
     translator = Translator.load(model_path, device, "fp32")
     hyps = translator.translate_texts(sources)
-    return corpus_scores(hyps, refs, metrics, lowercase)
+    return corpus_scores(hyps, refs, metrics, lowercase, moses)
 
 
 #: sacreBLEU's names of its paired tests.
@@ -150,6 +207,7 @@ def paired_significance(
     test: str,
     n_samples: int | None = None,
     lowercase: bool = False,
+    moses: str | None = None,
 ) -> dict:
     """sacreBLEU's paired significance test (`sacrebleu REF -i A B ... --paired-bs` or
     `--paired-ar`) of every system against the first, the baseline.
@@ -180,8 +238,12 @@ def paired_significance(
     for path in hyp_paths:
         hyps = read_text(path)
         check_aligned(hyps, str(path), refs, str(ref))
-        systems.append((str(path), hyps))
-    chosen = {name: _metric(name, lowercase) for name in metrics}
+        systems.append(
+            (str(path), hyps if moses is None else moses_tokenized(hyps, moses, lowercase))
+        )
+    if moses is not None:
+        refs = moses_tokenized(refs, moses, lowercase)
+    chosen = {name: _metric(name, lowercase, moses is not None) for name in metrics}
     paired = PairedTest(
         systems, chosen, [refs], test_type=test, n_samples=n_samples or 0, n_ar_confidence=0
     )
@@ -190,7 +252,10 @@ def paired_significance(
     return {
         "test": test,
         "n": paired.n_samples,
-        "signatures": {metric: str(sig) for metric, sig in signatures.items()},
+        "signatures": {
+            metric: str(sig) + ("" if moses is None else f"|{moses_label(moses)}")
+            for metric, sig in signatures.items()
+        },
         "systems": [
             {"system": name, **{m: _plain(r[i]) for m, r in results.items()}}
             for i, name in enumerate(names)
@@ -232,7 +297,7 @@ def evaluate_cli(args: argparse.Namespace) -> int:
                 "--paired-bs and --paired-ar compare --hyp files (the first is the baseline)"
             )
         result = paired_significance(
-            args.hyp, args.ref, args.metrics, test, args.paired_n, args.lowercase
+            args.hyp, args.ref, args.metrics, test, args.paired_n, args.lowercase, args.moses
         )
         print(json.dumps(result, indent=2) if args.json else format_significance(result))
         return 0
@@ -241,10 +306,10 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     if args.hyp is not None and len(args.hyp) > 1:
         raise ValueError("several --hyp files are compared with --paired-bs or --paired-ar")
     if args.hyp is not None:
-        results = evaluate_files(args.hyp[0], args.ref, args.metrics, args.lowercase)
+        results = evaluate_files(args.hyp[0], args.ref, args.metrics, args.lowercase, args.moses)
     else:
         results = translate_and_score(
-            args.model, args.src, args.ref, args.metrics, args.device, args.lowercase
+            args.model, args.src, args.ref, args.metrics, args.device, args.lowercase, args.moses
         )
     if args.json:
         print(json.dumps(as_dict(results), indent=2))
