@@ -13,8 +13,14 @@ from conftest import SLICE, read_gz_lines
 import seq2seq.inference.translate as translate
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig
-from seq2seq.inference.checkpoint import load_model
+from seq2seq.inference.checkpoint import (
+    load_model,
+    model_weights,
+    read_checkpoint,
+    skipped_init,
+)
 from seq2seq.inference.translator import Translator
+from seq2seq.nn.transformer import Transformer
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +269,30 @@ def test_batches_cut_for_streams_are_a_multiple_of_them_even_and_largest_first()
 def test_a_batch_that_would_be_alone_is_split_between_the_streams():
     assert [len(b) for b in translate.make_batches([5] * 10, 1000, streams=2)] == [5, 5]
     assert translate.make_batches([5], 1000, streams=2) == [[0]]  # one sentence: one batch
+
+
+def test_a_loaded_model_holds_the_saved_weights_with_its_tied_ones_one_parameter(checkpoint):
+    model = load_model(checkpoint).model
+    saved = model_weights(read_checkpoint(checkpoint))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved[name]), name
+    assert model.generator.weight is model.src_embed.tokens.weight
+    fresh = Transformer(model.cfg)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in fresh.named_parameters()]
+    assert torch.equal(model.src_embed.positions, fresh.src_embed.positions)  # computed
+
+
+def test_loading_leaves_torchs_initializers_as_they_were(checkpoint):
+    originals = (torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.normal_)
+    load_model(checkpoint)
+    with pytest.raises(RuntimeError, match="inside"), skipped_init():
+        assert torch.nn.init.normal_ is not originals[2]
+        raise RuntimeError("an error inside")
+    assert (torch.nn.init.uniform_, torch.nn.init.kaiming_uniform_, torch.nn.init.normal_) == (
+        originals
+    )
+    torch.manual_seed(0)
+    first = torch.nn.Linear(16, 16).weight.detach().clone()
+    torch.manual_seed(0)
+    assert torch.equal(torch.nn.Linear(16, 16).weight, first)
+    assert first.std() > 0.1
