@@ -132,6 +132,16 @@ def test_moses_tokenization_reproduces_the_multi30k_tok_files():
     assert cased == ["Ein Mann mit einem orangefarbenen Hut , der etwas anstarrt ."]
 
 
+def test_moses_tokenized_test_2016_flickr_has_the_published_baselines_reference_length(
+    multi30k_dir,
+):
+    """Wu et al.'s fairseq log reads `reflen=12103`: the words of Multi30k's tokenized file."""
+    pytest.importorskip("sacremoses")
+    refs = read_gz_lines(multi30k_dir / "test_2016_flickr.de.gz")
+    bleu = corpus_scores(refs, refs, ["bleu"], lowercase=True, moses="de")["bleu"][0]
+    assert (bleu.ref_len, len(refs)) == (12103, 1000)
+
+
 def test_moses_bleu_is_sacrebleu_untokenized_on_moses_tokenized_text(refs):
     pytest.importorskip("sacremoses")
     hyps = degrade(refs)
