@@ -144,6 +144,10 @@ class TokenizerConfig:
     """Sample at most this many sentences to train SentencePiece (big corpora)."""
     normalization: str = "nmt_nfkc"
     """SentencePiece normalization rule: 'nmt_nfkc', 'nfkc', or 'identity' (exact round trip)."""
+    lowercase: bool = False
+    """Lowercase after `normalization`, inside the SentencePiece model (as Multi30k's tokenized
+    release and the baselines trained on it do; str.lower(): ß stays ß). The model then reads
+    and writes lowercase, and validation picks checkpoints by lowercased BLEU."""
 
 
 @dataclass

@@ -114,3 +114,63 @@ def test_source_pieces_match_encoder_positions(joint_tokenizer, slice_lines) -> 
     pieces = joint_tokenizer.src_pieces(line)
     assert len(pieces) == len(joint_tokenizer.encode_src([line])[0]) and pieces[-1] == "</s>"
     assert "".join(pieces[:-1]).replace("\u2581", " ").strip() == " ".join(line.split())
+
+
+@pytest.fixture(scope="module")
+def lowercasing_tokenizer(slice_lines, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    cfg = TokenizerConfig(vocab_size=1000, lowercase=True)
+    out = tmp_path_factory.mktemp("lowercasing-spm")
+    return Tokenizer.train(iter(slice_lines[0]), iter(slice_lines[1]), cfg, out)
+
+
+def test_lowercase_model_normalizes_as_nmt_nfkc_then_str_lower(
+    lowercasing_tokenizer, slice_lines
+) -> None:
+    import sentencepiece as spm
+
+    builtin = spm.SentencePieceNormalizer(rule_name="nmt_nfkc")
+    tricky = [
+        "Zwei weiße Männer auf der STRASSE und der Straße.",  # ß stays ß (no case folding)
+        "ÀÉÎÕÜ Ǆ ǅ İstanbul",  # accented capitals, digraphs, dotted I (two code points)
+        "Ｆｕｌｌｗｉｄｔｈ ﬁ ½ Ⅻ",  # compatibility characters: NFKC first, then lowercase
+        "A\u0301 O\u0308\tTab\u00a0NBSP",  # decomposed accents, a tab, a no-break space
+        "ΑΘΗΝΑ Straße",
+    ]
+    lines = slice_lines[0][:300] + slice_lines[1][:300] + tricky
+    sp = lowercasing_tokenizer._src
+    assert [sp.normalize(line) for line in lines] == [
+        line.lower() for line in builtin.normalize(lines)
+    ]
+
+
+def test_lowercase_model_reads_any_case_and_writes_lowercase(
+    lowercasing_tokenizer, joint_tokenizer
+) -> None:
+    tok = lowercasing_tokenizer
+    assert tok.lowercase and not joint_tokenizer.lowercase
+    line = "Zwei weiße Männer gehen die Straße entlang."
+    assert (
+        tok.encode_src([line])
+        == tok.encode_src([line.upper().replace("SS", "ß")])
+        == (tok.encode_src([line.lower()]))
+    )
+    assert tok.decode_tgt(tok.encode_tgt([line])[0]) == line.lower()
+    pieces = [tok.tgt_pieces([i])[0] for i in range(4, tok.tgt_vocab_size)]
+    assert all(piece == piece.lower() for piece in pieces)
+
+
+def test_lowercasing_travels_in_the_checkpoint_state(lowercasing_tokenizer) -> None:
+    restored = Tokenizer.from_state(lowercasing_tokenizer.to_state())
+    assert restored.lowercase
+    assert restored.encode_src(["Ein HUND."]) == lowercasing_tokenizer.encode_src(["ein hund."])
+
+
+def test_existing_model_that_does_not_lowercase_is_refused_for_lowercase(
+    slice_lines, tmp_path: Path
+) -> None:
+    lines = slice_lines[0][:500], slice_lines[1][:500]
+    Tokenizer.train(iter(lines[0]), iter(lines[1]), TokenizerConfig(vocab_size=500), tmp_path)
+    with pytest.raises(ValueError, match=r"lowercase=False\) do not match .*lowercase=True"):
+        Tokenizer.train(
+            _never_read(), _never_read(), TokenizerConfig(vocab_size=500, lowercase=True), tmp_path
+        )

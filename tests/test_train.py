@@ -449,6 +449,32 @@ def test_a_rank_with_a_finite_loss_stops_when_another_rank_saw_nan():
     assert asked == [(False, False)]
 
 
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_validation_picks_a_lowercasing_model_by_lowercased_bleu(
+    slice_lines, tmp_path, monkeypatch, lowercase
+):
+    from seq2seq.config import DecodeConfig, OptimConfig, TokenizerConfig, preset
+    from seq2seq.data.tokenizer import Tokenizer
+    from seq2seq.training.module import TranslationModule
+
+    lines = slice_lines[0][:500], slice_lines[1][:500]
+    cfg = TokenizerConfig(vocab_size=500, lowercase=lowercase)
+    tokenizer = Tokenizer.train(iter(lines[0]), iter(lines[1]), cfg, tmp_path)
+    module = TranslationModule(
+        preset("tiny", src_vocab_size=500, tgt_vocab_size=500), OptimConfig(), DecodeConfig(), {}
+    )
+    module.tokenizer, module.valid_refs = tokenizer, lines[1][:40]
+    hyps = dict(enumerate(tokenizer.encode_tgt([ref.lower() for ref in lines[1][:40]])))
+    monkeypatch.setattr(module, "_gather_validation", lambda: ([1.0, 1.0, 1.0], hyps))
+    logged = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **_: logged.setdefault(name, value))
+    module.on_validation_epoch_end()
+    assert module.last_val_scores["bleu_lc"] > 99.0  # the lowercase hypotheses are the references
+    assert module.last_val_scores["bleu"] < 60.0  # German capitalizes its nouns
+    chosen = "bleu_lc" if lowercase else "bleu"
+    assert logged["val_bleu"] == module.last_val_scores[chosen]
+
+
 def test_a_training_pair_longer_than_max_positions_fails_before_training(multi30k_slice, tmp_path):
     recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--model.max_positions", "12")
     with pytest.raises(ValueError, match=r"data.train: .* more than model.max_positions=12; set"):

@@ -18,6 +18,7 @@ import sentencepiece as spm
 
 from seq2seq.config import TokenizerConfig
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+from seq2seq.data.normalization import lowercasing_rules
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,11 @@ class Tokenizer:
 
     def _check_matches(self, cfg: TokenizerConfig) -> None:
         sizes = {self.src_vocab_size, self.tgt_vocab_size}
-        if self.joint != cfg.joint or sizes != {cfg.vocab_size}:
+        if self.joint != cfg.joint or sizes != {cfg.vocab_size} or self.lowercase != cfg.lowercase:
             raise ValueError(
-                f"the SentencePiece model(s) on disk (joint={self.joint}, vocab {sorted(sizes)}) do not match "
-                f"data.tokenizer (joint={cfg.joint}, vocab_size={cfg.vocab_size}); delete them to retrain"
+                f"the SentencePiece model(s) on disk (joint={self.joint}, vocab {sorted(sizes)}, "
+                f"lowercase={self.lowercase}) do not match data.tokenizer (joint={cfg.joint}, "
+                f"vocab_size={cfg.vocab_size}, lowercase={cfg.lowercase}); delete them to retrain"
             )
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -142,6 +144,11 @@ class Tokenizer:
     def joint(self) -> bool:
         """One model (and vocabulary) for both sides."""
         return self._src is self._tgt
+
+    @property
+    def lowercase(self) -> bool:
+        """The models lowercase what they encode (trained with `data.tokenizer.lowercase`)."""
+        return all(sp.normalize("A").endswith("a") for sp in (self._src, self._tgt))
 
     @property
     def src_vocab_size(self) -> int:
@@ -226,6 +233,11 @@ def _train_model(
                         wrote_lines = True
         if wrote_lines:
             inputs.append(str(text_file))
+        rules = {"normalization_rule_name": cfg.normalization}
+        if cfg.lowercase:
+            rules_file = Path(tmp) / "rules.tsv"
+            rules_file.write_text(lowercasing_rules(cfg.normalization), encoding="utf-8")
+            rules = {"normalization_rule_tsv": str(rules_file)}
         spm.set_random_generator_seed(seed)
         prefix = Path(tmp) / "spm"
         try:
@@ -237,7 +249,7 @@ def _train_model(
                 character_coverage=cfg.character_coverage,
                 input_sentence_size=cfg.input_sentence_size,
                 shuffle_input_sentence=True,
-                normalization_rule_name=cfg.normalization,
+                **rules,
                 pad_id=PAD_ID,
                 unk_id=UNK_ID,
                 bos_id=BOS_ID,

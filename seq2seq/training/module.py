@@ -204,7 +204,9 @@ class TranslationModule(L.LightningModule):
             return  # e.g. a sanity check over a few batches: no BLEU on a partial set
         hyps = [self.tokenizer.decode_tgt(hyps[i]) for i in range(len(self.valid_refs))]
         scores = score(hyps, self.valid_refs, ["bleu", "chrf"])
-        self.log("val_bleu", scores["bleu"], prog_bar=True, sync_dist=True)
+        # A lowercasing model writes lowercase: it is chosen by lowercased BLEU.
+        bleu = scores["bleu_lc"] if self.tokenizer.lowercase else scores["bleu"]
+        self.log("val_bleu", bleu, prog_bar=True, sync_dist=True)
         self.log("val_chrf", scores["chrf"], sync_dist=True)
         self.last_val_scores = scores
 
