@@ -14,7 +14,7 @@ def test_the_shipped_recipes_are_found():
     names = {p.name for p in RECIPES}
     assert {
         "multi30k_en_de.yaml",
-        "multi30k_en_de_base.yaml",
+        "multi30k_en_de_tiny.yaml",
         "wmt14_en_de_base.yaml",
         "wmt14_en_de_base_raw.yaml",
         "wmt14_en_de_big.yaml",
@@ -75,10 +75,10 @@ def test_dotted_overrides_are_applied_and_type_checked():
 
 
 def test_a_row_tokens_below_one_is_refused_with_the_key_named():
-    recipe = load_recipe("recipes/multi30k_en_de_base.yaml", ["--data.row_tokens", "128"])
+    recipe = load_recipe("recipes/wmt14_en_de_base.yaml", ["--data.row_tokens", "128"])
     assert recipe.data.row_tokens == 128
     with pytest.raises(RecipeError, match=r"data.row_tokens=0 must be positive"):
-        load_recipe("recipes/multi30k_en_de_base.yaml", ["--data.row_tokens", "0"])
+        load_recipe("recipes/wmt14_en_de_base.yaml", ["--data.row_tokens", "0"])
 
 
 def test_unknown_key_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys):
@@ -109,3 +109,21 @@ def test_print_config_prints_the_resolved_recipe(capsys):
     )
     out = capsys.readouterr().out
     assert "d_ff: 512" in out and "label_smoothing: 0.1" in out
+
+
+def test_the_tiny_recipe_is_the_published_baselines_configuration():
+    r = load_recipe("recipes/multi30k_en_de_tiny.yaml")
+    m = r.model
+    assert (m.d_model, m.n_heads, m.d_ff, m.n_encoder_layers, m.n_decoder_layers) == (
+        128,
+        4,
+        256,
+        4,
+        4,
+    )
+    assert m.dropout == 0.3 and m.share_embeddings
+    assert (r.optim.lr, r.optim.warmup_steps, r.optim.schedule) == (0.005, 2000, "inverse_sqrt")
+    # The baseline's fairseq copy: label-smoothed cross-entropy by default, data lowercased.
+    assert r.optim.label_smoothing == 0.1 and r.data.tokenizer.lowercase
+    assert (r.data.max_tokens, r.trainer.max_steps, r.trainer.average_last) == (8192, 8000, 10)
+    assert r.decode.beam == 5
