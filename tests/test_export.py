@@ -255,6 +255,37 @@ def test_a_pre_norm_model_exports_to_ctranslate2_with_greedy_parity(
     assert ct2_greedy(tmp_path / "ct2", loaded, ids) == ours
 
 
+def test_a_lowercasing_model_exports_a_tokenizer_that_lowercases_too(
+    multi30k_slice, tmp_path, sources
+):
+    import sentencepiece as spm
+
+    from seq2seq.config import TokenizerConfig, preset
+    from seq2seq.data.tokenizer import Tokenizer
+
+    en = read_gz_lines(multi30k_slice / "train.en.gz", 300)
+    de = read_gz_lines(multi30k_slice / "train.de.gz", 300)
+    cfg = TokenizerConfig(vocab_size=250, lowercase=True)
+    tok = Tokenizer.train(en, de, cfg, tmp_path / "tokenizer")
+    shape = preset("tiny", src_vocab_size=250, tgt_vocab_size=250, max_positions=MAX_POSITIONS)
+    path = tmp_path / "lc.ckpt"
+    state = inference_state(shape, tok.to_state(), DecodeConfig(beam=1), {})
+    model_state = {"model." + k: v for k, v in Transformer(shape).state_dict().items()}
+    torch.save({"state_dict": model_state, "seq2seq": state}, path)
+    assert export(path, "hf", tmp_path / "hf") == 0  # a beam-1 model: no beam rule saved
+    assert export(path, "ctranslate2", tmp_path / "ct2") == 0
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["num_beams"] == 1 and not generation.get("early_stopping", False)
+
+    lines = [line.upper() for line in sources[:20]]
+    want = tok.encode_src([line.lower() for line in sources[:20]])
+    assert tok.encode_src(lines) == want
+    marian = transformers.MarianTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert marian(lines)["input_ids"] == want
+    ct2_spm = spm.SentencePieceProcessor(model_file=str(tmp_path / "ct2" / "source.spm"))
+    assert ct2_spm.encode(lines, add_eos=True) == want
+
+
 # --- Bad input ------------------------------------------------------------------------------
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()

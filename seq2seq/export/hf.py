@@ -89,7 +89,8 @@ def generation_config(decode: DecodeConfig, cfg: ModelConfig) -> dict:
         "num_beams": decode.beam,
         "num_return_sequences": decode.nbest,
         "length_penalty": decode.lenpen,
-        "early_stopping": decode.stop == "beam",
+        # A beam rule: GenerationConfig refuses to save it beside greedy search.
+        "early_stopping": decode.stop == "beam" and decode.beam > 1,
         "max_length": cfg.max_positions + 1,
         "min_length": decode.min_len + 1,  # HF counts the decoder start token
         "bad_words_ids": [[PAD_ID], [BOS_ID]],  # we never emit pad or bos
