@@ -381,6 +381,25 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
         assert result["greedy_identical_lines"] == 8
 
 
+def test_bench_against_decodes_ours_by_the_stop_rule_given_and_theirs_by_its_own(
+    checkpoint, multi30k_slice, capsys, monkeypatch
+):
+    rules, real = [], compare._Ours
+
+    def spy(loaded, src_ids, cfg, precision):
+        rules.append(cfg.stop)
+        return real(loaded, src_ids, cfg, precision)
+
+    monkeypatch.setattr(compare, "_Ours", spy)
+    args = ["bench", "-m", str(checkpoint), "--against", "ctranslate2", "--sentences", "6"]
+    args += ["--rounds", "1", "--json", "--data.root", str(multi30k_slice), "--stop", "beam"]
+    capsys.readouterr()
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert rules == ["beam"]
+    assert "beam stop rule 'beam' for ours, ctranslate2's own for it" in result["settings"]
+
+
 @pytest.mark.parametrize("precision,compute_type", [("bf16", "float32"), ("int8", "int8")])
 def test_bench_against_ctranslate2_runs_each_engine_at_its_own_precision(
     checkpoint, multi30k_slice, precision, compute_type, capsys

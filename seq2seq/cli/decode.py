@@ -241,7 +241,8 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--stop",
         choices=STOP_RULES,
-        help="beam search's stopping rule for the decoding measurement (default: the model's)",
+        help="beam search's stopping rule for the decoding measurement (default: the model's; "
+        "with --against: ours only, the other engine's rule by default)",
     )
     p.add_argument(
         "--run-dir",

@@ -295,13 +295,15 @@ def compare(
     max_sentences: int | None = None,
     precision: str = "fp32",
     compute_type: str = "float32",
+    stop: str | None = None,
 ) -> dict:
     """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
     ours and the other engine in this process, alternating rounds (ours, theirs, ours, ...);
     sentences/s is each engine's median over `rounds`, BLEU that of its output. On the CPU,
     ours at `precision` (translate's --precision), CTranslate2 at `compute_type` (Hugging Face
     in float32), both on torch's thread count; both in the model's batches of
-    `decode.max_tokens` source tokens, or of at most `max_sentences` sentences when given."""
+    `decode.max_tokens` source tokens, or of at most `max_sentences` sentences when given.
+    Beam search stops by the other engine's rule in both, or by `stop` in ours."""
     from seq2seq.export import export
 
     if against not in ENGINES:
@@ -311,6 +313,7 @@ def compare(
     cfg = dataclasses.replace(
         loaded.decode, lenpen=0.0, stop=ENGINES[against], max_sentences=max_sentences
     )
+    ours_cfg = cfg if stop is None else dataclasses.replace(cfg, stop=stop)
     src_ids = source_ids(loaded, sources)
     limits = output_limits(src_ids, cfg, loaded.model.cfg.max_positions)
     result: dict = {
@@ -328,14 +331,19 @@ def compare(
             + f"={threads}; batches of {cfg.max_tokens} source tokens"
             + ("" if max_sentences is None else f" and at most {max_sentences} sentences")
             + "; length penalty off; "
-            f"beam stop rule '{cfg.stop}'; length limit a*|x|+b per sentence"
+            + (
+                f"beam stop rule '{cfg.stop}'"
+                if ours_cfg.stop == cfg.stop
+                else f"beam stop rule '{ours_cfg.stop}' for ours, {against}'s own for it"
+            )
+            + "; length limit a*|x|+b per sentence"
             + ("" if against == "hf" else " for ours, the batch's largest for ctranslate2")
         ),
     }
     with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
         folder = Path(tmp) / against
         export(model_path, against, folder)
-        ours = _Ours(loaded, src_ids, cfg, precision)
+        ours = _Ours(loaded, src_ids, ours_cfg, precision)
         theirs, their_kernels = _theirs(
             against, folder, loaded, src_ids, limits, cfg, threads, compute_type
         )
@@ -436,6 +444,7 @@ def compare_cli(args, data) -> int:
             args.max_sentences,
             args.decode_precision,
             compute_type,
+            args.stop or "best",
         )
     else:
         result = compare(
@@ -447,6 +456,7 @@ def compare_cli(args, data) -> int:
             args.max_sentences,
             args.decode_precision,
             compute_type,
+            args.stop,
         )
     if args.json:
         print(json.dumps(result, indent=2))

@@ -48,9 +48,11 @@ def compare_processes(
     max_sentences: int | None = None,
     precision: str = "fp32",
     compute_type: str = "float32",
+    stop: str = "best",
 ) -> dict:
     """Sentences/s of each whole command (greedy and beam 5), their ratio, BLEU, identical
-    lines, and each command's seconds on one line (start-up and loading)."""
+    lines, and each command's seconds on one line (start-up and loading); ours stops beam
+    search by `stop` (CTranslate2's own rule, 'best', unless told)."""
     from seq2seq.export import export
 
     loaded = load_model(model_path)
@@ -67,7 +69,7 @@ def compare_processes(
             f"whole processes on the CPU: `seq2seq translate --precision {precision}` vs "
             f"{SCRIPT.name} (ctranslate2 {compute_type}); {threads} threads each; batches of "
             + (f"{max_tokens} tokens" if max_sentences is None else f"{max_sentences} sentences")
-            + "; length penalty off; CTranslate2's stop rule (ours: --stop best)"
+            + f"; length penalty off; CTranslate2's stop rule (ours: --stop {stop})"
         ),
     }
     with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
@@ -83,7 +85,7 @@ def compare_processes(
             ours_out, theirs_out = tmp / f"ours.{beam}.txt", tmp / f"ct2.{beam}.txt"
             ours = [sys.executable, "-m", "seq2seq", "translate", "-m", str(model_path)]
             ours += ["-i", str(src), "-o", str(ours_out), "--beam", str(beam), "--lenpen", "0"]
-            ours += ["--stop", "best", "--precision", precision, "--device", "cpu", *batch]
+            ours += ["--stop", stop, "--precision", precision, "--device", "cpu", *batch]
             theirs = [sys.executable, str(SCRIPT), str(folder), str(src), str(theirs_out)]
             theirs += ["--beam", str(beam), "--threads", str(threads)]
             theirs += ["--compute-type", compute_type, "--max-tokens", str(max_tokens), *batch]
