@@ -174,3 +174,13 @@ def test_existing_model_that_does_not_lowercase_is_refused_for_lowercase(
         Tokenizer.train(
             _never_read(), _never_read(), TokenizerConfig(vocab_size=500, lowercase=True), tmp_path
         )
+
+
+def test_a_case_folding_model_on_disk_is_reused_for_its_own_recipe(slice_lines, tmp_path) -> None:
+    cfg = TokenizerConfig(vocab_size=500, normalization="nmt_nfkc_cf")
+    lines = slice_lines[0][:500], slice_lines[1][:500]
+    first = Tokenizer.train(iter(lines[0]), iter(lines[1]), cfg, tmp_path)
+    assert first.lowercase  # SentencePiece's case folding lowercases too
+    assert Tokenizer.train(_never_read(), _never_read(), cfg, tmp_path).to_state() == (
+        first.to_state()
+    )

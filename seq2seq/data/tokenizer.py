@@ -110,7 +110,8 @@ class Tokenizer:
 
     def _check_matches(self, cfg: TokenizerConfig) -> None:
         sizes = {self.src_vocab_size, self.tgt_vocab_size}
-        if self.joint != cfg.joint or sizes != {cfg.vocab_size} or self.lowercase != cfg.lowercase:
+        lowers = cfg.lowercase or cfg.normalization.endswith("_cf")  # SentencePiece's case folding
+        if self.joint != cfg.joint or sizes != {cfg.vocab_size} or self.lowercase != lowers:
             raise ValueError(
                 f"the SentencePiece model(s) on disk (joint={self.joint}, vocab {sorted(sizes)}, "
                 f"lowercase={self.lowercase}) do not match data.tokenizer (joint={cfg.joint}, "
