@@ -94,6 +94,17 @@ def accelerator_packing(monkeypatch: pytest.MonkeyPatch) -> None:
 MAX_POSITIONS = 48
 
 
+def write_checkpoint(
+    path: Path, model: Transformer, tokenizer_state: dict, decode: DecodeConfig
+) -> Path:
+    """`model` saved as a checkpoint that translates: its weights under `model.` and the
+    inference state (shape, tokenizer, decoding defaults) that `seq2seq train` writes."""
+    weights = {"model." + k: v for k, v in model.state_dict().items()}
+    state = inference_state(model.cfg, tokenizer_state, decode, {})
+    torch.save({"state_dict": weights, "seq2seq": state}, path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoint(multi30k_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Transformer with a SentencePiece model trained on 300 Multi30k pairs."""
@@ -111,12 +122,4 @@ def checkpoint(multi30k_slice: Path, tmp_path_factory: pytest.TempPathFactory) -
     torch.manual_seed(0)
     model = Transformer(cfg)
     decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
-    path = out / "tiny.ckpt"
-    torch.save(
-        {
-            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-            "seq2seq": inference_state(cfg, tok.to_state(), decode, {}),
-        },
-        path,
-    )
-    return path
+    return write_checkpoint(out / "tiny.ckpt", model, tok.to_state(), decode)

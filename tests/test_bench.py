@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from conftest import write_checkpoint
 
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, preset
 from seq2seq.data.tokenizer import Tokenizer
-from seq2seq.inference.checkpoint import inference_state
 from seq2seq.kernels.onednn import onednn_works
 from seq2seq.nn.transformer import Transformer
 
@@ -51,16 +51,11 @@ def test_bench_json_reports_training_and_decoding_fields(multi30k_slice, tmp_pat
 
     tokenizer = Tokenizer.load(run_dir)  # the bench's own 500-piece vocabulary
     cfg = preset("tiny", src_vocab_size=500, tgt_vocab_size=500)
-    model = Transformer(cfg)
-    checkpoint = tmp_path / "model.ckpt"
-    torch.save(
-        {
-            "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
-            "seq2seq": inference_state(
-                cfg, tokenizer.to_state(), DecodeConfig(max_len_a=0.5, max_len_b=2), {}
-            ),
-        },
-        checkpoint,
+    checkpoint = write_checkpoint(
+        tmp_path / "model.ckpt",
+        Transformer(cfg),
+        tokenizer.to_state(),
+        DecodeConfig(max_len_a=0.5, max_len_b=2),
     )
     args = [*bench_args(multi30k_slice, run_dir), "-m", str(checkpoint), "--stop", "best"]
     assert main(args) == 0

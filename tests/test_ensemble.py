@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SLICE, read_gz_lines
+from conftest import SLICE, read_gz_lines, write_checkpoint
 
 from seq2seq import Translator
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig, ModelConfig
-from seq2seq.inference.checkpoint import inference_state, read_checkpoint
+from seq2seq.inference.checkpoint import read_checkpoint
 from seq2seq.inference.ensemble import Ensemble
 from seq2seq.inference.search import BOS
 from seq2seq.nn.transformer import Transformer
@@ -26,16 +26,8 @@ def sentences() -> list[str]:
 
 def save_model(path: Path, cfg: ModelConfig, tokenizer_state: dict, seed: int) -> Path:
     torch.manual_seed(seed)
-    model = Transformer(cfg)
     decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
-    torch.save(
-        {
-            "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-            "seq2seq": inference_state(cfg, tokenizer_state, decode, {}),
-        },
-        path,
-    )
-    return path
+    return write_checkpoint(path, Transformer(cfg), tokenizer_state, decode)
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import MAX_POSITIONS, SLICE, read_gz_lines
+from conftest import MAX_POSITIONS, SLICE, read_gz_lines, write_checkpoint
 
 from seq2seq.cli import main
 from seq2seq.config import DecodeConfig
 from seq2seq.export import compare
 from seq2seq.export.hf import basis_permutation
-from seq2seq.inference.checkpoint import inference_state, load_model, read_checkpoint
+from seq2seq.inference.checkpoint import load_model, read_checkpoint
 from seq2seq.inference.translate import encode_lines, pad_batch
 from seq2seq.inference.translator import Translator
 from seq2seq.kernels.cpu import cpu_is_intel
@@ -234,14 +234,10 @@ def pre_norm_checkpoint(checkpoint, tmp_path_factory) -> Path:
     cfg = load_model(checkpoint).model.cfg
     cfg = type(cfg)(**{**extra["model_config"], "pre_norm": True})
     torch.manual_seed(1)
-    model = Transformer(cfg)
     path = tmp_path_factory.mktemp("pre-norm") / "pre.ckpt"
-    state = inference_state(cfg, extra["tokenizer"], DecodeConfig(**extra["decode"]), {})
-    torch.save(
-        {"state_dict": {"model." + k: v for k, v in model.state_dict().items()}, "seq2seq": state},
-        path,
+    return write_checkpoint(
+        path, Transformer(cfg), extra["tokenizer"], DecodeConfig(**extra["decode"])
     )
-    return path
 
 
 def test_a_pre_norm_model_exports_to_ctranslate2_with_greedy_parity(
@@ -268,10 +264,9 @@ def test_a_lowercasing_model_exports_a_tokenizer_that_lowercases_too(
     cfg = TokenizerConfig(vocab_size=250, lowercase=True)
     tok = Tokenizer.train(en, de, cfg, tmp_path / "tokenizer")
     shape = preset("tiny", src_vocab_size=250, tgt_vocab_size=250, max_positions=MAX_POSITIONS)
-    path = tmp_path / "lc.ckpt"
-    state = inference_state(shape, tok.to_state(), DecodeConfig(beam=1), {})
-    model_state = {"model." + k: v for k, v in Transformer(shape).state_dict().items()}
-    torch.save({"state_dict": model_state, "seq2seq": state}, path)
+    path = write_checkpoint(
+        tmp_path / "lc.ckpt", Transformer(shape), tok.to_state(), DecodeConfig(beam=1)
+    )
     assert export(path, "hf", tmp_path / "hf") == 0  # a beam-1 model: no beam rule saved
     assert export(path, "ctranslate2", tmp_path / "ct2") == 0
     generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
@@ -543,11 +538,7 @@ def separate_checkpoint(multi30k_slice, tmp_path_factory) -> Path:
     model = Transformer(cfg)
     with torch.no_grad():
         model.generator.bias.normal_()  # a bias that matters
-    state = inference_state(cfg, tok.to_state(), DecodeConfig(), {})
-    path = out / "separate.ckpt"
-    weights = {"model." + k: v for k, v in model.state_dict().items()}
-    torch.save({"state_dict": weights, "seq2seq": state}, path)
-    return path
+    return write_checkpoint(out / "separate.ckpt", model, tok.to_state(), DecodeConfig())
 
 
 def test_separate_vocabularies_and_an_output_bias_export_exactly(
