@@ -21,15 +21,10 @@ from functools import cache
 import sentencepiece as spm
 
 
+@cache
 def lowercasing_rules(base: str) -> str:
     """SentencePiece's rule TSV for `base` (a built-in rule name) followed by lowercasing:
     one line per source that changes, `source code points<TAB>target code points` in hex."""
-    sources, targets = _rules(base)
-    return "".join(f"{_hex(s)}\t{_hex(t)}\n" for s, t in zip(sources, targets, strict=True))
-
-
-@cache
-def _rules(base: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     builtin = spm.SentencePieceNormalizer(
         rule_name=base,
         add_dummy_prefix=False,
@@ -47,8 +42,9 @@ def _rules(base: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     )
     sources = singles + sequences
     targets = [out.lower() for out in builtin.normalize(sources)]
-    changed = [(s, t) for s, t in zip(sources, targets, strict=True) if s != t]
-    return tuple(s for s, _ in changed), tuple(t for _, t in changed)
+    return "".join(
+        f"{_hex(s)}\t{_hex(t)}\n" for s, t in zip(sources, targets, strict=True) if s != t
+    )
 
 
 def _hex(text: str) -> str:
