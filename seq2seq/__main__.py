@@ -1,7 +1,5 @@
 """`python -m seq2seq` is the `seq2seq` command."""
 
-import sys
+from seq2seq.cli import run
 
-from seq2seq.cli import main
-
-sys.exit(main())
+run()

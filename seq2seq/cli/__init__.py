@@ -7,12 +7,15 @@ one line on stderr and a non-zero exit; set SEQ2SEQ_DEBUG=1 to see the traceback
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 
 def _add_model_choice(p: argparse.ArgumentParser) -> None:
@@ -258,7 +261,33 @@ def _terminated(signum: int, frame: object) -> None:
     raise Terminated("terminated")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+#: Commands whose process `run` ends with os._exit once their output is flushed and closed:
+#: the interpreter's teardown of torch's thousand-odd modules took 0.4-0.6 s of every
+#: `seq2seq translate` on a 2-core AMD EPYC (`python -c "import torch"` 1.58-1.71 s, with
+#: os._exit(0) after the import 1.09-1.16 s). They leave no thread, buffer or temporary file
+#: behind when they return; train (Lightning's loggers flush at exit) and the rest end normally.
+QUICK_EXIT = frozenset({"translate", "evaluate"})
+
+
+def run() -> None:
+    """The console script (`seq2seq`, `python -m seq2seq`): `main`, then exit, skipping the
+    interpreter's teardown after a successful QUICK_EXIT command."""
+    sys.exit(main(quick_exit=True))
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Flush what the command wrote to stdout, stderr and the log, then end the process."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
+            stream.flush()
+    os._exit(code)
+
+
+def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
+    """The `seq2seq` command on `argv` (default sys.argv[1:]); returns the exit code. With
+    `quick_exit` (the console script only, never a caller that goes on), a successful
+    QUICK_EXIT command ends the process itself (`_exit_now`)."""
     for key, value in RUNTIME_ENV.items():
         os.environ.setdefault(key, value)
     parser = build_parser()
@@ -269,7 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
-        return args.handler(args, extra)
+        code = args.handler(args, extra)
+        if quick_exit and code == 0 and args.command in QUICK_EXIT:
+            _exit_now(code)
+        return code
     except KeyboardInterrupt as err:
         print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
@@ -284,4 +316,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
