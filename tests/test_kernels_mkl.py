@@ -92,7 +92,8 @@ def test_decoding_with_packed_decoder_layers_gives_the_same_logits():
 
 @pytest.mark.parametrize("intel", [True, False])
 def test_translators_pack_the_decoder_unless_asked_not_to(checkpoint, monkeypatch, intel):
-    """And the output projection on MKL on an Intel CPU, on oneDNN elsewhere."""
+    """The per-step layers, output projection included, on MKL on an Intel CPU, on oneDNN
+    elsewhere; the encoder's on oneDNN everywhere."""
     from seq2seq.inference import translate
     from seq2seq.inference.translator import Translator
     from seq2seq.kernels import onednn
@@ -101,11 +102,13 @@ def test_translators_pack_the_decoder_unless_asked_not_to(checkpoint, monkeypatc
     packed = Translator.load(checkpoint, "cpu", "fp32")
     plain = Translator.load(checkpoint, "cpu", "fp32", pack_weights=False)
     assert not any(isinstance(m, MklPackedLinear) for m in plain.models[0].modules())
-    if mkl.mkl_packing_works():
-        assert isinstance(packed.models[0].decoder_layers[0].ffn.w1, MklPackedLinear)
-        generator = packed.models[0].generator
-        assert isinstance(generator, MklPackedLinear) == intel
-        assert isinstance(generator, onednn.PackedLinear) == (not intel and onednn.packing_works())
+    model = packed.models[0]
+    if mkl.mkl_packing_works() and onednn.packing_works():
+        for layer in (model.decoder_layers[0].ffn.w1, model.generator):
+            assert isinstance(layer, MklPackedLinear) == intel
+            assert isinstance(layer, onednn.PackedLinear) == (not intel)
+        assert isinstance(model.encoder_layers[0].ffn.w1, onednn.PackedLinear)
+        assert isinstance(model.decoder_layers[0].cross_attn.kv, onednn.PackedLinear)
     lines = ["A dog runs on the grass.", "Two men are talking.", "A girl in a red coat."]
     for beam in (1, 4):
         assert packed.translate(lines, beam=beam) == plain.translate(lines, beam=beam)

@@ -160,6 +160,56 @@ def test_a_packed_projection_gives_f_linear_for_every_row_count():
         torch.testing.assert_close(packed(x3), F.linear(x3, weight, bias), rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn
+@pytest.mark.parametrize("bucket", [True, False])
+def test_a_packed_layer_with_its_relu_gives_the_plain_pair_for_every_row_count(bucket):
+    if not onednn.packing_works():
+        pytest.skip("torch without oneDNN weight packing")
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 50)
+    packed = PackedLinear.of(layer, relu=True, bucket=bucket)
+    with torch.inference_mode():
+        for rows in (1, 17, 300):
+            x = torch.randn(rows, 16)
+            want = F.relu(layer(x))
+            assert (want == 0).any() and (want > 0).any()  # the ReLU cut some, kept some
+            torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, 16, requires_grad=True)  # autograd: the plain pair, with gradients
+    torch.testing.assert_close(packed(x), F.relu(layer(x)), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_encoder_and_decoder_decode_as_the_plain_model(monkeypatch):
+    """Every linear layer packed (the per-step ones row-bucketed, the encoder's and the
+    cross-attention keys/values at exact counts): the same states and logits, step by step."""
+    if not onednn.packing_works():
+        pytest.skip("torch without oneDNN weight packing")
+    torch.manual_seed(0)
+    cfg = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
+    plain = Transformer(cfg).eval()
+    packed = Transformer(cfg).eval()
+    packed.load_state_dict(plain.state_dict())
+    n_layers = cfg.n_encoder_layers + cfg.n_decoder_layers
+    swapped = onednn.use_packed_encoder(packed) + onednn.use_packed_decoder(packed)
+    assert swapped == 4 * cfg.n_encoder_layers + 6 * cfg.n_decoder_layers + cfg.n_decoder_layers
+    assert n_layers == sum(isinstance(m, nn.ReLU) for m in plain.modules())
+    assert not any(isinstance(m, nn.ReLU) for m in packed.modules())  # each fused into its w1
+    for layer in packed.decoder_layers:  # per step: bucketed; once per batch: exact
+        assert layer.cross_attn.q.bucket and layer.ffn.w2.bucket
+        assert not layer.cross_attn.kv.bucket
+    assert not packed.encoder_layers[0].ffn.w1.bucket
+    src = torch.randint(4, 40, (19, 9))
+    src[3:, 6:] = 0  # padding
+    steps = torch.randint(4, 40, (19, 6))
+    with torch.inference_mode():
+        outs = []
+        for model in (plain, packed):
+            memory, cache = model.encode(src), model.new_cache()
+            logits = [model.decode_step(steps[:, t : t + 1], memory, cache) for t in range(6)]
+            outs.append(torch.cat(logits, dim=1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
 def test_row_buckets_cover_every_count_with_few_kernels_and_little_padding():
     counts = range(1, 4097)
     buckets = [onednn.row_bucket(m) for m in counts]
