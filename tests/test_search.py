@@ -206,13 +206,21 @@ TOP_ENDS_FIRST = {(): {A: 0.6, B: 0.4}, (A,): {EOS: 0.9, A: 0.05, B: 0.05}, (B,)
 
 
 def test_stop_best_ends_a_sentence_as_soon_as_its_best_candidate_ends():
+    """With a length penalty and room to grow, `beam` waits for K ended hypotheses."""
     rows = {}
     for stop in ("beam", "best"):
         decoder = ScriptedDecoder(TOP_ENDS_FIRST)
-        hyps = beam_search(decoder, SRC, cfg(beam=2, stop=stop))[0]
-        assert hyps[0].tokens == [A] and hyps[0].score == pytest.approx(math.log(0.54))
+        hyps = beam_search(decoder, SRC, cfg(beam=2, stop=stop, lenpen=1.0, max_len_b=50))[0]
+        assert hyps[0].tokens == [A] and hyps[0].score == pytest.approx(math.log(0.54) / lp(2, 1))
         rows[stop] = decoder.rows_per_step
     assert rows == {"beam": [1, 2, 2], "best": [1, 2]}
+
+
+def test_without_length_penalty_stop_beam_also_ends_once_nothing_can_beat_the_best():
+    """[A] (0.54) ended; the live beams (0.2 each) can only fall: no need to wait for them."""
+    decoder = ScriptedDecoder(TOP_ENDS_FIRST)
+    hyps = beam_search(decoder, SRC, cfg(beam=2, stop="beam", max_len_b=50))[0]
+    assert hyps[0].tokens == [A] and decoder.rows_per_step == [1, 2]
 
 
 def random_script(seed: int, depth: int = 5) -> dict[tuple[int, ...], dict[int, float]]:
@@ -226,7 +234,9 @@ def random_script(seed: int, depth: int = 5) -> dict[tuple[int, ...], dict[int, 
     return script
 
 
-def test_stop_best_gives_the_same_1best_without_length_penalty_in_fewer_decoder_rows():
+def test_without_length_penalty_stop_beam_gives_stop_bests_1best_in_no_more_decoder_rows():
+    """`best` waits for its best candidate to end; `beam`'s bound also ends a sentence whose
+    best ended hypothesis already beats every live beam."""
     rows = {"beam": 0, "best": 0}
     for seed in range(20):
         found = {}
@@ -236,7 +246,53 @@ def test_stop_best_gives_the_same_1best_without_length_penalty_in_fewer_decoder_
             rows[stop] += sum(decoder.rows_per_step)
         assert found["best"].tokens == found["beam"].tokens
         assert found["best"].score == found["beam"].score
-    assert rows["best"] < rows["beam"]
+    assert rows["beam"] < rows["best"]
+
+
+@pytest.mark.parametrize("lenpen", [0.0, 0.6, 2.0, -0.5])
+@pytest.mark.parametrize("nbest", [1, 3])
+def test_stop_beams_early_end_never_changes_its_nbest(monkeypatch, lenpen, nbest):
+    """The same hypotheses and scores as waiting for K ended ones, in no more decoder rows."""
+    from seq2seq.inference import search as search_module
+
+    rows = {"exact": 0, "wait": 0}
+    for seed in range(30):
+        found = {}
+        for way in rows:
+            if way == "wait":  # no bound: only K ended hypotheses (or the limit) end a sentence
+                monkeypatch.setattr(
+                    search_module, "_best_reachable", lambda lp, *_: torch.full_like(lp, math.inf)
+                )
+            decoder = ScriptedDecoder(random_script(seed))
+            settings = cfg(beam=3, nbest=nbest, lenpen=lenpen, max_len_b=6, stop="beam")
+            hyps = beam_search(decoder, SRC, settings)[0]
+            found[way] = [(h.tokens, h.score) for h in hyps]
+            rows[way] += sum(decoder.rows_per_step)
+            monkeypatch.undo()
+        assert found["exact"] == found["wait"]
+    assert rows["exact"] <= rows["wait"]
+    if lenpen == 0.0 and nbest < 3:  # nbest == beam: the n-th best ends with the K-th
+        assert rows["exact"] < rows["wait"]
+
+
+def test_stop_beams_early_end_keeps_a_real_models_nbest(monkeypatch):
+    from seq2seq.inference import search as search_module
+
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=12, tgt_vocab_size=12, dropout=0.0)).eval()
+    src = torch.randint(4, 12, (6, 5))
+    src[:, -1] = EOS
+    for lenpen in (0.0, 1.0):
+        settings = cfg(beam=4, nbest=2, lenpen=lenpen, max_len_b=8, stop="beam")
+        exact = beam_search(model, src, settings)
+        with monkeypatch.context() as m:
+            m.setattr(
+                search_module, "_best_reachable", lambda lp, *_: torch.full_like(lp, math.inf)
+            )
+            wait = beam_search(model, src, settings)
+        assert [[(h.tokens, h.score) for h in hs] for hs in exact] == [
+            [(h.tokens, h.score) for h in hs] for hs in wait
+        ]
 
 
 def test_an_unknown_stop_rule_is_refused():
@@ -270,9 +326,7 @@ def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch)
     whole = search(model, src, settings)
     projected_rows = []
     project = model.project
-    monkeypatch.setattr(
-        model, "project", lambda s: projected_rows.append(len(s)) or project(s)
-    )
+    monkeypatch.setattr(model, "project", lambda s: projected_rows.append(len(s)) or project(s))
     row_bytes = model.tgt_vocab_size * 8  # float64
     monkeypatch.setattr("seq2seq.inference.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)
     pieces = search(model, src, settings)

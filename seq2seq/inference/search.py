@@ -20,6 +20,13 @@ Face), or with `stop='best'` as soon as the sentence's best candidate is EOS and
 hypotheses have finished (OpenNMT-py's and CTranslate2's rule). Candidates of one step all have
 the same length, so the best by raw log-probability is also the best by score; with lenpen 0
 every continuation of another beam scores lower still, so both rules give the same 1-best.
+
+`stop='beam'` also ends a sentence sooner when nothing left can change its n-best: once
+`nbest` hypotheses have finished and the n-th best score is at least what any live beam could
+still reach, its log-probability (extensions only lower it) over the largest penalty its
+length limit allows. That bound is exact, so the output is the rule's own; with lenpen 0 it
+ends a sentence as soon as its best candidate is EOS, as `stop='best'` does (CTranslate2 too
+exits early only when its length penalty is 0).
 """
 
 from __future__ import annotations
@@ -249,6 +256,7 @@ class _Beams:
     sentence: Tensor  # (N,) input index of each sentence
     max_len: Tensor  # (N,)
     n_finished: Tensor  # (N,) hypotheses finished so far
+    kept: Tensor  # (N, nbest) float64: the best finished scores so far, best first (-inf: none)
 
 
 @dataclass
@@ -280,15 +288,20 @@ def _top_candidates(top: Tensor, token: Tensor, beams: _Beams, K: int) -> _Candi
     return _Candidates(log_prob, torch.div(flat, n, rounding_mode="floor"), cand_token)
 
 
-def _finish(cand: _Candidates, beams: _Beams, K: int) -> _Finished | None:
+def _finish(cand: _Candidates, beams: _Beams, K: int, penalty: float) -> _Finished | None:
     """EOS candidates among each sentence's best K become finished hypotheses (fairseq's rule).
 
-    Also counts them in `beams.n_finished`.
+    Also counts them in `beams.n_finished` and merges their scores (log-probability over
+    `penalty`, this step's length penalty, in float64 as `_collect` scores them) into
+    `beams.kept`.
     """
     ended = (cand.token[:, :K] == EOS) & torch.isfinite(cand.log_prob[:, :K])  # (N, K)
     if not bool(ended.any()):
         return None
     beams.n_finished += ended.sum(dim=1)
+    scores = (cand.log_prob[:, :K].double() / penalty).masked_fill(~ended, -math.inf)
+    nbest = beams.kept.size(1)
+    beams.kept = torch.cat([beams.kept, scores], dim=1).topk(nbest, dim=1).values
     n, j = ended.nonzero(as_tuple=True)
     k = beams.log_prob.size(1)
     rows = n * k + cand.beam[n, j]
@@ -296,9 +309,10 @@ def _finish(cand: _Candidates, beams: _Beams, K: int) -> _Finished | None:
 
 
 def _advance(
-    cand: _Candidates, beams: _Beams, cfg: DecodeConfig, step: int
+    cand: _Candidates, beams: _Beams, cfg: DecodeConfig, step: int, penalties: Tensor
 ) -> tuple[_Beams, Tensor, Tensor]:
     """Next beams: each sentence's best K non-EOS candidates; sentences that are done leave.
+    `penalties[n]` is the length penalty of length n (`_best_reachable`).
 
     Returns the new beams, the cache rows to keep (N' * K,) and the sentences kept (N',).
     """
@@ -309,20 +323,37 @@ def _advance(
     pick = order.topk(K, dim=1, largest=False).indices  # (N, K)
     beam = cand.beam.gather(1, pick)
     rows = torch.arange(N, device=beam.device)[:, None] * k + beam  # (N, K)
+    log_prob = cand.log_prob.gather(1, pick)  # (N, K): the live beams, best first
     done = (beams.n_finished >= K) | (step >= beams.max_len)
     if cfg.stop == "best":
         done |= (cand.token[:, 0] == EOS) & (beams.n_finished >= cfg.nbest)
+    else:
+        reachable = _best_reachable(log_prob[:, 0], beams.max_len, penalties, step)
+        done |= beams.kept[:, -1] >= reachable
     keep = (~done).nonzero().squeeze(1)  # (N',)
     rows = rows[keep].view(-1)
     tokens = torch.cat([beams.tokens[rows], cand.token.gather(1, pick)[keep].view(-1, 1)], dim=1)
     new = _Beams(
         tokens,
-        cand.log_prob.gather(1, pick)[keep],
+        log_prob[keep],
         beams.sentence[keep],
         beams.max_len[keep],
         beams.n_finished[keep],
+        beams.kept[keep],
     )
     return new, rows, keep
+
+
+def _best_reachable(log_prob: Tensor, max_len: Tensor, penalties: Tensor, step: int) -> Tensor:
+    """The highest score any continuation of beams with log-probabilities `log_prob` (N,),
+    alive after `step`, could reach, in float64: at most that log-probability (it is <= 0 and
+    only falls), over the largest length penalty of a length it can still end at (from
+    step + 2 to its limit `max_len` (N,) + 1, EOS included). `penalties[n]` is
+    `length_penalty(n)`, the very value `_collect` divides by, and IEEE division keeps the
+    order, so no score `_collect` computes exceeds the bound."""
+    shortest = penalties[min(step + 2, penalties.numel() - 1)]
+    largest = torch.maximum(penalties[max_len + 1], shortest)  # increasing, or not (alpha < 0)
+    return log_prob.double() / largest
 
 
 @torch.inference_mode()
@@ -342,17 +373,24 @@ def beam_search(
         sentence=torch.arange(B, device=src.device),
         max_len=max_output_lengths(src, cfg, max_positions).to(src.device),
         n_finished=torch.zeros(B, dtype=torch.long, device=src.device),
+        kept=torch.full((B, cfg.nbest), -math.inf, dtype=torch.float64, device=src.device),
+    )
+    longest = int(beams.max_len.max()) + 1  # tokens + EOS
+    penalties = torch.tensor(
+        [length_penalty(n, cfg.lenpen) for n in range(longest + 1)],
+        dtype=torch.float64,
+        device=src.device,
     )
     finished: list[_Finished] = []
-    for step in range(int(beams.max_len.max()) + 1):
+    for step in range(longest):
         k = beams.log_prob.size(1)
         rules = _StepRules(step, cfg.min_len, (step >= beams.max_len).repeat_interleave(k))
         top, token = _next_tokens(model, beams.tokens[:, -1:], memory, cache, rules, 2 * K)
         cand = _top_candidates(top, token, beams, K)
-        ended = _finish(cand, beams, K)
+        ended = _finish(cand, beams, K, length_penalty(step + 1, cfg.lenpen))
         if ended is not None:
             finished.append(ended)
-        new, rows, keep = _advance(cand, beams, cfg, step)
+        new, rows, keep = _advance(cand, beams, cfg, step, penalties)
         if keep.numel() == 0:
             break
         dropped = keep.numel() < beams.sentence.numel()
