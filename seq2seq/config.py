@@ -380,11 +380,11 @@ class DecodeConfig:
     max_batch_size); None: max_tokens alone cuts batches."""
     stop: str = "beam"
     """When beam search ends a sentence: 'beam' once `beam` hypotheses have ended (fairseq's
-    rule, Hugging Face's early_stopping), or sooner once no live beam can reach its n-best (an
-    exact bound: the same output); 'best' as soon as its best candidate ends, once `nbest`
+    rule, Hugging Face's early_stopping); 'best' as soon as its best candidate ends, once `nbest`
     hypotheses have ended (OpenNMT-py's and CTranslate2's rule): fewer steps with a length
     penalty, and the same 1-best when lenpen is 0, since no longer hypothesis can then score
-    higher (seq2seq.inference.search)."""
+    higher. Either ends a sentence sooner once no live beam can reach its n-best (an exact
+    bound: the same output; seq2seq.inference.search)."""
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:

@@ -234,9 +234,8 @@ def random_script(seed: int, depth: int = 5) -> dict[tuple[int, ...], dict[int, 
     return script
 
 
-def test_without_length_penalty_stop_beam_gives_stop_bests_1best_in_no_more_decoder_rows():
-    """`best` waits for its best candidate to end; `beam`'s bound also ends a sentence whose
-    best ended hypothesis already beats every live beam."""
+def test_without_length_penalty_both_rules_give_the_same_1best_in_the_same_decoder_rows():
+    """The exact early end stops either as soon as its best candidate ends, or sooner."""
     rows = {"beam": 0, "best": 0}
     for seed in range(20):
         found = {}
@@ -246,44 +245,45 @@ def test_without_length_penalty_stop_beam_gives_stop_bests_1best_in_no_more_deco
             rows[stop] += sum(decoder.rows_per_step)
         assert found["best"].tokens == found["beam"].tokens
         assert found["best"].score == found["beam"].score
-    assert rows["beam"] < rows["best"]
+    assert rows["beam"] == rows["best"]
 
 
+@pytest.mark.parametrize("stop", ["beam", "best"])
 @pytest.mark.parametrize("lenpen", [0.0, 0.6, 2.0, -0.5])
 @pytest.mark.parametrize("nbest", [1, 3])
-def test_stop_beams_early_end_never_changes_its_nbest(monkeypatch, lenpen, nbest):
-    """The same hypotheses and scores as waiting for K ended ones, in no more decoder rows."""
+def test_the_exact_early_end_never_changes_a_rules_nbest(monkeypatch, stop, lenpen, nbest):
+    """The same hypotheses and scores as the rule alone, in no more decoder rows."""
     from seq2seq.inference import search as search_module
 
     rows = {"exact": 0, "wait": 0}
     for seed in range(30):
         found = {}
         for way in rows:
-            if way == "wait":  # no bound: only K ended hypotheses (or the limit) end a sentence
+            if way == "wait":  # no bound: only the rule (or the limit) ends a sentence
                 monkeypatch.setattr(
                     search_module, "_best_reachable", lambda lp, *_: torch.full_like(lp, math.inf)
                 )
             decoder = ScriptedDecoder(random_script(seed))
-            settings = cfg(beam=3, nbest=nbest, lenpen=lenpen, max_len_b=6, stop="beam")
+            settings = cfg(beam=3, nbest=nbest, lenpen=lenpen, max_len_b=6, stop=stop)
             hyps = beam_search(decoder, SRC, settings)[0]
             found[way] = [(h.tokens, h.score) for h in hyps]
             rows[way] += sum(decoder.rows_per_step)
             monkeypatch.undo()
         assert found["exact"] == found["wait"]
     assert rows["exact"] <= rows["wait"]
-    if lenpen == 0.0 and nbest < 3:  # nbest == beam: the n-th best ends with the K-th
+    if lenpen == 0.0 and nbest < 3:  # an earlier ended hypothesis beat every live beam
         assert rows["exact"] < rows["wait"]
 
 
-def test_stop_beams_early_end_keeps_a_real_models_nbest(monkeypatch):
+def test_the_exact_early_end_keeps_a_real_models_nbest(monkeypatch):
     from seq2seq.inference import search as search_module
 
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=12, tgt_vocab_size=12, dropout=0.0)).eval()
     src = torch.randint(4, 12, (6, 5))
     src[:, -1] = EOS
-    for lenpen in (0.0, 1.0):
-        settings = cfg(beam=4, nbest=2, lenpen=lenpen, max_len_b=8, stop="beam")
+    for lenpen, stop in itertools.product((0.0, 1.0), ("beam", "best")):
+        settings = cfg(beam=4, nbest=2, lenpen=lenpen, max_len_b=8, stop=stop)
         exact = beam_search(model, src, settings)
         with monkeypatch.context() as m:
             m.setattr(

@@ -21,12 +21,13 @@ hypotheses have finished (OpenNMT-py's and CTranslate2's rule). Candidates of on
 the same length, so the best by raw log-probability is also the best by score; with lenpen 0
 every continuation of another beam scores lower still, so both rules give the same 1-best.
 
-`stop='beam'` also ends a sentence sooner when nothing left can change its n-best: once
+Either rule also ends a sentence sooner when nothing left can change its n-best: once
 `nbest` hypotheses have finished and the n-th best score is at least what any live beam could
 still reach, its log-probability (extensions only lower it) over the largest penalty its
-length limit allows. That bound is exact, so the output is the rule's own; with lenpen 0 it
-ends a sentence as soon as its best candidate is EOS, as `stop='best'` does (CTranslate2 too
-exits early only when its length penalty is 0).
+length limit allows. That bound is exact, so the output is the rule's own. With lenpen 0 it
+ends a `stop='beam'` sentence as soon as its best candidate is EOS, as `stop='best'` does
+(CTranslate2 too exits early only when its length penalty is 0), or sooner, when an earlier
+ended hypothesis already beats every live beam.
 """
 
 from __future__ import annotations
@@ -327,9 +328,8 @@ def _advance(
     done = (beams.n_finished >= K) | (step >= beams.max_len)
     if cfg.stop == "best":
         done |= (cand.token[:, 0] == EOS) & (beams.n_finished >= cfg.nbest)
-    else:
-        reachable = _best_reachable(log_prob[:, 0], beams.max_len, penalties, step)
-        done |= beams.kept[:, -1] >= reachable
+    # Under either rule, nothing a live beam could still add would enter the n-best.
+    done |= beams.kept[:, -1] >= _best_reachable(log_prob[:, 0], beams.max_len, penalties, step)
     keep = (~done).nonzero().squeeze(1)  # (N',)
     rows = rows[keep].view(-1)
     tokens = torch.cat([beams.tokens[rows], cand.token.gather(1, pick)[keep].view(-1, 1)], dim=1)
