@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from seq2seq.kernels.swap import swap_linears
+from seq2seq.kernels.swap import float32_on_cpu, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -268,16 +268,12 @@ class PackedLinear(nn.Module):
         )
 
 
-def _packable(layer: nn.Linear) -> bool:
-    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
-
-
 def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
     """Replace `model.<name>` (a linear layer) by a `PackedLinear` of its weight, for decoding
     in float32 on a CPU. Returns whether it did (not where packing is unusable, with one
     warning, nor for other dtypes or devices)."""
     layer = getattr(model, name)
-    if not (packing_works() and _packable(layer)):
+    if not (packing_works() and float32_on_cpu(layer)):
         return False
     setattr(model, name, PackedLinear.of(layer))
     return True
@@ -290,16 +286,10 @@ def use_packed_encoder(model: nn.Module) -> int:
     where packing is unusable here)."""
     if not packing_works():
         return 0
-    swapped = swap_linears(
-        model.encoder_layers,
-        lambda layer, relu: PackedLinear.of(layer, relu, bucket=False),
-        lambda name, layer: _packable(layer),
-    )
-    return swapped + swap_linears(
-        model.decoder_layers,
-        lambda layer, relu: PackedLinear.of(layer, relu, bucket=False),
-        lambda name, layer: name == "kv" and _packable(layer),
-    )
+    exact = functools.partial(PackedLinear.of, bucket=False)
+    encoder = swap_linears(model.encoder_layers, exact, lambda name, layer: float32_on_cpu(layer))
+    per_batch = lambda name, layer: name == "kv" and float32_on_cpu(layer)  # noqa: E731
+    return encoder + swap_linears(model.decoder_layers, exact, per_batch)
 
 
 def use_packed_decoder(model: nn.Module) -> int:
@@ -311,5 +301,5 @@ def use_packed_decoder(model: nn.Module) -> int:
     return swap_linears(
         model.decoder_layers,
         lambda layer, relu: PackedLinear.of(layer, relu, bucket=True),
-        lambda name, layer: name != "kv" and _packable(layer),
+        lambda name, layer: name != "kv" and float32_on_cpu(layer),
     )
