@@ -75,8 +75,8 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         dest="pack_weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="fp32 on a CPU: pack the linear layers' weights once, bias and ReLU fused, for "
-        "oneDNN (the per-step layers for MKL on an Intel CPU) (default; --no-pack-weights: "
+        help="fp32 on a CPU: pack the weights of the layers that run at every step once, bias "
+        "and ReLU fused, for oneDNN (for MKL on an Intel CPU) (default; --no-pack-weights: "
         "torch's default kernels)",
     )
     p.add_argument(

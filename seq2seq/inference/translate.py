@@ -43,7 +43,7 @@ from seq2seq.data.batching import cut
 from seq2seq.inference.search import EOS, PAD, Hypothesis
 from seq2seq.kernels.cpu import cpu_is_intel
 from seq2seq.kernels.mkl import use_mkl_packed_decoder
-from seq2seq.kernels.onednn import use_packed_decoder, use_packed_encoder, use_packed_projection
+from seq2seq.kernels.onednn import use_packed_decoder, use_packed_projection
 from seq2seq.nn.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -219,12 +219,11 @@ def prepare_model(
 
     int8 is torch's dynamic quantization of the nn.Linear layers (CPU only), the output
     projection (`generator`) included, of a copy of the model; the embeddings stay in float32.
-    With `pack_weights`, in float32 on a CPU, the linear layers are swapped, in place, for
-    copies whose weights are packed once: the encoder's and the cross-attention key/value
-    projections for oneDNN (`seq2seq.kernels.onednn.use_packed_encoder`), and the layers that
-    run at every decoding step, the output projection included, for MKL on an Intel CPU
-    (`seq2seq.kernels.mkl.use_mkl_packed_decoder`) and for oneDNN elsewhere
-    (`use_packed_decoder`, `use_packed_projection`). The model is for decoding from then on.
+    With `pack_weights`, in float32 on a CPU, the linear layers that run at every decoding
+    step, the output projection included, are swapped, in place, for copies whose weights are
+    packed once: for MKL on an Intel CPU (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), for
+    oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_decoder`, `use_packed_projection`).
+    The model is for decoding from then on.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
@@ -250,7 +249,6 @@ def prepare_model(
         # 10-14%); elsewhere oneDNN (AMD EPYCs: faster than MKL, README).
         if not (cpu_is_intel() and use_mkl_packed_decoder(model, projection=True)):
             use_packed_decoder(model)
-        use_packed_encoder(model)
         if type(model.generator) is nn.Linear:
             use_packed_projection(model)
     return model

@@ -16,12 +16,11 @@ Swaps, each applied to a plain model from outside it:
 - Load time, for decoding in float32 on a CPU, layers become `PackedLinear`s, their weights
   packed once into oneDNN's own layout (ReLU fused as above): `use_packed_projection(model)`,
   the output projection, the largest matmul of every decoding step (through MKL it took a
-  quarter of a beam-5 decode); `use_packed_decoder(model)`, the decoder layers' other
-  per-step layers; both at a few bucketed row counts (`row_bucket`). `use_packed_encoder`,
-  the layers that run once per batch (encoder, cross-attention keys/values), at exact counts.
+  quarter of a beam-5 decode), at a few bucketed row counts (`row_bucket`);
+  `use_packed_decoder(model)`, the decoder layers' other per-step layers, at exact counts.
   On a 2-core AMD EPYC (AVX-512) oneDNN ran the decoder's shapes 8-30% faster than MKL's
-  packed sgemm (`seq2seq.kernels.mkl`), most at few rows, and the three swaps together
-  decoded 1.08-1.11x as fast (README).
+  packed sgemm (`seq2seq.kernels.mkl`), most at few rows; at exact counts greedy decoding
+  ran 1.14x as fast as on MKL, at bucketed counts (padding copied in) 1.07x (README).
 
 Both need private torch ops. Each swap first checks that its op exists and computes what it
 should on a small case (`onednn_works`, `packing_works`); if not (torch removed or changed
@@ -31,8 +30,8 @@ all off. Results equal `F.linear`'s to float32 rounding.
 oneDNN builds a kernel per matrix shape and caches them, and every training batch brings new
 shapes: the `seq2seq` command bounds its caches (`cli.runtime_env`), and a program that trains
 the model in its own loop should export the same variables. Decoding meets a few hundred
-shapes at most (the buckets of five weights, and one row count per batch for the encoder's),
-so the decoding commands leave oneDNN's default of 1,024.
+row counts (each a kernel per decoder weight shape), so the decoding commands leave oneDNN's
+default of 1,024.
 """
 
 from __future__ import annotations
@@ -230,9 +229,8 @@ class PackedLinear(nn.Module):
     """An inference-only copy of a linear layer (and, with `relu`, the ReLU after it) whose
     weight is packed once into oneDNN's layout: x @ W.T + b for float32 CPU inputs, with the
     bias and ReLU inside the matmul. With `bucket` its rows are zero-padded to `row_bucket`
-    (the layers that run at every decoding step, whose row count changes at nearly every
-    step); without, oneDNN builds a kernel per row count (the encoder's layers, one count per
-    batch). It holds no parameters of its own, so the model's state_dict is unchanged; its
+    (the output projection, whose kernels take longest to build); without, oneDNN builds a
+    kernel per row count (the decoder layers': a few hundred in a decode). It holds no parameters of its own, so the model's state_dict is unchanged; its
     packed weight does not follow later changes to the layer's weight (pack again after
     training)."""
 
@@ -279,27 +277,13 @@ def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
     return True
 
 
-def use_packed_encoder(model: nn.Module) -> int:
-    """Swap the linear layers that run once per batch, on its real source tokens: the encoder
-    layers' (the feed-forward ReLU fused) and the decoder layers' cross-attention key/value
-    projections, for `PackedLinear`s at exact row counts. Returns how many were swapped (0
-    where packing is unusable here)."""
+def use_packed_decoder(model: nn.Module) -> int:
+    """Swap the linear layers of `model.decoder_layers` that run at every decoding step (all
+    but the cross-attention's key/value projection, run once per batch) for `PackedLinear`s
+    at exact row counts, the feed-forward ReLU fused. Returns how many were swapped (0 where
+    packing is unusable here)."""
     if not packing_works():
         return 0
     exact = functools.partial(PackedLinear.of, bucket=False)
-    encoder = swap_linears(model.encoder_layers, exact, lambda name, layer: float32_on_cpu(layer))
-    per_batch = lambda name, layer: name == "kv" and float32_on_cpu(layer)  # noqa: E731
-    return encoder + swap_linears(model.decoder_layers, exact, per_batch)
-
-
-def use_packed_decoder(model: nn.Module) -> int:
-    """Swap the linear layers of `model.decoder_layers` that run at every decoding step (all
-    but the cross-attention's key/value projection) for row-bucketed `PackedLinear`s, the
-    feed-forward ReLU fused. Returns how many were swapped (0 where packing is unusable)."""
-    if not packing_works():
-        return 0
-    return swap_linears(
-        model.decoder_layers,
-        lambda layer, relu: PackedLinear.of(layer, relu, bucket=True),
-        lambda name, layer: name != "kv" and float32_on_cpu(layer),
-    )
+    per_step = lambda name, layer: name != "kv" and float32_on_cpu(layer)  # noqa: E731
+    return swap_linears(model.decoder_layers, exact, per_step)
