@@ -244,7 +244,8 @@ def runtime_env(args: argparse.Namespace) -> dict[str, str]:
     """RUNTIME_ENV, except for the commands that only decode (translate, evaluate, and bench's
     -m with --against or --profile): decoding on a CPU meets a few hundred oneDNN shapes at
     most (seq2seq.kernels.onednn), which oneDNN's defaults keep; at 64 it rebuilt them (the
-    default recipe's float32 greedy decode ran 7% slower, beam 5 5%)."""
+    default recipe's float32 beam 5 ran 8-17% slower, alternating processes on a 2-core AMD
+    EPYC)."""
     decoding = args.command in ("translate", "evaluate") or (
         args.command == "bench" and args.model and (args.against or args.profile)
     )
