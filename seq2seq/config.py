@@ -381,10 +381,10 @@ class DecodeConfig:
     stop: str = "beam"
     """When beam search ends a sentence: 'beam' once `beam` hypotheses have ended (fairseq's
     rule, Hugging Face's early_stopping); 'best' as soon as its best candidate ends, once `nbest`
-    hypotheses have ended (OpenNMT-py's and CTranslate2's rule): fewer steps with a length
-    penalty, and the same 1-best when lenpen is 0, since no longer hypothesis can then score
-    higher. Either ends a sentence sooner once no live beam can reach its n-best (an exact
-    bound: the same output; seq2seq.inference.search)."""
+    hypotheses have ended, however many others have (CTranslate2's rule without a length
+    penalty): with lenpen 0 the best hypothesis its beams reach, where 'beam' may stop while a
+    live beam scores higher. Either ends a sentence sooner once no live beam can reach its
+    n-best (an exact bound: the same output; seq2seq.inference.search)."""
 
     def __post_init__(self) -> None:
         if self.stop not in STOP_RULES:

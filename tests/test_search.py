@@ -234,18 +234,39 @@ def random_script(seed: int, depth: int = 5) -> dict[tuple[int, ...], dict[int, 
     return script
 
 
-def test_without_length_penalty_both_rules_give_the_same_1best_in_the_same_decoder_rows():
-    """The exact early end stops either as soon as its best candidate ends, or sooner."""
-    rows = {"beam": 0, "best": 0}
+# Beam 2, no length penalty. Step 1 ends [B] (0.3) and keeps [A, A] (0.45) and [B, B] (0.2);
+# step 2 ends [B, B] (0.18) beside the best candidate [A, A, A] (0.405), whose EOS is certain.
+K_ENDED_FIRST = {
+    (): {A: 0.5, B: 0.5},
+    (A,): {A: 0.9, EOS: 0.1},
+    (B,): {EOS: 0.6, B: 0.4},
+    (A, A): {A: 0.9, EOS: 0.1},
+    (B, B): {EOS: 0.9, B: 0.1},
+}
+
+
+def test_stop_best_goes_on_past_k_ended_hypotheses_while_a_live_beam_scores_higher():
+    """fairseq's rule stops once 2 have ended ([B], [B, B]); CTranslate2's goes on to the
+    likelier [A, A, A]."""
+    found = {}
+    for stop in ("beam", "best"):
+        found[stop] = beam_search(ScriptedDecoder(K_ENDED_FIRST), SRC, cfg(beam=2, stop=stop))[0]
+    assert found["beam"][0].tokens == [B]
+    assert found["beam"][0].score == pytest.approx(math.log(0.3))
+    assert found["best"][0].tokens == [A, A, A]
+    assert found["best"][0].score == pytest.approx(math.log(0.405))
+
+
+def test_without_length_penalty_stop_best_finds_a_1best_as_likely_as_stop_beams():
+    better = 0
     for seed in range(20):
         found = {}
-        for stop in rows:
+        for stop in ("beam", "best"):
             decoder = ScriptedDecoder(random_script(seed))
             found[stop] = beam_search(decoder, SRC, cfg(beam=3, max_len_b=6, stop=stop))[0][0]
-            rows[stop] += sum(decoder.rows_per_step)
-        assert found["best"].tokens == found["beam"].tokens
-        assert found["best"].score == found["beam"].score
-    assert rows["beam"] == rows["best"]
+        assert found["best"].score >= found["beam"].score
+        better += found["best"].score > found["beam"].score
+    assert better > 0
 
 
 @pytest.mark.parametrize("stop", ["beam", "best"])

@@ -17,17 +17,18 @@ is forbidden before `min_len` tokens. Beam search ranks its candidates by raw lo
 (as fairseq does) and applies the length penalty to finished hypotheses. It stops a sentence
 once `K` hypotheses have finished (`stop='beam'`, the "early stopping" of fairseq and Hugging
 Face), or with `stop='best'` as soon as the sentence's best candidate is EOS and `nbest`
-hypotheses have finished (OpenNMT-py's and CTranslate2's rule). Candidates of one step all have
-the same length, so the best by raw log-probability is also the best by score; with lenpen 0
-every continuation of another beam scores lower still, so both rules give the same 1-best.
+hypotheses have finished, however many others have (CTranslate2's rule without a length
+penalty). Candidates of one step all have the same length, so the best by raw log-probability
+is also the best by score; with lenpen 0 every continuation of another beam scores lower
+still, so `best` ends with the best hypothesis its beams reach, while `beam` may stop on K
+ended ones while a live beam scores higher (and then a longer, likelier hypothesis is lost).
 
 Either rule also ends a sentence sooner when nothing left can change its n-best: once
 `nbest` hypotheses have finished and the n-th best score is at least what any live beam could
 still reach, its log-probability (extensions only lower it) over the largest penalty its
-length limit allows. That bound is exact, so the output is the rule's own. With lenpen 0 it
-ends a `stop='beam'` sentence as soon as its best candidate is EOS, as `stop='best'` does
-(CTranslate2 too exits early only when its length penalty is 0), or sooner, when an earlier
-ended hypothesis already beats every live beam.
+length limit allows. That bound is exact, so the output is the rule's own; with lenpen 0 it
+ends a sentence as soon as its best candidate is EOS, or sooner, when an earlier ended
+hypothesis already beats every live beam.
 """
 
 from __future__ import annotations
@@ -325,9 +326,11 @@ def _advance(
     beam = cand.beam.gather(1, pick)
     rows = torch.arange(N, device=beam.device)[:, None] * k + beam  # (N, K)
     log_prob = cand.log_prob.gather(1, pick)  # (N, K): the live beams, best first
-    done = (beams.n_finished >= K) | (step >= beams.max_len)
-    if cfg.stop == "best":
+    done = step >= beams.max_len
+    if cfg.stop == "best":  # however many others have ended, as CTranslate2 does
         done |= (cand.token[:, 0] == EOS) & (beams.n_finished >= cfg.nbest)
+    else:
+        done |= beams.n_finished >= K
     # Under either rule, nothing a live beam could still add would enter the n-best.
     done |= beams.kept[:, -1] >= _best_reachable(log_prob[:, 0], beams.max_len, penalties, step)
     keep = (~done).nonzero().squeeze(1)  # (N',)
