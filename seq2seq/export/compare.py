@@ -248,7 +248,6 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
     model = translator.models[0]
     said = []
     for name, modules in (
-        ("encoder layers", model.encoder_layers.modules()),
         ("decoder layers", model.decoder_layers.modules()),
         ("output projection", [model.generator]),
     ):

@@ -11,9 +11,10 @@ decoder's shapes 1.1-2x faster than `F.linear`, most at 16-64 rows. Unlike oneDN
 packed weight.
 
 `use_mkl_packed_decoder(model)` (load time) swaps the linear layers that run at every
-decoding step (the decoder layers', and the output projection when asked: `prepare_model` asks
-on an Intel CPU, where it beat oneDNN's packed projection, beam 5 by 10-14%) for
-`MklPackedLinear`s. Each packed weight costs about 8 MiB of MKL's own on top of the weight:
+decoding step (the decoder layers', and the output projection when asked) for
+`MklPackedLinear`s. `prepare_model` uses it on an Intel CPU, where the projection beat
+oneDNN's packed one (beam 5 by 10-14%); on AMD EPYCs oneDNN's exact-count kernels ran the
+decoder layers faster (`seq2seq.kernels.onednn.use_packed_decoder`). Each packed weight costs about 8 MiB of MKL's own on top of the weight:
 the encoder's layers, which run once per batch on thousands of rows, keep `F.linear`.
 
 It needs private torch ops: `mkl_packing_works` first checks that they exist and compute what

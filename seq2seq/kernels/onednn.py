@@ -19,10 +19,11 @@ Swaps, each applied to a plain model from outside it:
   quarter of a beam-5 decode), at a few bucketed row counts (`row_bucket`);
   `use_packed_decoder(model)`, the decoder layers' other per-step layers, at exact counts.
   On a 2-core AMD EPYC (AVX-512) oneDNN ran the decoder's shapes 8-30% faster than MKL's
-  packed sgemm (`seq2seq.kernels.mkl`), most at few rows; at exact counts greedy decoding
-  ran 1.14x as fast as on MKL, at bucketed counts (padding copied in) 1.07x (README).
+  packed sgemm (`seq2seq.kernels.mkl`), most at few rows; the default recipe's model decoded
+  greedy 1.14x as fast as on MKL at exact counts, 1.07x at bucketed ones (padding copied in),
+  and beam 5 1.00x and 0.97x (one process, alternating rounds).
 
-Both need private torch ops. Each swap first checks that its op exists and computes what it
+They need private torch ops. Each swap first checks that its op exists and computes what it
 should on a small case (`onednn_works`, `packing_works`); if not (torch removed or changed
 it), the model keeps its plain layers and one warning says so. `SEQ2SEQ_ONEDNN=0` turns them
 all off. Results equal `F.linear`'s to float32 rounding.
@@ -230,9 +231,9 @@ class PackedLinear(nn.Module):
     weight is packed once into oneDNN's layout: x @ W.T + b for float32 CPU inputs, with the
     bias and ReLU inside the matmul. With `bucket` its rows are zero-padded to `row_bucket`
     (the output projection, whose kernels take longest to build); without, oneDNN builds a
-    kernel per row count (the decoder layers': a few hundred in a decode). It holds no parameters of its own, so the model's state_dict is unchanged; its
-    packed weight does not follow later changes to the layer's weight (pack again after
-    training)."""
+    kernel per row count (the decoder layers': a few hundred in a decode). It holds no
+    parameters of its own, so the model's state_dict is unchanged; its packed weight does not
+    follow later changes to the layer's weight (pack again after training)."""
 
     def __init__(
         self, weight: Tensor, bias: Tensor | None, relu: bool = False, bucket: bool = True
