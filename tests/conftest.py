@@ -123,14 +123,3 @@ def checkpoint(multi30k_slice: Path, tmp_path_factory: pytest.TempPathFactory) -
     model = Transformer(cfg)
     decode = DecodeConfig(beam=2, lenpen=0.6, max_len_a=1.0, max_len_b=4)
     return write_checkpoint(out / "tiny.ckpt", model, tok.to_state(), decode)
-
-
-def stepwise_logits(model: Transformer, src: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) of target tokens `steps` (B, T) fed one step at a time through the
-    key/value cache, as search feeds them."""
-    with torch.inference_mode():
-        memory, cache = model.encode(src), model.new_cache()
-        logits = [
-            model.decode_step(steps[:, t : t + 1], memory, cache) for t in range(steps.size(1))
-        ]
-    return torch.cat(logits, dim=1)

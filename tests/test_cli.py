@@ -19,17 +19,6 @@ def test_the_command_bounds_onednn_kernel_caches_unless_the_user_set_them(monkey
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "8"
 
 
-def test_decoding_commands_leave_onednns_kernel_caches_at_their_defaults(monkeypatch, tmp_path):
-    """Decoding meets a few hundred shapes, which a cache of 64 would rebuild over and over."""
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
-    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
-    text = tmp_path / "a.de"
-    text.write_text("Ein Hund.\n", encoding="utf-8")
-    assert main(["evaluate", "--hyp", str(text), "--ref", str(text)]) == 0
-    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
-    assert "LRU_CACHE_CAPACITY" not in os.environ
-
-
 def test_the_command_leaves_cudnn_attention_out_of_sdpa():
     import torch
 

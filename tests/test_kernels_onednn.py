@@ -10,7 +10,6 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import stepwise_logits
 from torch import nn
 
 import seq2seq.kernels.onednn as onednn
@@ -159,49 +158,6 @@ def test_a_packed_projection_gives_f_linear_for_every_row_count():
             torch.testing.assert_close(packed(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 3, 16)
         torch.testing.assert_close(packed(x3), F.linear(x3, weight, bias), rtol=1e-5, atol=1e-5)
-
-
-@needs_onednn
-@pytest.mark.parametrize("bucket", [True, False])
-def test_a_packed_layer_with_its_relu_gives_the_plain_pair_for_every_row_count(bucket):
-    if not onednn.packing_works():
-        pytest.skip("torch without oneDNN weight packing")
-    torch.manual_seed(0)
-    layer = nn.Linear(16, 50)
-    packed = PackedLinear.of(layer, relu=True, bucket=bucket)
-    with torch.inference_mode():
-        for rows in (1, 17, 300):
-            x = torch.randn(rows, 16)
-            want = F.relu(layer(x))
-            assert (want == 0).any() and (want > 0).any()  # the ReLU cut some, kept some
-            torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
-    x = torch.randn(5, 16, requires_grad=True)  # autograd: the plain pair, with gradients
-    torch.testing.assert_close(packed(x), F.relu(layer(x)), rtol=1e-5, atol=1e-5)
-
-
-@needs_onednn
-def test_a_packed_decoder_decodes_as_the_plain_model():
-    """The per-step layers packed at exact row counts, the projection bucketed, the ReLUs
-    fused: the same logits, step by step."""
-    if not onednn.packing_works():
-        pytest.skip("torch without oneDNN weight packing")
-    torch.manual_seed(0)
-    cfg = preset("tiny", src_vocab_size=40, tgt_vocab_size=40, dropout=0.0)
-    plain = Transformer(cfg).eval()
-    packed = Transformer(cfg).eval()
-    packed.load_state_dict(plain.state_dict())
-    assert onednn.use_packed_decoder(packed) == 6 * cfg.n_decoder_layers  # all but kv
-    assert onednn.use_packed_projection(packed)
-    assert cfg.n_decoder_layers == sum(isinstance(m, nn.Identity) for m in packed.modules()) - 2
-    for layer in packed.decoder_layers:
-        assert type(layer.cross_attn.kv) is nn.Linear  # once per batch: left plain
-        assert not layer.ffn.w1.bucket and layer.ffn.w1.relu
-    assert packed.generator.bucket
-    src = torch.randint(4, 40, (19, 9))
-    src[3:, 6:] = 0  # padding
-    steps = torch.randint(4, 40, (19, 6))
-    want = stepwise_logits(plain, src, steps)
-    torch.testing.assert_close(stepwise_logits(packed, src, steps), want, rtol=1e-5, atol=1e-5)
 
 
 def test_row_buckets_cover_every_count_with_few_kernels_and_little_padding():

@@ -240,18 +240,6 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 RUNTIME_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
 
-def runtime_env(args: argparse.Namespace) -> dict[str, str]:
-    """RUNTIME_ENV, except for the commands that only decode (translate, evaluate, and bench's
-    -m with --against or --profile): decoding on a CPU meets a few hundred oneDNN shapes at
-    most (seq2seq.kernels.onednn), which oneDNN's defaults keep; at 64 it rebuilt them (the
-    default recipe's float32 beam 5 ran 8-17% slower, alternating processes on a 2-core AMD
-    EPYC)."""
-    decoding = args.command in ("translate", "evaluate") or (
-        args.command == "bench" and args.model and (args.against or args.profile)
-    )
-    return {} if decoding else RUNTIME_ENV
-
-
 def use_attention_kernels() -> None:
     """Leave cuDNN's fused attention out of torch's SDPA choices (flash and memory-efficient
     attention remain). On an H100 in bf16 torch tries cuDNN first, and cuDNN builds an execution
@@ -303,7 +291,7 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     parser = build_parser()
     own, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
-    for key, value in runtime_env(args).items():  # before torch first uses oneDNN
+    for key, value in RUNTIME_ENV.items():  # before torch first uses oneDNN
         os.environ.setdefault(key, value)
     use_attention_kernels()  # after parsing: --help need not import torch
     if extra and args.command not in _TAKES_OVERRIDES:

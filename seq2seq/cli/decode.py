@@ -75,9 +75,9 @@ def add_translate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         dest="pack_weights",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="fp32 on a CPU: pack the weights of the layers that run at every step once, bias "
-        "and ReLU fused, for oneDNN (for MKL on an Intel CPU) (default; --no-pack-weights: "
-        "torch's default kernels)",
+        help="fp32 on a CPU: pack the weights of the layers that run at every step once, the "
+        "decoder layers' for MKL and the output projection's for MKL on an Intel CPU, oneDNN "
+        "elsewhere (default; --no-pack-weights: torch's default kernels)",
     )
     p.add_argument(
         "--errors",

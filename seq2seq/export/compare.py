@@ -247,23 +247,14 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
         return f"int8 linear layers: torch dynamic quantization ({torch.backends.quantized.engine})"
     model = translator.models[0]
     said = []
-    for name, modules in (
-        ("decoder layers", model.decoder_layers.modules()),
-        ("output projection", [model.generator]),
-    ):
-        kinds = {_kernel(m) for m in modules} - {None}
-        said += [f"{name}: {kind}" for kind in sorted(kinds)]
+    if isinstance(model.generator, PackedLinear):
+        said.append("output projection: oneDNN, packed, row-bucketed")
+    if isinstance(model.generator, MklPackedLinear):
+        said.append("output projection: MKL, packed")
+    if any(isinstance(m, MklPackedLinear) for m in model.decoder_layers.modules()):
+        said.append("decoder layers: MKL, packed")
     rest = "other linear layers" if said else "linear layers"
     return "; ".join([*said, f"{rest}: {_torch_gemm()}"])
-
-
-def _kernel(module) -> str | None:
-    """What a packed linear layer runs on (None for any other module)."""
-    if isinstance(module, PackedLinear):
-        return "oneDNN, packed" + (", row-bucketed" if module.bucket else "")
-    if isinstance(module, MklPackedLinear):
-        return "MKL, packed"
-    return None
 
 
 def _theirs(

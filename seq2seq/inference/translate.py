@@ -43,7 +43,7 @@ from seq2seq.data.batching import cut
 from seq2seq.inference.search import EOS, PAD, Hypothesis
 from seq2seq.kernels.cpu import cpu_is_intel
 from seq2seq.kernels.mkl import use_mkl_packed_decoder
-from seq2seq.kernels.onednn import use_packed_decoder, use_packed_projection
+from seq2seq.kernels.onednn import use_packed_projection
 from seq2seq.nn.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,11 @@ def prepare_model(
 
     int8 is torch's dynamic quantization of the nn.Linear layers (CPU only), the output
     projection (`generator`) included, of a copy of the model; the embeddings stay in float32.
-    With `pack_weights`, in float32 on a CPU, the linear layers that run at every decoding
-    step, the output projection included, are swapped, in place, for copies whose weights are
-    packed once: for MKL on an Intel CPU (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), for
-    oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_decoder`, `use_packed_projection`).
-    The model is for decoding from then on.
+    With `pack_weights`, in float32 on a CPU, layers that run at every decoding step are
+    swapped, in place, for copies whose weights are packed once: the decoder layers' for MKL
+    (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), the output projection's for MKL on an
+    Intel CPU and for oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_projection`). The
+    model is for decoding from then on.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
@@ -245,10 +245,9 @@ def prepare_model(
             return quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
     model = model.to(PRECISIONS[precision])
     if pack_weights and precision == "fp32":
-        # Per step, MKL where it was measured faster (an Intel Xeon: the projection, beam 5 by
-        # 10-14%); elsewhere oneDNN (an AMD EPYC: greedy 1.14x MKL's, seq2seq.kernels.onednn).
-        if not (cpu_is_intel() and use_mkl_packed_decoder(model, projection=True)):
-            use_packed_decoder(model)
+        # The projection on MKL too where that was measured faster (an Intel Xeon: beam 5 by
+        # 10-14%); elsewhere on oneDNN (AMD EPYCs: faster than MKL's F.linear).
+        use_mkl_packed_decoder(model, projection=cpu_is_intel())
         if type(model.generator) is nn.Linear:
             use_packed_projection(model)
     return model

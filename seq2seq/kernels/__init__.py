@@ -1,9 +1,8 @@
 """Speed tricks, swapped into a plain Transformer from outside it: `for_cpu_training` here at
-fit time, `onednn.use_packed_decoder` and `onednn.use_packed_projection` (on Intel
-`mkl.use_mkl_packed_decoder`) at load time. The model file calls its own `nn.Linear`,
-`nn.ReLU` and `nn.Dropout`; these modules put faster equivalents in their place, each
-falling back to the plain layer (with one warning where the private torch op it needs has
-changed) when that op is missing or wrong."""
+fit time, `mkl.use_mkl_packed_decoder` and `onednn.use_packed_projection` at load time. The
+model file calls its own `nn.Linear`, `nn.ReLU` and `nn.Dropout`; these modules put faster
+equivalents in their place, each falling back to the plain layer (with one warning where the
+private torch op it needs has changed) when that op is missing or wrong."""
 
 from __future__ import annotations
 

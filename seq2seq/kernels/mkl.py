@@ -11,10 +11,9 @@ decoder's shapes 1.1-2x faster than `F.linear`, most at 16-64 rows. Unlike oneDN
 packed weight.
 
 `use_mkl_packed_decoder(model)` (load time) swaps the linear layers that run at every
-decoding step (the decoder layers', and the output projection when asked) for
-`MklPackedLinear`s. `prepare_model` uses it on an Intel CPU, where the projection beat
-oneDNN's packed one (beam 5 by 10-14%); on AMD EPYCs oneDNN's exact-count kernels ran the
-decoder layers faster (`seq2seq.kernels.onednn.use_packed_decoder`). Each packed weight costs about 8 MiB of MKL's own on top of the weight:
+decoding step (the decoder layers', and the output projection when asked: `prepare_model` asks
+on an Intel CPU, where it beat oneDNN's packed projection, beam 5 by 10-14%) for
+`MklPackedLinear`s. Each packed weight costs about 8 MiB of MKL's own on top of the weight:
 the encoder's layers, which run once per batch on thousands of rows, keep `F.linear`.
 
 It needs private torch ops: `mkl_packing_works` first checks that they exist and compute what
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seq2seq.kernels.swap import float32_on_cpu, swap_linears
+from seq2seq.kernels.swap import swap_linears
 
 
 def _op(name: str):
@@ -106,6 +105,10 @@ class MklPackedLinear(nn.Module):
         )
 
 
+def _packable(layer: nn.Linear) -> bool:
+    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
+
+
 def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     """Swap the linear layers of `model.decoder_layers` that run at every step (not the
     cross-attention's key/value projection, run once per batch on the encoder's output), and
@@ -113,10 +116,10 @@ def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     swapped (0 where the ops are unusable here)."""
     if not mkl_packing_works():
         return 0
-    per_step = lambda name, layer: name != "kv" and float32_on_cpu(layer)  # noqa: E731
+    per_step = lambda name, layer: name != "kv" and _packable(layer)  # noqa: E731
     swapped = swap_linears(model.decoder_layers, MklPackedLinear, per_step)
     gen = getattr(model, "generator", None)
-    if projection and type(gen) is nn.Linear and float32_on_cpu(gen):
+    if projection and type(gen) is nn.Linear and _packable(gen):
         model.generator = MklPackedLinear(gen)
         swapped += 1
     return swapped

@@ -6,33 +6,26 @@ also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU
 for a linear layer), adds the bias and applies the ReLU inside the matmul; on an AVX-512 CPU
 it ran the model's training shapes at about 200 GFLOP/s where MKL ran them at 120-185.
 
-Swaps, each applied to a plain model from outside it:
+Two swaps, each applied to a plain model from outside it:
 - `use_onednn_linears(model)` (fit time): every `nn.Linear` becomes a `OneDnnLinear`, which
   trains through oneDNN (forward and input gradient; the weight gradient stays `torch.mm`) in
   float32 on a CPU, and is the plain layer everywhere else (accelerators, other dtypes,
   autocast, torch.compile, inference). A Linear registered right before an `nn.ReLU` in the
   same parent (as the feed-forward network's first layer and its activation) takes the ReLU
   into the kernel, and the ReLU becomes an `nn.Identity`.
-- Load time, for decoding in float32 on a CPU, layers become `PackedLinear`s, their weights
-  packed once into oneDNN's own layout (ReLU fused as above): `use_packed_projection(model)`,
-  the output projection, the largest matmul of every decoding step (through MKL it took a
-  quarter of a beam-5 decode), at a few bucketed row counts (`row_bucket`);
-  `use_packed_decoder(model)`, the decoder layers' other per-step layers, at exact counts.
-  On a 2-core AMD EPYC (AVX-512) oneDNN ran the decoder's shapes 8-30% faster than MKL's
-  packed sgemm (`seq2seq.kernels.mkl`), most at few rows; the default recipe's model decoded
-  greedy 1.14x as fast as on MKL at exact counts, 1.07x at bucketed ones (padding copied in),
-  and beam 5 1.00x and 0.97x (one process, alternating rounds).
+- `use_packed_projection(model)` (load time, for decoding): the output projection, the largest
+  matmul of every decoding step, runs on oneDNN with its weight packed once into oneDNN's own
+  layout (`PackedLinear`), at a few bucketed row counts (`row_bucket`); through MKL it took a
+  quarter of a beam-5 decode.
 
-They need private torch ops. Each swap first checks that its op exists and computes what it
+Both need private torch ops. Each swap first checks that its op exists and computes what it
 should on a small case (`onednn_works`, `packing_works`); if not (torch removed or changed
-it), the model keeps its plain layers and one warning says so. `SEQ2SEQ_ONEDNN=0` turns them
-all off. Results equal `F.linear`'s to float32 rounding.
+it), the model keeps its plain layers and one warning says so. `SEQ2SEQ_ONEDNN=0` turns both
+off. Results equal `F.linear`'s to float32 rounding.
 
 oneDNN builds a kernel per matrix shape and caches them, and every training batch brings new
-shapes: the `seq2seq` command bounds its caches (`cli.runtime_env`), and a program that trains
-the model in its own loop should export the same variables. Decoding meets a few hundred
-row counts (each a kernel per decoder weight shape), so the decoding commands leave oneDNN's
-default of 1,024.
+shapes: the `seq2seq` command bounds its caches (`cli.RUNTIME_ENV`), and a program that trains
+the model in its own loop should export the same variables.
 """
 
 from __future__ import annotations
@@ -47,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from seq2seq.kernels.swap import float32_on_cpu, swap_linears
+from seq2seq.kernels.swap import swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -227,44 +220,27 @@ def row_bucket(rows: int) -> int:
 
 
 class PackedLinear(nn.Module):
-    """An inference-only copy of a linear layer (and, with `relu`, the ReLU after it) whose
-    weight is packed once into oneDNN's layout: x @ W.T + b for float32 CPU inputs, with the
-    bias and ReLU inside the matmul. With `bucket` its rows are zero-padded to `row_bucket`
-    (the output projection, whose kernels take longest to build); without, oneDNN builds a
-    kernel per row count (the decoder layers': a few hundred in a decode). It holds no
-    parameters of its own, so the model's state_dict is unchanged; its packed weight does not
-    follow later changes to the layer's weight (pack again after training)."""
+    """An inference-only copy of a linear layer whose weight is packed once into oneDNN's
+    layout: x @ W.T + b for float32 CPU inputs, its rows zero-padded to `row_bucket`. It holds
+    no parameters of its own, so the model's state_dict is unchanged; its packed weight does
+    not follow later changes to the layer's weight (pack again after training)."""
 
-    def __init__(
-        self, weight: Tensor, bias: Tensor | None, relu: bool = False, bucket: bool = True
-    ):
+    def __init__(self, weight: Tensor, bias: Tensor | None):
         super().__init__()
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.relu, self.bucket = relu, bucket
         # The row count is a hint for oneDNN's layout; any number of rows can use it.
         self.packed = _op("_reorder_linear_weight")(self.weight, 256)
 
-    @classmethod
-    def of(cls, layer: nn.Linear, relu: bool = False, bucket: bool = True) -> PackedLinear:
-        return cls(layer.weight, layer.bias, relu, bucket)
-
     def forward(self, x: Tensor) -> Tensor:
         if torch.is_grad_enabled() or not uses_onednn(x, self.weight):
-            y = F.linear(x, self.weight, self.bias)
-            return F.relu(y) if self.relu else y
+            return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))
         rows = x2.size(0)
-        padded = row_bucket(rows) if self.bucket else rows
+        padded = row_bucket(rows)
         if padded != rows:
             x2 = torch.cat([x2, x2.new_zeros(padded - rows, x2.size(1))])
-        y = _onednn_matmul_t(x2, self.packed, self.bias, self.relu)[:rows]
+        y = _onednn_matmul_t(x2, self.packed, self.bias, False)[:rows]
         return y.view(*x.shape[:-1], y.size(-1))
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.weight.size(1)}, out_features={self.weight.size(0)}, "
-            f"bias={self.bias is not None}, relu={self.relu}, bucket={self.bucket}"
-        )
 
 
 def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
@@ -272,19 +248,9 @@ def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
     in float32 on a CPU. Returns whether it did (not where packing is unusable, with one
     warning, nor for other dtypes or devices)."""
     layer = getattr(model, name)
-    if not (packing_works() and float32_on_cpu(layer)):
+    if not (packing_works() and layer.weight.device.type == "cpu"):
         return False
-    setattr(model, name, PackedLinear.of(layer))
+    if layer.weight.dtype != torch.float32:
+        return False
+    setattr(model, name, PackedLinear(layer.weight, layer.bias))
     return True
-
-
-def use_packed_decoder(model: nn.Module) -> int:
-    """Swap the linear layers of `model.decoder_layers` that run at every decoding step (all
-    but the cross-attention's key/value projection, run once per batch) for `PackedLinear`s
-    at exact row counts, the feed-forward ReLU fused. Returns how many were swapped (0 where
-    packing is unusable here)."""
-    if not packing_works():
-        return 0
-    exact = functools.partial(PackedLinear.of, bucket=False)
-    per_step = lambda name, layer: name != "kv" and float32_on_cpu(layer)  # noqa: E731
-    return swap_linears(model.decoder_layers, exact, per_step)
