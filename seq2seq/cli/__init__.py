@@ -288,11 +288,11 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     """The `seq2seq` command on `argv` (default sys.argv[1:]); returns the exit code. With
     `quick_exit` (the console script only, never a caller that goes on), a successful
     QUICK_EXIT command ends the process itself (`_exit_now`)."""
+    for key, value in RUNTIME_ENV.items():
+        os.environ.setdefault(key, value)
     parser = build_parser()
     own, extra = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(own)
-    for key, value in RUNTIME_ENV.items():  # before torch first uses oneDNN
-        os.environ.setdefault(key, value)
     use_attention_kernels()  # after parsing: --help need not import torch
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
