@@ -269,21 +269,23 @@ def test_without_length_penalty_stop_best_finds_a_1best_as_likely_as_stop_beams(
     assert better > 0
 
 
+def without_early_end(monkeypatch) -> None:
+    """No bound: only the rule (or the length limit) ends a sentence."""
+    unreachable = lambda log_prob, *_: torch.full_like(log_prob, math.inf)  # noqa: E731
+    monkeypatch.setattr("seq2seq.inference.search._best_reachable", unreachable)
+
+
 @pytest.mark.parametrize("stop", ["beam", "best"])
 @pytest.mark.parametrize("lenpen", [0.0, 0.6, 2.0, -0.5])
 @pytest.mark.parametrize("nbest", [1, 3])
 def test_the_exact_early_end_never_changes_a_rules_nbest(monkeypatch, stop, lenpen, nbest):
     """The same hypotheses and scores as the rule alone, in no more decoder rows."""
-    from seq2seq.inference import search as search_module
-
     rows = {"exact": 0, "wait": 0}
     for seed in range(30):
         found = {}
         for way in rows:
-            if way == "wait":  # no bound: only the rule (or the limit) ends a sentence
-                monkeypatch.setattr(
-                    search_module, "_best_reachable", lambda lp, *_: torch.full_like(lp, math.inf)
-                )
+            if way == "wait":
+                without_early_end(monkeypatch)
             decoder = ScriptedDecoder(random_script(seed))
             settings = cfg(beam=3, nbest=nbest, lenpen=lenpen, max_len_b=6, stop=stop)
             hyps = beam_search(decoder, SRC, settings)[0]
@@ -297,8 +299,6 @@ def test_the_exact_early_end_never_changes_a_rules_nbest(monkeypatch, stop, lenp
 
 
 def test_the_exact_early_end_keeps_a_real_models_nbest(monkeypatch):
-    from seq2seq.inference import search as search_module
-
     torch.manual_seed(0)
     model = Transformer(preset("tiny", src_vocab_size=12, tgt_vocab_size=12, dropout=0.0)).eval()
     src = torch.randint(4, 12, (6, 5))
@@ -307,9 +307,7 @@ def test_the_exact_early_end_keeps_a_real_models_nbest(monkeypatch):
         settings = cfg(beam=4, nbest=2, lenpen=lenpen, max_len_b=8, stop=stop)
         exact = beam_search(model, src, settings)
         with monkeypatch.context() as m:
-            m.setattr(
-                search_module, "_best_reachable", lambda lp, *_: torch.full_like(lp, math.inf)
-            )
+            without_early_end(m)
             wait = beam_search(model, src, settings)
         assert [[(h.tokens, h.score) for h in hs] for hs in exact] == [
             [(h.tokens, h.score) for h in hs] for hs in wait

@@ -379,18 +379,15 @@ def beam_search(
         kept=torch.full((B, cfg.nbest), -math.inf, dtype=torch.float64, device=src.device),
     )
     longest = int(beams.max_len.max()) + 1  # tokens + EOS
-    penalties = torch.tensor(
-        [length_penalty(n, cfg.lenpen) for n in range(longest + 1)],
-        dtype=torch.float64,
-        device=src.device,
-    )
+    by_length = [length_penalty(n, cfg.lenpen) for n in range(longest + 1)]
+    penalties = torch.tensor(by_length, dtype=torch.float64, device=src.device)
     finished: list[_Finished] = []
     for step in range(longest):
         k = beams.log_prob.size(1)
         rules = _StepRules(step, cfg.min_len, (step >= beams.max_len).repeat_interleave(k))
         top, token = _next_tokens(model, beams.tokens[:, -1:], memory, cache, rules, 2 * K)
         cand = _top_candidates(top, token, beams, K)
-        ended = _finish(cand, beams, K, length_penalty(step + 1, cfg.lenpen))
+        ended = _finish(cand, beams, K, by_length[step + 1])
         if ended is not None:
             finished.append(ended)
         new, rows, keep = _advance(cand, beams, cfg, step, penalties)
