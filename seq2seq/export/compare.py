@@ -1,27 +1,31 @@
 """Decoding with the exported models beside ours: the engines (`hf_translate`,
-`ct2_translate`) that the parity tests and `seq2seq bench --against` use.
+`ct2_translate`) that the parity tests use, and `seq2seq bench --against`'s timing (`compare`).
 
-Matched settings. Every engine gets our source ids (pieces + EOS, over-long lines truncated
-as `translate` truncates them) in our batches (by length, `max_tokens` padded source tokens
-each), never emits <pad> or <s>, and stops a sentence at EOS or at our limit of
+Matched settings, for parity. Every engine gets our source ids (pieces + EOS, over-long lines
+truncated as `translate` truncates them) in our batches (by length, `max_tokens` padded source
+tokens each), never emits <pad> or <s>, and stops a sentence at EOS or at our limit of
 floor(a * |x| + b) tokens. Hugging Face's generate takes a logits processor, through which
 each sentence gets its own limit. CTranslate2's limit is one number per call: with
 `exact=True` (parity) each batch holds sentences of one limit, otherwise a batch gets its
-largest (speed; a sentence that would have hit its own limit can then run a little longer).
+largest (a sentence that would have hit its own limit can then run a little longer).
 Length penalties differ in form (ours GNMT's ((5 + |y|) / 6)^alpha, theirs |y|^alpha): the
 comparison runs all engines with the penalty off. Beam search ends a sentence by the other
 engine's rule: CTranslate2 once its best hypothesis has ended (our stop='best'), Hugging Face
 with early_stopping once `beam` hypotheses have (our stop='beam').
-"""
+
+The speed comparison (`compare`) runs CTranslate2 as a user would, apart from torch: in a
+process of its own, in its own batches (seq2seq.export.processes)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -190,44 +194,13 @@ class _Ours:
         self.translator = Translator.of([loaded], "cpu", precision)
         self.src_ids, self.cfg = src_ids, cfg
 
-    def __call__(self, beam: int) -> list[str]:
+    def __call__(self, beam: int) -> tuple[float, list[str]]:
+        """The seconds of the search alone (as the other engines time theirs) and the lines."""
         cfg = dataclasses.replace(self.cfg, beam=beam, nbest=1)
+        start = time.perf_counter()
         hyps = self.translator.translate_ids(self.src_ids, cfg)
-        return [self.translator.text(h[0]) if h else "" for h in hyps]
-
-
-def ct2_translator(folder: Path, threads: int, compute_type: str = "float32"):
-    """A CPU `ctranslate2.Translator` of `compute_type`, and the CPU kernels it says it chose
-    (the ISA and GEMM backend lines of its info log, read from the stderr it writes while
-    loading; "" when it logged none, as when the process had loaded a CTranslate2 model
-    before)."""
-    import logging
-    import os
-
-    import ctranslate2
-
-    ctranslate2.set_log_level(logging.INFO)
-    with tempfile.TemporaryFile() as log:
-        saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
-        try:
-            translator = ctranslate2.Translator(
-                str(folder),
-                device="cpu",
-                compute_type=compute_type,
-                intra_threads=threads,
-                inter_threads=1,
-            )
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            ctranslate2.set_log_level(logging.WARNING)
-        log.seek(0)
-        lines = log.read().decode("utf-8", "replace").splitlines()
-    gemm = "GEMM_S8 backend:" if compute_type.startswith("int8") else "SGEMM backend:"
-    keep = ("Selected ISA:", gemm)
-    said = [line.split("]")[-1].strip(" -") for line in lines if any(k in line for k in keep)]
-    return translator, "; ".join(said)
+        seconds = time.perf_counter() - start
+        return seconds, [self.translator.text(h[0]) if h else "" for h in hyps]
 
 
 def _torch_gemm() -> str:
@@ -258,32 +231,41 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
 
 
 def _theirs(
-    against: str, folder: Path, loaded: LoadedModel, src_ids, limits, cfg, threads, compute_type
+    against: str,
+    folder: Path,
+    loaded: LoadedModel,
+    sources: list[str],
+    src_ids,
+    limits,
+    cfg,
+    threads,
+    compute_type,
+    stack: ExitStack,
 ):
-    """A function beam -> texts running the exported model in `folder` (CTranslate2 at
-    `compute_type`), and the CPU kernels that engine runs."""
+    """A function beam -> (decode seconds, texts) running the exported model in `folder`, and
+    the CPU kernels that engine runs. Hugging Face decodes in this process, in our batches;
+    CTranslate2 at `compute_type` in a process of its own (`processes.Ct2Worker`, closed by
+    `stack`), on the raw `sources`, in its own batches."""
     if against == "hf":
         from transformers import MarianMTModel, MarianTokenizer
 
         model = MarianMTModel.from_pretrained(str(folder)).eval()
         tok = MarianTokenizer.from_pretrained(str(folder))
-        run = lambda beam: hf_translate(  # noqa: E731
-            model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len, cfg.max_sentences
-        )
+
+        def run(beam: int) -> tuple[float, list[str]]:
+            start = time.perf_counter()
+            texts = hf_translate(
+                model, tok, src_ids, limits, beam, cfg.max_tokens, cfg.min_len, cfg.max_sentences
+            )
+            return time.perf_counter() - start, texts
+
         return run, f"linear layers: {_torch_gemm()}"
-    translator, kernels = ct2_translator(folder, threads, compute_type)
-    run = lambda beam: ct2_translate(  # noqa: E731
-        translator,
-        loaded.tokenizer,
-        src_ids,
-        limits,
-        beam,
-        cfg.max_tokens,
-        False,
-        cfg.min_len,
-        cfg.max_sentences,
-    )
-    return run, kernels or "not logged"
+    from seq2seq.export.processes import Ct2Worker, ct2_file_args
+
+    args = ct2_file_args(loaded, threads, compute_type, cfg.max_sentences)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    worker = stack.enter_context(Ct2Worker(folder, sources, folder.parent, args, env))
+    return worker, worker.kernels(compute_type) or "not logged"
 
 
 def compare(
@@ -298,12 +280,15 @@ def compare(
     stop: str | None = None,
 ) -> dict:
     """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
-    ours and the other engine in this process, alternating rounds (ours, theirs, ours, ...);
-    sentences/s is each engine's median over `rounds`, BLEU that of its output. On the CPU,
-    ours at `precision` (translate's --precision), CTranslate2 at `compute_type` (Hugging Face
-    in float32), both on torch's thread count; both in the model's batches of
-    `decode.max_tokens` source tokens, or of at most `max_sentences` sentences when given.
-    Beam search stops by the other engine's rule in both, or by `stop` in ours."""
+    ours and the other engine, alternating rounds (ours, theirs, ours, ...), each timing its
+    search alone (tokenizing and detokenizing left out); sentences/s is each engine's median
+    over `rounds`, BLEU that of its output. On the CPU, ours at `precision` (translate's
+    --precision) in translate's batches of `decode.max_tokens` source tokens (or at most
+    `max_sentences` sentences); CTranslate2 at `compute_type`, in a process of its own
+    (`processes.Ct2Worker`: in one process with torch's thread pool it ran 30-40% slower), in
+    its own batches of as many tokens (or sentences); Hugging Face in float32, in this process
+    and our batches. All on torch's thread count. Beam search stops by the other engine's rule
+    in both, or by `stop` in ours."""
     from seq2seq.export import export
 
     if against not in ENGINES:
@@ -316,36 +301,44 @@ def compare(
     ours_cfg = cfg if stop is None else dataclasses.replace(cfg, stop=stop)
     src_ids = source_ids(loaded, sources)
     limits = output_limits(src_ids, cfg, loaded.model.cfg.max_positions)
+    batches = f"batches of {cfg.max_tokens} source tokens" + (
+        "" if max_sentences is None else f" and at most {max_sentences} sentences"
+    )
+    if against == "hf":
+        theirs_setting = f"hf float32 in this process, torch threads={threads}, our {batches}"
+        limit_setting = "length limit a*|x|+b per sentence"
+    else:
+        own = f"{cfg.max_tokens} tokens" if max_sentences is None else f"{max_sentences} sentences"
+        theirs_setting = (
+            f"ctranslate2 {compute_type} in a process of its own (ct2_file.py --serve), "
+            f"intra_threads={threads}, its own batches of {own}"
+        )
+        limit_setting = (
+            "length limit a*|x|+b per sentence for ours, "
+            f"{min(256, loaded.model.cfg.max_positions - 1)} for ctranslate2"
+        )
     result: dict = {
         "against": against,
         "sentences": len(sources),
         "rounds": rounds,
         "threads": threads,
         "settings": (
-            f"on the CPU; ours {precision}, torch threads={threads}; "
-            + (
-                f"ctranslate2 {compute_type}, intra_threads"
-                if against == "ctranslate2"
-                else "hf float32, torch threads"
-            )
-            + f"={threads}; batches of {cfg.max_tokens} source tokens"
-            + ("" if max_sentences is None else f" and at most {max_sentences} sentences")
-            + "; length penalty off; "
+            f"on the CPU, decoding alone; ours {precision}, torch threads={threads}, translate's "
+            f"{batches}; {theirs_setting}; length penalty off; "
             + (
                 f"beam stop rule '{cfg.stop}'"
                 if ours_cfg.stop == cfg.stop
                 else f"beam stop rule '{ours_cfg.stop}' for ours, {against}'s own for it"
             )
-            + "; length limit a*|x|+b per sentence"
-            + ("" if against == "hf" else " for ours, the batch's largest for ctranslate2")
+            + f"; {limit_setting}"
         ),
     }
-    with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="seq2seq-bench-") as tmp, ExitStack() as stack:
         folder = Path(tmp) / against
         export(model_path, against, folder)
         ours = _Ours(loaded, src_ids, ours_cfg, precision)
         theirs, their_kernels = _theirs(
-            against, folder, loaded, src_ids, limits, cfg, threads, compute_type
+            against, folder, loaded, sources, src_ids, limits, cfg, threads, compute_type, stack
         )
         engines = {"ours": ours, against: theirs}
         result["ours_kernels"] = ours_kernels(ours.translator, precision)
@@ -357,9 +350,8 @@ def compare(
                 run(beam)
             for _ in range(rounds):
                 for k, run in engines.items():
-                    start = time.perf_counter()
-                    texts[k] = run(beam)
-                    times[k].append(time.perf_counter() - start)
+                    seconds, texts[k] = run(beam)
+                    times[k].append(seconds)
             result.update(search_figures(name, against, times, texts, refs))
     return result
 

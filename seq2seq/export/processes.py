@@ -1,7 +1,13 @@
-"""`seq2seq bench -m MODEL --against ctranslate2 --whole-process`: the two commands a user runs,
-timed from start to exit, start-up and loading included: `seq2seq translate` of a file, and the
-same file through CTranslate2's Python API alone (`ct2_file.py`, a script that imports neither
-torch nor seq2seq).
+"""CTranslate2 in processes of its own, for `seq2seq bench -m MODEL --against ctranslate2`:
+`ct2_file.py` translates a file through CTranslate2's Python API alone, a script that imports
+neither torch nor seq2seq.
+
+`Ct2Worker` keeps one such process for the decoding comparison (seq2seq.export.compare): the
+model loaded once, the file decoded again per call, its decode alone timed inside it.
+
+`compare_processes` (`--whole-process`) times the two commands a user runs from start to exit,
+start-up and loading included: `seq2seq translate` of a file, and `ct2_file.py` on the same
+file.
 
 Both translate the test sources with the length penalty off, by CTranslate2's stopping rule
 (ours: `--stop best`), in batches of the model's `decode.max_tokens` tokens (or at most
@@ -14,6 +20,7 @@ the same commands on a one-line file.
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -23,9 +30,101 @@ import time
 from pathlib import Path
 
 from seq2seq.export.compare import search_figures
-from seq2seq.inference.checkpoint import load_model
+from seq2seq.inference.checkpoint import LoadedModel, load_model
 
 SCRIPT = Path(__file__).with_name("ct2_file.py")
+
+
+def ct2_file_args(
+    loaded: LoadedModel,
+    threads: int,
+    compute_type: str,
+    max_sentences: int | None,
+) -> list[str]:
+    """ct2_file.py's options after its three paths: `threads` intra-op threads, CTranslate2's
+    own batches of the model's `decode.max_tokens` tokens (or of at most `max_sentences`
+    sentences), one length limit (the model's positions less one, at most CTranslate2's
+    default of 256: search.max_output_lengths' cap) and translate's truncation."""
+    max_length = min(256, loaded.model.cfg.max_positions - 1)
+    args = ["--threads", str(threads), "--compute-type", compute_type]
+    args += ["--max-tokens", str(loaded.decode.max_tokens)]
+    args += ["--max-sentences", str(max_sentences)] if max_sentences else []
+    args += ["--max-decoding-length", str(max_length)]
+    args += ["--max-input-length", str(loaded.model.cfg.max_positions)]  # EOS included
+    return args
+
+
+def ct2_kernel_lines(log: str, compute_type: str) -> str:
+    """The CPU kernels CTranslate2 said it chose in its info log: its "Selected ISA" line and
+    its float32 (SGEMM) or int8 (GEMM_S8) backend line, joined by "; " ("" if none)."""
+    gemm = "GEMM_S8 backend:" if compute_type.startswith("int8") else "SGEMM backend:"
+    keep = ("Selected ISA:", gemm)
+    said = [
+        line.split("]")[-1].strip(" -") for line in log.splitlines() if any(k in line for k in keep)
+    ]
+    return "; ".join(said)
+
+
+class Ct2Worker:
+    """`ct2_file.py --serve` on `sources`: CTranslate2 with the model in `folder` loaded once,
+    in a process of its own; each call decodes every source again.
+
+    A context manager: the process ends on exit. A failure (the process died, or answered
+    something else) raises RuntimeError with the last line it wrote to stderr.
+    """
+
+    def __init__(self, folder: Path, sources: list[str], tmp: Path, args: list[str], env: dict):
+        self.input, self.output, self.log = tmp / "ct2.in", tmp / "ct2.out", tmp / "ct2.log"
+        self.input.write_text("".join(line + "\n" for line in sources), encoding="utf-8")
+        command = [sys.executable, str(SCRIPT), str(folder), str(self.input), str(self.output)]
+        with open(self.log, "wb") as err:
+            self.process = subprocess.Popen(
+                [*command, *args, "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                env=env,
+            )
+        self._answer("ready")
+
+    def _answer(self, key: str):
+        line = self.process.stdout.readline()
+        try:
+            return json.loads(line)[key]
+        except (ValueError, KeyError, TypeError):
+            self.close()
+            lines = self.log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            said = (lines or [line.strip() or "(no output)"])[-1]
+            raise RuntimeError(f"{SCRIPT.name} --serve failed: {said}") from None
+
+    def kernels(self, compute_type: str) -> str:
+        """What CTranslate2 logged choosing its CPU kernels (`ct2_kernel_lines`)."""
+        return ct2_kernel_lines(
+            self.log.read_text(encoding="utf-8", errors="replace"), compute_type
+        )
+
+    def __call__(self, beam: int) -> tuple[float, list[str]]:
+        """Decode every source with beam size `beam`: the decode's seconds, the output lines."""
+        self.process.stdin.write(json.dumps({"beam": beam}) + "\n")
+        self.process.stdin.flush()
+        seconds = float(self._answer("seconds"))
+        return seconds, self.output.read_text(encoding="utf-8").splitlines()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Ct2Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _run(command: list[str], env: dict[str, str]) -> float:
@@ -57,7 +156,6 @@ def compare_processes(
 
     loaded = load_model(model_path)
     max_tokens = loaded.decode.max_tokens
-    max_length = min(256, loaded.model.cfg.max_positions - 1)  # search.max_output_lengths' cap
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     result: dict = {
         "against": "ctranslate2",
@@ -87,10 +185,8 @@ def compare_processes(
             ours += ["-i", str(src), "-o", str(ours_out), "--beam", str(beam), "--lenpen", "0"]
             ours += ["--stop", stop, "--precision", precision, "--device", "cpu", *batch]
             theirs = [sys.executable, str(SCRIPT), str(folder), str(src), str(theirs_out)]
-            theirs += ["--beam", str(beam), "--threads", str(threads)]
-            theirs += ["--compute-type", compute_type, "--max-tokens", str(max_tokens), *batch]
-            theirs += ["--max-decoding-length", str(max_length), "--max-input-length"]
-            theirs += [str(loaded.model.cfg.max_positions)]  # translate's truncation, EOS included
+            theirs += ["--beam", str(beam)]
+            theirs += ct2_file_args(loaded, threads, compute_type, max_sentences)
             return {"ours": (ours, ours_out), "ctranslate2": (theirs, theirs_out)}
 
         for name, beam, src in (("greedy", 1, "all"), ("beam5", 5, "all"), ("startup", 1, "one")):
