@@ -290,6 +290,7 @@ def compare(
     and our batches. All on torch's thread count. Beam search stops by the other engine's rule
     in both, or by `stop` in ours."""
     from seq2seq.export import export
+    from seq2seq.export.processes import ct2_length_limit
 
     if against not in ENGINES:
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
@@ -315,7 +316,7 @@ def compare(
         )
         limit_setting = (
             "length limit a*|x|+b per sentence for ours, "
-            f"{min(256, loaded.model.cfg.max_positions - 1)} for ctranslate2"
+            f"{ct2_length_limit(loaded)} for ctranslate2"
         )
     result: dict = {
         "against": against,

@@ -35,6 +35,12 @@ from seq2seq.inference.checkpoint import LoadedModel, load_model
 SCRIPT = Path(__file__).with_name("ct2_file.py")
 
 
+def ct2_length_limit(loaded: LoadedModel) -> int:
+    """CTranslate2's one length limit in bench: the model's positions less one (search's cap),
+    at most CTranslate2's default of 256."""
+    return min(256, loaded.model.cfg.max_positions - 1)
+
+
 def ct2_file_args(
     loaded: LoadedModel,
     threads: int,
@@ -43,13 +49,11 @@ def ct2_file_args(
 ) -> list[str]:
     """ct2_file.py's options after its three paths: `threads` intra-op threads, CTranslate2's
     own batches of the model's `decode.max_tokens` tokens (or of at most `max_sentences`
-    sentences), one length limit (the model's positions less one, at most CTranslate2's
-    default of 256: search.max_output_lengths' cap) and translate's truncation."""
-    max_length = min(256, loaded.model.cfg.max_positions - 1)
+    sentences), one length limit (`ct2_length_limit`) and translate's truncation."""
     args = ["--threads", str(threads), "--compute-type", compute_type]
     args += ["--max-tokens", str(loaded.decode.max_tokens)]
     args += ["--max-sentences", str(max_sentences)] if max_sentences else []
-    args += ["--max-decoding-length", str(max_length)]
+    args += ["--max-decoding-length", str(ct2_length_limit(loaded))]
     args += ["--max-input-length", str(loaded.model.cfg.max_positions)]  # EOS included
     return args
 
