@@ -106,6 +106,18 @@ def test_score_of_the_models_own_output_is_its_search_log_probability(translator
     assert forced == pytest.approx([h.log_prob for h in hyps], abs=1e-4)
 
 
+def test_greedy_text_skips_scores_but_nbest_asks_for_them(translator, sentences):
+    """Text alone is searched without scores (NaN inside); nbest pairs carry real ones."""
+    plain = translator.translate(sentences[:6], beam=1)
+    pairs = translator.translate(sentences[:6], beam=1, nbest=1)
+    assert [p[0][0] for p in pairs] == plain
+    assert all(math.isfinite(p[0][1]) and p[0][1] < 0 for p in pairs if p[0][0])
+    unscored = translator.translate_ids(
+        translator.encode(sentences[:6]), translator.settings(beam=1), scores=False
+    )
+    assert all(math.isnan(h[0].score) for h in unscored if h)
+
+
 def test_a_blank_source_scores_as_translate_treats_it(translator):
     assert translator.score(["", "  "], ["", "Ein Hund."]) == [0.0, -math.inf]
 

@@ -158,6 +158,28 @@ def test_beam_1_equals_greedy_in_tokens_and_scores():
     assert [h[0].score for h in beam1] == [h[0].score for h in greedy]
 
 
+def test_greedy_without_scores_gives_the_same_tokens_with_nan_scores():
+    model, src = tiny_model(dtype=torch.float32), random_batch([5, 2, 9, 7, 1])
+    settings = cfg(max_len_a=1.5, max_len_b=2, min_len=2)
+    scored = greedy_search(model, src, settings)
+    unscored = greedy_search(model, src, settings, scores=False)
+    assert [h[0].tokens for h in unscored] == [h[0].tokens for h in scored]
+    assert all(math.isfinite(h[0].score) for h in scored)
+    assert all(math.isnan(h[0].score) and math.isnan(h[0].log_prob) for h in unscored)
+
+
+def test_greedy_without_scores_keeps_the_rules_on_logits():
+    # PAD most probable everywhere, EOS forbidden before min_len and forced at max_len.
+    script = {(): {PAD: 0.5, EOS: 0.3, A: 0.2}, (A,): {PAD: 0.5, EOS: 0.1, B: 0.4}}
+    hyp = greedy_search(
+        ScriptedDecoder(script, default={PAD: 0.9, A: 0.1}),
+        SRC,
+        cfg(beam=1, min_len=1, max_len_a=0.0, max_len_b=3),
+        scores=False,
+    )[0][0]
+    assert hyp.tokens == [A, B, A]
+
+
 @pytest.mark.parametrize("beam", [1, 4])
 def test_batched_search_equals_one_sentence_at_a_time(beam):
     model, src = tiny_model(), random_batch([6, 3, 8, 1, 5])

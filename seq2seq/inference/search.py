@@ -29,6 +29,11 @@ still reach, its log-probability (extensions only lower it) over the largest pen
 length limit allows. That bound is exact, so the output is the rule's own; with lenpen 0 it
 ends a sentence as soon as its best candidate is EOS, or sooner, when an earlier ended
 hypothesis already beats every live beam.
+
+Greedy search may skip the scores (`scores=False`, what `translate` asks when it prints text
+alone): the most probable token is the largest logit, so no step then normalizes its logits
+into log-probabilities, a pass over every row's whole vocabulary (CTranslate2's greedy search
+skips it the same way unless asked for scores). Its hypotheses then carry NaN scores.
 """
 
 from __future__ import annotations
@@ -72,9 +77,10 @@ class Hypothesis:
 
     tokens: list[int]
     score: float
-    """log_prob divided by the length penalty: what hypotheses are ranked by."""
+    """log_prob divided by the length penalty: what hypotheses are ranked by (NaN from a
+    greedy search run without scores)."""
     log_prob: float
-    """Sum of the log-probabilities of the tokens and the final EOS."""
+    """Sum of the log-probabilities of the tokens and the final EOS (NaN without scores)."""
     attention: Tensor | None = field(default=None, repr=False)
     """Cross-attention (len(tokens) + 1, S), filled only on request (seq2seq.inference.attention)."""
 
@@ -98,7 +104,11 @@ def max_output_lengths(src: Tensor, cfg: DecodeConfig, max_positions: int | None
 
 
 def search(
-    model: Decoder, src: Tensor, cfg: DecodeConfig, max_positions: int | None = None
+    model: Decoder,
+    src: Tensor,
+    cfg: DecodeConfig,
+    max_positions: int | None = None,
+    scores: bool = True,
 ) -> list[list[Hypothesis]]:
     """Greedy search when cfg.beam == 1, else beam search.
 
@@ -107,12 +117,14 @@ def search(
         src: (B, S) source ids, right-padded with 0.
         cfg: beam, nbest, lenpen, max_len_a, max_len_b, min_len.
         max_positions: the model's position limit (`model.cfg.max_positions`), or None.
+        scores: False lets greedy search skip them (NaN scores, the same tokens); beam search
+            ranks by them and always has them.
 
     Returns:
         Per sentence, in input order, up to cfg.nbest hypotheses, best score first.
     """
     if cfg.beam == 1:
-        return greedy_search(model, src, cfg, max_positions)
+        return greedy_search(model, src, cfg, max_positions, scores)
     return beam_search(model, src, cfg, max_positions)
 
 
@@ -126,7 +138,8 @@ class _StepRules:
     force_eos: Tensor
 
     def apply(self, log_probs: Tensor) -> None:
-        """Set the forbidden tokens' log-probabilities (R, V) to -inf, in place."""
+        """Set the forbidden tokens' log-probabilities (R, V) to -inf, in place (logits
+        alike: a token forbidden in one is forbidden in the other)."""
         log_probs[:, PAD] = -math.inf
         log_probs[:, BOS] = -math.inf
         if self.step < self.min_len:
@@ -152,8 +165,10 @@ def _next_tokens(
     cache: DecoderCache,
     rules: _StepRules,
     n: int,
+    normalize: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """The n most probable next tokens of R rows: log-probabilities and ids, (R, min(n, V)).
+    """The n most probable next tokens of R rows: log-probabilities and ids, (R, min(n, V));
+    without `normalize`, their logits instead (the same ids).
 
     last: (R, 1) newest tokens. Ranking each row first keeps the beam step small: no sentence
     needs more than 2K of one beam's extensions.
@@ -169,23 +184,26 @@ def _next_tokens(
         row_bytes = model.tgt_vocab_size * torch.promote_types(states.dtype, torch.float32).itemsize
         piece = max(1, (_GLIBC_MMAP_BYTES - 1) // row_bytes)
     if states.size(0) <= piece:
-        return _rank(model.project(states), rules, n)
+        return _rank(model.project(states), rules, n, normalize)
     ranked = [
-        _rank(model.project(states[i : i + piece]), rules.rows(i, i + piece), n)
+        _rank(model.project(states[i : i + piece]), rules.rows(i, i + piece), n, normalize)
         for i in range(0, states.size(0), piece)
     ]
     return torch.cat([top for top, _ in ranked]), torch.cat([token for _, token in ranked])
 
 
-def _rank(logits: Tensor, rules: _StepRules, n: int) -> tuple[Tensor, Tensor]:
+def _rank(
+    logits: Tensor, rules: _StepRules, n: int, normalize: bool = True
+) -> tuple[Tensor, Tensor]:
     """Rows' n best log-probabilities and token ids under `rules`, from logits (R, V) that
-    are overwritten."""
+    are overwritten; without `normalize`, the n best logits (log_softmax subtracts one number
+    per row, so the ids are the same)."""
     # At least float32 (bf16/fp16 models); float64 models keep float64.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # One fused log_softmax: cheaper on a CPU than logsumexp, whose composite kernels write the
     # (R, V) tensor twice (measured: 19% of a beam-5 decode against log_softmax's 8%). In place:
     # a new (R, V) tensor of 32 MiB or more would pay glibc's page faults again (README).
-    log_probs = torch.log_softmax(logits, dim=-1, out=logits)
+    log_probs = torch.log_softmax(logits, dim=-1, out=logits) if normalize else logits
     rules.apply(log_probs)
     if n == 1:  # greedy: on a CPU max ran in about 60% of topk(1)'s time
         return log_probs.max(dim=-1, keepdim=True)
@@ -220,21 +238,27 @@ def _collect(
 
 @torch.inference_mode()
 def greedy_search(
-    model: Decoder, src: Tensor, cfg: DecodeConfig, max_positions: int | None = None
+    model: Decoder,
+    src: Tensor,
+    cfg: DecodeConfig,
+    max_positions: int | None = None,
+    scores: bool = True,
 ) -> list[list[Hypothesis]]:
-    """The most probable next token at every step; arguments as for `search` (one hypothesis)."""
+    """The most probable next token at every step; arguments as for `search` (one hypothesis;
+    without `scores`, its score and log_prob are NaN)."""
     max_len = max_output_lengths(src, cfg, max_positions)  # (B,)
     memory, cache = model.encode(src), model.new_cache()
     sentence = torch.arange(src.size(0), device=src.device)  # row -> input sentence
     tokens = src.new_full((src.size(0), 1), BOS)  # (R, 1 + step): BOS + output so far
-    log_prob = torch.zeros(src.size(0), device=src.device)
+    log_prob = torch.full((src.size(0),), 0.0 if scores else math.nan, device=src.device)
     max_len = max_len.to(src.device)
     finished: list[_Finished] = []
     for step in range(int(max_len.max()) + 1):
         rules = _StepRules(step, cfg.min_len, step >= max_len)
-        top, token = _next_tokens(model, tokens[:, -1:], memory, cache, rules, n=1)
-        best_log_prob, best = top[:, 0], token[:, 0]  # (R,)
-        log_prob = log_prob + best_log_prob
+        top, token = _next_tokens(model, tokens[:, -1:], memory, cache, rules, 1, scores)
+        best = token[:, 0]  # (R,)
+        if scores:
+            log_prob = log_prob + top[:, 0]
         ended = best == EOS
         if bool(ended.any()):
             finished.append(_Finished(sentence[ended], tokens[ended, 1:], log_prob[ended]))

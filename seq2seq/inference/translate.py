@@ -291,7 +291,8 @@ def translate_stream(
     start = 0
     for chunk in chunked(lines, CHUNK_LINES):
         src_ids = translator.encode(chunk, name, start + 1)
-        hyps = translator.translate_ids(src_ids, cfg, progress)
+        # Scores are printed with n-best output only (`format_output`).
+        hyps = translator.translate_ids(src_ids, cfg, progress, scores=cfg.nbest > 1)
         yield [
             Translation(start + i, *parts)
             for i, parts in enumerate(zip(chunk, src_ids, hyps, strict=True))

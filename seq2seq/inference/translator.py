@@ -136,19 +136,27 @@ class Translator:
         return cfg
 
     # --- ids ------------------------------------------------------------------------------
-    def decode_batch(self, src: Tensor, cfg: DecodeConfig | None = None) -> list[list[Hypothesis]]:
+    def decode_batch(
+        self, src: Tensor, cfg: DecodeConfig | None = None, scores: bool = True
+    ) -> list[list[Hypothesis]]:
         """Search one padded batch src (B, S), on the models' device: per sentence, up to
-        cfg.nbest hypotheses, best first (what validation calls on its loader's batches)."""
-        return search(self.decoder, src, cfg or self.decode, self.max_positions)
+        cfg.nbest hypotheses, best first (what validation calls on its loader's batches).
+        `scores=False`: greedy search may leave them out (NaN; seq2seq.inference.search)."""
+        return search(self.decoder, src, cfg or self.decode, self.max_positions, scores)
 
     def translate_ids(
-        self, src_ids: list[list[int]], cfg: DecodeConfig | None = None, progress=None
+        self,
+        src_ids: list[list[int]],
+        cfg: DecodeConfig | None = None,
+        progress=None,
+        scores: bool = True,
     ) -> list[list[Hypothesis]]:
         """Hypotheses per source (in the given order); [] for an empty source (a blank line).
         Sources are sorted by length into batches of cfg.max_tokens (padding included) and at
         most cfg.max_sentences sentences. On a CPU the batches are decoded in one stream per
         torch thread, each on one thread (seq2seq.inference.streams), and cut evenly for them
-        (`make_batches`' streams)."""
+        (`make_batches`' streams). `scores=False` when only the text is wanted: greedy search
+        then skips them (NaN)."""
         cfg = cfg or self.decode
         results: list[list[Hypothesis]] = [[] for _ in src_ids]
         streams = cpu_streams(self.device, len(src_ids))
@@ -158,7 +166,7 @@ class Translator:
 
         def run(batch: list[int]) -> tuple[list[int], list[list[Hypothesis]]]:
             return batch, self.decode_batch(
-                pad_batch([src_ids[i] for i in batch], self.device), cfg
+                pad_batch([src_ids[i] for i in batch], self.device), cfg, scores
             )
 
         for batch, hyps in map_streams(run, batches, streams):
@@ -179,7 +187,7 @@ class Translator:
 
     def translate_texts(self, lines: list[str], cfg: DecodeConfig | None = None) -> list[str]:
         """The best translation of each line ("" for a blank line)."""
-        hyps = self.translate_ids(self.encode(list(lines)), cfg)
+        hyps = self.translate_ids(self.encode(list(lines)), cfg, scores=False)
         return [self.text(h[0]) if h else "" for h in hyps]
 
     def translate(
@@ -213,7 +221,7 @@ class Translator:
         cfg = self.settings(
             beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop, max_sentences
         )
-        hyps = self.translate_ids(self.encode(batch), cfg)
+        hyps = self.translate_ids(self.encode(batch), cfg, scores=nbest is not None)
         if nbest is None:
             out: list = [self.text(h[0]) if h else "" for h in hyps]
         else:

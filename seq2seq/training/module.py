@@ -188,7 +188,8 @@ class TranslationModule(L.LightningModule):
         from seq2seq.inference.translator import Translator
 
         translator = Translator([self.model], self.tokenizer, self.val_decode)
-        return [hypotheses[0].tokens for hypotheses in translator.decode_batch(src)]
+        hyps = translator.decode_batch(src, scores=False)  # tokens alone
+        return [hypotheses[0].tokens for hypotheses in hyps]
 
     def on_validation_epoch_end(self) -> None:
         from seq2seq.inference.evaluate import score
