@@ -37,7 +37,8 @@ def profile_decoding(translator: Translator, sources: list[str], top: int = 10) 
     src_ids = translator.encode(list(sources))
 
     def decode(batch: list[int], cfg) -> None:
-        translator.decode_batch(pad_batch([src_ids[i] for i in batch], translator.device), cfg)
+        src = pad_batch([src_ids[i] for i in batch], translator.device)
+        translator.decode_batch(src, cfg, scores=False)  # as translate decodes for text
 
     result: dict = {"profile_sentences": len(sources), "profile_threads": 1}
     for name, beam in (("greedy", 1), ("beam5", 5)):
