@@ -197,7 +197,7 @@ def _rank(
 ) -> tuple[Tensor, Tensor]:
     """Rows' n best log-probabilities and token ids under `rules`, from logits (R, V) that
     are overwritten; without `normalize`, the n best logits (log_softmax subtracts one number
-    per row, so the ids are the same)."""
+    per row, so the ids are the same, barring two logits that its rounding makes equal)."""
     # At least float32 (bf16/fp16 models); float64 models keep float64.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # One fused log_softmax: cheaper on a CPU than logsumexp, whose composite kernels write the
