@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seq2seq.kernels.swap import swap_linears
+from seq2seq.kernels.swap import float32_on_cpu, swap_linears
 
 
 def _op(name: str):
@@ -105,10 +105,6 @@ class MklPackedLinear(nn.Module):
         )
 
 
-def _packable(layer: nn.Linear) -> bool:
-    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
-
-
 def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     """Swap the linear layers of `model.decoder_layers` that run at every step (not the
     cross-attention's key/value projection, run once per batch on the encoder's output), and
@@ -116,10 +112,10 @@ def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     swapped (0 where the ops are unusable here)."""
     if not mkl_packing_works():
         return 0
-    per_step = lambda name, layer: name != "kv" and _packable(layer)  # noqa: E731
+    per_step = lambda name, layer: name != "kv" and float32_on_cpu(layer)  # noqa: E731
     swapped = swap_linears(model.decoder_layers, MklPackedLinear, per_step)
     gen = getattr(model, "generator", None)
-    if projection and type(gen) is nn.Linear and _packable(gen):
+    if projection and type(gen) is nn.Linear and float32_on_cpu(gen):
         model.generator = MklPackedLinear(gen)
         swapped += 1
     return swapped

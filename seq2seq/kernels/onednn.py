@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from seq2seq.kernels.swap import swap_linears
+from seq2seq.kernels.swap import float32_on_cpu, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ def use_packed_projection(model: nn.Module, name: str = "generator") -> bool:
     in float32 on a CPU. Returns whether it did (not where packing is unusable, with one
     warning, nor for other dtypes or devices)."""
     layer = getattr(model, name)
-    if not (packing_works() and layer.weight.device.type == "cpu"):
-        return False
-    if layer.weight.dtype != torch.float32:
+    if not (packing_works() and float32_on_cpu(layer)):
         return False
     setattr(model, name, PackedLinear(layer.weight, layer.bias))
     return True

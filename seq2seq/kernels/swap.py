@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+
+
+def float32_on_cpu(layer: nn.Linear) -> bool:
+    """Whether a layer's weight is float32 on a CPU: what the packed decoding kernels take."""
+    return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
 
 
 def swap_linears(
