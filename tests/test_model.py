@@ -239,7 +239,8 @@ def test_cross_attention_keys_and_values_are_computed_once_per_sentence():
         for t in range(5):
             model.decode_step(tgt[:, t : t + 1], memory, cache)
     assert len(calls) == 1
-    assert cache.length == 5 and cache.layers[0].self_k.shape == (2, 4, 5, 8)
+    assert cache.length == 5 and cache.layers[0].self_length == 5
+    assert cache.layers[0].self_k.shape == (5, 2, 4, 8)  # time-major: (T, B, H, Dh)
 
 
 def test_too_long_input_names_max_positions():

@@ -358,10 +358,12 @@ def test_float32_search_scores_are_the_log_probabilities_of_a_full_forward_pass(
             assert h.log_prob == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
+@pytest.mark.parametrize("limit", ["_GLIBC_MMAP_BYTES", "_CPU_PIECE_ROWS"])
 @pytest.mark.parametrize("beam", [1, 3])
-def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch):
+def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, limit, monkeypatch):
     """On a CPU a step's rows are projected and ranked in pieces of logits under glibc's mmap
-    size; in pieces of 2 rows, with min_len and max_len applying to some rows, nothing changes."""
+    size and of at most _CPU_PIECE_ROWS rows; in pieces of 2 rows (either limit), with min_len
+    and max_len applying to some rows, nothing changes."""
     model, src = tiny_model(), random_batch([6, 3, 8, 1, 5])
     settings = cfg(beam=beam, nbest=beam, max_len_a=0.5, max_len_b=2, min_len=2, lenpen=1.0)
     whole = search(model, src, settings)
@@ -369,7 +371,8 @@ def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch)
     project = model.project
     monkeypatch.setattr(model, "project", lambda s: projected_rows.append(len(s)) or project(s))
     row_bytes = model.tgt_vocab_size * 8  # float64
-    monkeypatch.setattr("seq2seq.inference.search._GLIBC_MMAP_BYTES", 2 * row_bytes + 1)
+    two_rows = 2 * row_bytes + 1 if limit == "_GLIBC_MMAP_BYTES" else 2
+    monkeypatch.setattr(f"seq2seq.inference.search.{limit}", two_rows)
     pieces = search(model, src, settings)
     assert max(projected_rows) == 2 and len(projected_rows) > 2 * len(whole)
     assert [[h.tokens for h in hyps] for hyps in pieces] == [
@@ -377,3 +380,37 @@ def test_a_step_projected_in_pieces_gives_the_same_hypotheses(beam, monkeypatch)
     ]
     for got, want in zip(pieces, whole, strict=True):  # a matmul's rounding may vary with rows
         assert [h.score for h in got] == pytest.approx([h.score for h in want], rel=1e-12)
+
+
+@pytest.mark.parametrize("vocab", [8000, 64 * 30 + 37, 64 * 10])
+def test_two_stage_top_n_gives_topks_values_and_ids(vocab):
+    """`_top_n` (chunk maxima, then the best chunks' columns, then the tail that fills no
+    chunk) returns torch's topk: distinct values, rows whose best sit in one chunk, in the
+    tail, or among -inf (a row forced to EOS); too few chunks fall back to topk itself."""
+    from seq2seq.inference.search import _top_n
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.stack([torch.randperm(vocab, generator=g).float() for _ in range(6)])
+    x[1, :10] += vocab  # the ten best in the first chunk
+    x[2, -10:] += vocab  # in the last columns (the tail where vocab % 64)
+    x[3] = -math.inf
+    x[3, [EOS, 100]] = torch.tensor([-0.5, -1.5])  # two finite, the rest -inf
+    values, ids = _top_n(x, 10)
+    want = x.topk(10, dim=-1)
+    torch.testing.assert_close(values, want.values, rtol=0, atol=0)
+    finite = torch.isfinite(want.values)  # -inf ties may come in another order
+    assert torch.equal(ids[finite], want.indices[finite])
+    assert torch.equal(x.gather(1, ids), values)
+
+
+def test_beam_search_over_a_large_vocabulary_matches_plain_topk(monkeypatch):
+    """With a vocabulary of 640 pieces (ten chunks of 64: the two-stage top-n runs), beam
+    search returns what it returns with torch's topk in its place."""
+    model, src = tiny_model(vocab=640), random_batch([6, 3, 8, 1, 5], vocab=640)
+    settings = cfg(beam=4, nbest=4, max_len_a=1.0, max_len_b=3, lenpen=1.0)
+    two_stage = search(model, src, settings)
+    monkeypatch.setattr("seq2seq.inference.search._top_n", lambda x, n: x.topk(n, dim=-1))
+    plain = search(model, src, settings)
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in two_stage] == [
+        [(h.tokens, h.score) for h in hyps] for hyps in plain
+    ]

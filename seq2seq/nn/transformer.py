@@ -126,7 +126,7 @@ class SelfAttention(nn.Module):
         # that would be a symbolic bool, which SDPA's is_causal refuses (a graph break).
         fresh = cache is None or cache.self_k is None  # no earlier positions to attend to
         if cache is not None:
-            past = 0 if fresh else cache.self_k.size(2)
+            past = cache.self_length
             k, v = cache.append_self(k, v)  # (B, H, past + L, Dh)
             if causal and not fresh and q.size(2) > 1:
                 # New queries see all cached positions and the causal part of the new ones.
