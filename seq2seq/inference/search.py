@@ -180,7 +180,7 @@ def _next_tokens(
     On a CPU the rows are projected and ranked in pieces of at most 256 rows and under 32 MiB
     of logits. glibc maps every allocation of 32 MiB or more afresh from the kernel and pays a
     page fault per 4 kB page of it; a beam-5 step's logits reach 1,575 x 8,000 floats (50 MB),
-    and in pieces under that beam 5 ran about 6% faster (README). Pieces of 256 rows rather
+    and in pieces under that beam 5 ran about 6% faster. Pieces of 256 rows rather
     than 1,048 ran the default recipe's beam-5 decode about 2% faster again on a 2-core Xeon
     (MKL's packed projection, whose weight is packed for 256 rows, then the log-softmax and
     top-n passes over fewer logits at a time). Accelerators take all rows at once.
