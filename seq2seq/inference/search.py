@@ -180,10 +180,10 @@ def _next_tokens(
     On a CPU the rows are projected and ranked in pieces of at most 256 rows and under 32 MiB
     of logits. glibc maps every allocation of 32 MiB or more afresh from the kernel and pays a
     page fault per 4 kB page of it; a beam-5 step's logits reach 1,575 x 8,000 floats (50 MB),
-    and in pieces under that beam 5 ran about 6% faster. Pieces of 256 rows rather
-    than 1,048 ran the default recipe's beam-5 decode about 2% faster again on a 2-core Xeon
-    (MKL's packed projection, whose weight is packed for 256 rows, then the log-softmax and
-    top-n passes over fewer logits at a time). Accelerators take all rows at once.
+    and in pieces under that beam 5 ran about 6% faster. Pieces of 256 rows rather than 1,048
+    ran the default recipe's beam-5 decode 1-2% faster again on a 2-core Xeon, most of it in
+    the projection (MKL packs its weight for 256 rows: `seq2seq.kernels.mkl`). Accelerators
+    take all rows at once.
     """
     states = model.decode(last, memory, cache)[:, -1]  # (R, D)
     piece = states.size(0)
@@ -223,7 +223,7 @@ def _top_n(x: Tensor, n: int) -> tuple[Tensor, Tensor]:
     columns (and of the last V mod 64, which fill no chunk). A row's n best lie in its n best
     chunks, so the values are topk's, and the ids too but among equal values. On a CPU torch's
     topk of 10 over 8,000 columns took about twice the time of the two stages, which read the
-    row once, then n * 64 columns (the default recipe's beam-5 decode 4-5% faster on a 2-core
+    row once, then n * 64 columns (the default recipe's beam-5 decode 3-5% faster on a 2-core
     Xeon)."""
     R, V = x.shape
     chunk = _TOP_N_CHUNK

@@ -32,8 +32,7 @@ from torch import Tensor
 @dataclass
 class LayerCache:
     """One decoder layer's cached keys and values: self-attention's (T, B, H, Dh), time-major
-    (`self_keys`/`self_values` give them as attention takes them), cross-attention's
-    (B, H, S, Dh)."""
+    (`append_self` returns them as attention takes them), cross-attention's (B, H, S, Dh)."""
 
     self_k: Tensor | None = None
     self_v: Tensor | None = None
