@@ -7,6 +7,7 @@ import torch
 
 from seq2seq.config import ModelConfig, preset
 from seq2seq.data.batching import collate
+from seq2seq.nn.cache import select_rows_
 from seq2seq.nn.transformer import Transformer, sinusoidal_positions
 
 PAD = 0
@@ -157,12 +158,12 @@ def test_only_host_positions_pack_on_an_accelerator_so_its_steps_never_wait_on_t
     assert Packing.of(torch.ones(2, 2, dtype=torch.bool)) is None  # no padding: nothing to skip
 
 
-def full_and_incremental_logits(model, src, tgt, reorder=None):
+def full_and_incremental_logits(model, src, tgt, reorder=None, capacity=None):
     """Logits of the full forward pass and of token-by-token decoding with the cache."""
     with torch.no_grad():
         memory = model.encode(src)
         full = model.project(model.decode(tgt, memory))
-        cache, steps = model.new_cache(), []
+        cache, steps = model.new_cache(capacity), []
         for t in range(tgt.size(1)):
             if reorder is not None and t == reorder[0]:
                 index = reorder[1]
@@ -198,9 +199,34 @@ def test_incremental_decoding_equals_full_forward_after_reorder():
     torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("capacity", [1, 2, 3])
+def test_a_cache_that_outgrows_its_capacity_keeps_every_position(capacity):
+    """Self-attention buffers hold `capacity` positions and double when full; reordered rows
+    before and after a growth keep their pasts."""
+    model = tiny_model(torch.float64)
+    src, tgt = random_ids(4, 6), random_ids(4, 7)
+    index = torch.tensor([3, 0, 0])
+    full, steps = full_and_incremental_logits(model, src, tgt, (2, index), capacity)
+    torch.testing.assert_close(steps, full, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "rows", [[2, 2, 0], [5, 4, 3, 2, 1, 0], [0, 1, 2, 3, 4, 5], [1, 0], [3, 3, 3, 3, 3, 3]]
+)
+def test_rows_selected_in_place_equal_indexing_whatever_rows_overlap(rows):
+    """select_rows_ copies only the rows that move, yet reads every source before it writes:
+    rows that are both read and overwritten (a swap, a reversal) come out as x[rows]."""
+    x = torch.randn(6, 3, 2)
+    rows = torch.tensor(rows)
+    expected = x[rows]
+    for dim in (0, 1):
+        y = x.transpose(0, dim).clone(memory_format=torch.contiguous_format)
+        out = select_rows_(y, rows, dim=dim)
+        torch.testing.assert_close(out.transpose(0, dim), expected, rtol=0, atol=0)
+
+
 def test_two_reorders_before_the_next_step_keep_the_second_of_the_first():
-    """The cache reselects self-attention rows lazily, at the next step's append: two
-    reorders in a row must compose (rows `second` of the rows `first`)."""
+    """Two reorders in a row compose: rows `second` of the rows `first`."""
     model = tiny_model(torch.float64)
     src, tgt = random_ids(4, 6), random_ids(4, 7)
     first, second = torch.tensor([3, 1, 0, 1]), torch.tensor([1, 1, 2])
@@ -240,7 +266,8 @@ def test_cross_attention_keys_and_values_are_computed_once_per_sentence():
             model.decode_step(tgt[:, t : t + 1], memory, cache)
     assert len(calls) == 1
     assert cache.length == 5 and cache.layers[0].self_length == 5
-    assert cache.layers[0].self_k.shape == (5, 2, 4, 8)  # time-major: (T, B, H, Dh)
+    assert cache.layers[0].self_k.shape == (16, 2, 4, 8)  # time-major: (capacity, B, H, Dh)
+    assert cache.layers[0].cross_k.shape == (2, 4, 6, 8)  # (B, H, S, Dh)
 
 
 def test_too_long_input_names_max_positions():

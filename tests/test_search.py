@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from seq2seq.config import DecodeConfig, preset
-from seq2seq.inference.search import BOS, EOS, PAD, beam_search, greedy_search, search
+from seq2seq.inference.search import (
+    BOS,
+    EOS,
+    PAD,
+    _child_slots,
+    _in_place,
+    beam_search,
+    greedy_search,
+    search,
+)
 from seq2seq.nn.transformer import Memory, Transformer
 
 A, B = 4, 5  # the two ordinary tokens of the scripted vocabulary {pad, unk, bos, eos, A, B}
@@ -38,7 +47,7 @@ class ScriptedDecoder:
     def encode(self, src: torch.Tensor) -> Memory:
         return Memory(src[:, :, None].double(), (src != PAD)[:, None, None, :])
 
-    def new_cache(self) -> PrefixCache:
+    def new_cache(self, capacity: int | None = None) -> PrefixCache:
         return PrefixCache()
 
     def decode(self, tgt_in, memory, cache):
@@ -412,5 +421,51 @@ def test_beam_search_over_a_large_vocabulary_matches_plain_topk(monkeypatch):
     monkeypatch.setattr("seq2seq.inference.search._top_n", lambda x, n: x.topk(n, dim=-1))
     plain = search(model, src, settings)
     assert [[(h.tokens, h.score) for h in hyps] for hyps in two_stage] == [
+        [(h.tokens, h.score) for h in hyps] for hyps in plain
+    ]
+
+
+def test_each_parents_best_continuation_keeps_its_row_and_the_rest_fill_free_rows():
+    """_child_slots: parents of beams 0..4 (best first) are rows 2, 2, 0, 4, 2 of their
+    sentence. Beams 0, 2, 3 keep rows 2, 0, 4; beams 1 and 4 take rows 1 and 3, which no
+    parent holds. A sentence whose beams all have parents of their own keeps every row."""
+    parent = torch.tensor([[2, 2, 0, 4, 2], [3, 1, 4, 0, 2], [0, 0, 0, 0, 0]])
+    slots = _child_slots(parent, 5)
+    assert slots.tolist() == [[2, 1, 0, 4, 3], [3, 1, 4, 0, 2], [0, 1, 2, 3, 4]]
+    # after the first step a sentence has one parent row for its K beams
+    assert _child_slots(torch.zeros(1, 3, dtype=torch.long), 3).tolist() == [[0, 1, 2]]
+
+
+def test_survivors_keep_their_place_and_later_ones_fill_the_gaps():
+    alive = torch.tensor([True, False, True, False, True, True, False, True])
+    assert _in_place(alive).tolist() == [0, 5, 2, 7, 4]
+    assert _in_place(torch.ones(3, dtype=torch.bool)).tolist() == [0, 1, 2]
+    assert _in_place(torch.zeros(3, dtype=torch.bool)).tolist() == []
+
+
+@pytest.mark.parametrize("stop", ["beam", "best"])
+def test_where_beams_and_sentences_sit_in_the_batch_never_changes_the_output(stop, monkeypatch):
+    """Rows stay in place where they can (`_in_place`, `_child_slots`) so that the cache
+    copies few: the hypotheses and scores are those of the plain order, best beam first and
+    sentences in input order."""
+    model, src = tiny_model(), random_batch([6, 3, 8, 1, 5, 7, 2])
+    settings = cfg(beam=4, nbest=2, max_len_a=1.0, max_len_b=4, lenpen=0.6, stop=stop)
+    moved = []
+
+    def spy(parent, K):
+        slots = _child_slots(parent, K)
+        moved.append(bool((slots != torch.arange(K)).any()))
+        return slots
+
+    monkeypatch.setattr("seq2seq.inference.search._child_slots", spy)
+    placed = search(model, src, settings)
+    assert any(moved)  # some beam did not sit where the plain order puts it
+    monkeypatch.setattr("seq2seq.inference.search._in_place", lambda a: a.nonzero().squeeze(1))
+    monkeypatch.setattr(
+        "seq2seq.inference.search._child_slots",
+        lambda parent, K: torch.arange(K).expand_as(parent),
+    )
+    plain = search(model, src, settings)
+    assert [[(h.tokens, h.score) for h in hyps] for hyps in placed] == [
         [(h.tokens, h.score) for h in hyps] for hyps in plain
     ]

@@ -67,8 +67,8 @@ class Ensemble:
     def encode(self, src: Tensor) -> EnsembleMemory:
         return EnsembleMemory([model.encode(src) for model in self.models])
 
-    def new_cache(self) -> EnsembleCache:
-        return EnsembleCache([model.new_cache() for model in self.models])
+    def new_cache(self, capacity: int | None = None) -> EnsembleCache:
+        return EnsembleCache([model.new_cache(capacity) for model in self.models])
 
     def decode(self, tgt_in: Tensor, memory: EnsembleMemory, cache: EnsembleCache) -> Tensor:
         states = [

@@ -62,7 +62,8 @@ class Decoder(Protocol):
 
     def encode(self, src: Tensor) -> Memory: ...
 
-    def new_cache(self) -> DecoderCache: ...
+    def new_cache(self, capacity: int | None = None) -> DecoderCache:
+        """An empty cache for decoding at most `capacity` positions (None: unknown)."""
 
     def decode(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
         """States (R, L, D) of the newest tokens tgt_in (R, L); the cache advances by L."""
@@ -283,7 +284,7 @@ def greedy_search(
     """The most probable next token at every step; arguments as for `search` (one hypothesis;
     without `scores`, its score and log_prob are NaN)."""
     max_len = max_output_lengths(src, cfg, max_positions)  # (B,)
-    memory, cache = model.encode(src), model.new_cache()
+    memory, cache = model.encode(src), model.new_cache(int(max_len.max()) + 1)
     sentence = torch.arange(src.size(0), device=src.device)  # row -> input sentence
     tokens = src.new_full((src.size(0), 1), BOS)  # (R, 1 + step): BOS + output so far
     log_prob = torch.full((src.size(0),), 0.0 if scores else math.nan, device=src.device)
@@ -298,7 +299,7 @@ def greedy_search(
         ended = best == EOS
         if bool(ended.any()):
             finished.append(_Finished(sentence[ended], tokens[ended, 1:], log_prob[ended]))
-            keep = (~ended).nonzero().squeeze(1)
+            keep = _in_place(~ended)
             if keep.numel() == 0:
                 break
             sentence, max_len, log_prob = sentence[keep], max_len[keep], log_prob[keep]
@@ -309,12 +310,41 @@ def greedy_search(
     return _collect(finished, src.size(0), 1, cfg.lenpen)
 
 
+def _in_place(alive: Tensor) -> Tensor:
+    """The indices of alive's True entries (alive (n,) bool), ordered to leave each where it
+    is if it can: survivors among the first n' (n' = how many survive) keep their place, and
+    those beyond fill the places of the others there (the cache then moves only those)."""
+    n = int(alive.sum())
+    index = torch.arange(n, device=alive.device)
+    index[(~alive[:n]).nonzero().squeeze(1)] = alive[n:].nonzero().squeeze(1) + n
+    return index
+
+
+def _child_slots(parent: Tensor, K: int) -> Tensor:
+    """Where each sentence's K new beams go among its K rows: parent (N, K), the row within
+    its sentence (< K) of each new beam's parent, best beam first. The best continuation of
+    each parent takes its parent's row, so that row's cache stays where it is; the others
+    take, in order, the rows that no parent holds. Returns (N, K), a permutation of 0..K-1
+    per sentence."""
+    same = parent[:, :, None] == parent[:, None, :]  # (N, K, K)
+    later = same.tril(-1).any(dim=2)  # the parent has a better continuation
+    held = (parent[:, :, None] == torch.arange(K, device=parent.device)).any(dim=1)  # (N, K)
+    free = held.to(torch.uint8).argsort(dim=1, stable=True)  # rows no parent holds, first
+    nth = (later.long().cumsum(dim=1) - 1).clamp(min=0)
+    return torch.where(later, free.gather(1, nth), parent)
+
+
 @dataclass
 class _Beams:
-    """The live part of a beam search: N sentences still searching, k beams each (rows N * k)."""
+    """The live part of a beam search: N sentences still searching, k beams each (rows N * k).
 
-    tokens: Tensor  # (N * k, 1 + step) BOS + tokens so far
-    log_prob: Tensor  # (N, k) cumulative log-probability of each beam
+    Sentence n's k beams hold rows n * k to n * k + k - 1 in any order (a beam stays in its
+    parent's row where it can, so that the cache copies less; `_child_slots`); `row` says
+    which, and the search ranks the beams best first, as it did when rows came in that order."""
+
+    tokens: Tensor  # (N * k, 1 + step) BOS + tokens so far, per row
+    log_prob: Tensor  # (N, k) cumulative log-probability of each beam, best first
+    row: Tensor  # (N, k) the row of each beam, best first
     sentence: Tensor  # (N,) input index of each sentence
     max_len: Tensor  # (N,)
     n_finished: Tensor  # (N,) hypotheses finished so far
@@ -338,6 +368,8 @@ def _top_candidates(top: Tensor, token: Tensor, beams: _Beams, K: int) -> _Candi
     """
     N, k = beams.log_prob.shape
     n = top.size(1)
+    at = beams.row.view(-1)  # the beams' rows, best first
+    top, token = top.index_select(0, at), token.index_select(0, at)
     total = (beams.log_prob[:, :, None] + top.view(N, k, n)).view(N, k * n)
     n_cand = min(2 * K, k * n)
     log_prob, flat = total.topk(n_cand, dim=1)  # (N, n_cand), best first
@@ -365,8 +397,7 @@ def _finish(cand: _Candidates, beams: _Beams, K: int, penalty: float) -> _Finish
     nbest = beams.kept.size(1)
     beams.kept = torch.cat([beams.kept, scores], dim=1).topk(nbest, dim=1).values
     n, j = ended.nonzero(as_tuple=True)
-    k = beams.log_prob.size(1)
-    rows = n * k + cand.beam[n, j]
+    rows = beams.row[n, cand.beam[n, j]]
     return _Finished(beams.sentence[n], beams.tokens[rows, 1:], cand.log_prob[n, j])
 
 
@@ -376,15 +407,15 @@ def _advance(
     """Next beams: each sentence's best K non-EOS candidates; sentences that are done leave.
     `penalties[n]` is the length penalty of length n (`_best_reachable`).
 
-    Returns the new beams, the cache rows to keep (N' * K,) and the sentences kept (N',).
-    """
+    Returns the new beams, the cache rows to keep (N' * K,: new row -> old row) and the
+    sentences kept (N',). Both leave as many rows where they were as they can (`_in_place`,
+    `_child_slots`)."""
     N, k = beams.log_prob.shape
     K = cfg.beam
     rank = torch.arange(2 * K, device=cand.token.device)
     order = (cand.token == EOS).long() * (2 * K) + rank  # non-EOS first, best first
     pick = order.topk(K, dim=1, largest=False).indices  # (N, K)
-    beam = cand.beam.gather(1, pick)
-    rows = torch.arange(N, device=beam.device)[:, None] * k + beam  # (N, K)
+    parent = beams.row.gather(1, cand.beam.gather(1, pick))  # (N, K) rows of their parents
     log_prob = cand.log_prob.gather(1, pick)  # (N, K): the live beams, best first
     done = step >= beams.max_len
     if cfg.stop == "best":  # however many others have ended, as CTranslate2 does
@@ -393,12 +424,16 @@ def _advance(
         done |= beams.n_finished >= K
     # Under either rule, nothing a live beam could still add would enter the n-best.
     done |= beams.kept[:, -1] >= _best_reachable(log_prob[:, 0], beams.max_len, penalties, step)
-    keep = (~done).nonzero().squeeze(1)  # (N',)
-    rows = rows[keep].view(-1)
-    tokens = torch.cat([beams.tokens[rows], cand.token.gather(1, pick)[keep].view(-1, 1)], dim=1)
+    keep = _in_place(~done)  # (N',)
+    parent = parent[keep]
+    slot = _child_slots(parent - keep[:, None] * k, K)  # (N', K)
+    row = torch.arange(keep.numel(), device=slot.device)[:, None] * K + slot
+    rows = torch.empty_like(parent).scatter_(1, slot, parent).view(-1)  # row -> parent's
+    token = torch.empty_like(parent).scatter_(1, slot, cand.token.gather(1, pick)[keep])
     new = _Beams(
-        tokens,
+        torch.cat([beams.tokens[rows], token.view(-1, 1)], dim=1),
         log_prob[keep],
+        row,
         beams.sentence[keep],
         beams.max_len[keep],
         beams.n_finished[keep],
@@ -429,16 +464,17 @@ def beam_search(
     that share its memory and cross-attention K/V (computed once, never copied per beam).
     """
     B, K = src.size(0), cfg.beam
-    memory, cache = model.encode(src), model.new_cache()
     beams = _Beams(
         tokens=src.new_full((B, 1), BOS),
         log_prob=torch.zeros(B, 1, device=src.device),
+        row=torch.arange(B, device=src.device)[:, None],
         sentence=torch.arange(B, device=src.device),
         max_len=max_output_lengths(src, cfg, max_positions).to(src.device),
         n_finished=torch.zeros(B, dtype=torch.long, device=src.device),
         kept=torch.full((B, cfg.nbest), -math.inf, dtype=torch.float64, device=src.device),
     )
     longest = int(beams.max_len.max()) + 1  # tokens + EOS
+    memory, cache = model.encode(src), model.new_cache(longest)
     by_length = [length_penalty(n, cfg.lenpen) for n in range(longest + 1)]
     penalties = torch.tensor(by_length, dtype=torch.float64, device=src.device)
     finished: list[_Finished] = []

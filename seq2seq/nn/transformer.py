@@ -385,8 +385,9 @@ class Transformer(nn.Module):
     def tgt_vocab_size(self) -> int:
         return self.cfg.tgt_vocab_size
 
-    def new_cache(self) -> DecoderCache:
-        return DecoderCache.empty(len(self.decoder_layers))
+    def new_cache(self, capacity: int | None = None) -> DecoderCache:
+        """An empty cache; `capacity`: how many positions decoding will feed, if known."""
+        return DecoderCache.empty(len(self.decoder_layers), capacity)
 
     def decode_step(self, tgt_in: Tensor, memory: Memory, cache: DecoderCache) -> Tensor:
         """Incremental decoding: the newest tokens tgt_in (B, L) -> logits (B, L, V_tgt).
