@@ -1,13 +1,17 @@
 """Decoding batches in parallel streams on a CPU gives every line the hypotheses one stream
 gives it, in the input's order, and leaves torch's thread count as it found it."""
 
+import os
+import signal
 import threading
+import time
 
 import pytest
 import torch
 
+import seq2seq.inference.streams as streams_module
 import seq2seq.inference.translator as translator_module
-from seq2seq.inference.streams import cpu_streams, intra_op_threads, map_streams
+from seq2seq.inference.streams import can_fork, cpu_streams, intra_op_threads, map_streams
 from seq2seq.inference.translator import Translator
 
 LINES = [
@@ -31,35 +35,100 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def test_map_streams_keeps_the_order_runs_on_several_threads_and_restores_the_thread_count():
-    seen: set[int] = set()
-    barrier = threading.Barrier(2, timeout=10)  # both workers must be inside fn at once
+@pytest.fixture(params=["processes", "threads"])
+def kind(request, monkeypatch) -> str:
+    """Streams as forked processes (Linux) and as threads (elsewhere)."""
+    if request.param == "processes" and not can_fork():
+        pytest.skip("forked streams run on Linux")
+    if request.param == "threads":
+        monkeypatch.setattr(streams_module, "can_fork", lambda: False)
+    return request.param
 
-    def fn(x: int) -> tuple[int, int]:
-        seen.add(threading.get_ident())
-        if x < 2:
-            barrier.wait()
-        return x * x, torch.get_num_threads()
 
-    out = list(map_streams(fn, range(10), streams=2))
-    assert [y for y, _ in out] == [x * x for x in range(10)]
-    assert {threads for _, threads in out} == {1}  # one intra-op thread per stream
-    assert len(seen) == 2
+def test_map_streams_keeps_the_order_runs_in_several_streams_and_restores_the_thread_count(
+    kind,
+):
+    def fn(x: int) -> tuple[int, int, tuple[int, int]]:
+        time.sleep(0.01)  # long enough for every stream to take items
+        return x * x, torch.get_num_threads(), (os.getpid(), threading.get_ident())
+
+    out = list(map_streams(fn, range(30), streams=2))
+    assert [y for y, _, _ in out] == [x * x for x in range(30)]
+    assert {threads for _, threads, _ in out} == {1}  # one intra-op thread per stream
+    where = {stream for _, _, stream in out}
+    assert len(where) == 2
+    if kind == "processes":
+        assert len({pid for pid, _ in where}) == 2 and os.getpid() in {pid for pid, _ in where}
     assert torch.get_num_threads() == 2
 
 
-def test_the_thread_count_is_restored_when_a_batch_fails():
+@pytest.mark.parametrize("failing", [0, 1, 7])
+def test_an_error_in_any_stream_is_raised_and_the_thread_count_restored(kind, failing):
     def fn(x: int) -> int:
-        if x == 3:
-            raise ValueError("bad batch")
+        time.sleep(0.01)
+        if x == failing:
+            raise ValueError(f"bad batch {x}")
         return x
 
-    with pytest.raises(ValueError, match="bad batch"):
-        list(map_streams(fn, range(6), streams=2))
+    with pytest.raises(ValueError, match=f"bad batch {failing}"):
+        list(map_streams(fn, range(12), streams=2))
     assert torch.get_num_threads() == 2
     with intra_op_threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
+
+
+def test_a_stream_process_that_dies_is_reported_not_waited_for():
+    if not can_fork():
+        pytest.skip("forked streams run on Linux")
+    parent = os.getpid()
+
+    def fn(x: int) -> int:
+        time.sleep(0.01)
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x
+
+    with pytest.raises(RuntimeError, match="exit code -9"):
+        list(map_streams(fn, range(20), streams=2))
+    assert torch.get_num_threads() == 2
+
+
+def test_a_stream_error_that_cannot_be_pickled_arrives_as_its_text():
+    if not can_fork():
+        pytest.skip("forked streams run on Linux")
+    parent = os.getpid()
+
+    class Odd(Exception):  # a local class: pickling it fails
+        pass
+
+    def fn(x: int) -> int:
+        time.sleep(0.01)
+        if os.getpid() != parent:
+            raise Odd("unpicklable trouble")
+        return x
+
+    with pytest.raises(RuntimeError, match="Odd: unpicklable trouble"):
+        list(map_streams(fn, range(20), streams=2))
+
+
+def test_streams_are_threads_while_another_python_thread_runs():
+    """A fork copies only the forking thread: a lock another thread holds would stay held in
+    the child forever. So no fork while another Python thread runs."""
+    if not can_fork():
+        pytest.skip("forked streams run on Linux")
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    other.start()
+    try:
+        assert not can_fork()
+        out = list(map_streams(lambda x: (x, os.getpid()), range(6), streams=2))
+    finally:
+        release.set()
+        other.join()
+    assert [x for x, _ in out] == list(range(6))
+    assert {pid for _, pid in out} == {os.getpid()}
+    assert can_fork()
 
 
 def test_streams_are_one_per_thread_on_a_cpu_at_most_one_per_batch_and_one_elsewhere():
@@ -69,7 +138,9 @@ def test_streams_are_one_per_thread_on_a_cpu_at_most_one_per_batch_and_one_elsew
 
 
 @pytest.mark.parametrize("beam", [1, 3])
-def test_several_streams_give_each_line_what_one_stream_gives_it(checkpoint, monkeypatch, beam):
+def test_several_streams_give_each_line_what_one_stream_gives_it(
+    checkpoint, monkeypatch, beam, kind
+):
     translator = Translator.load(checkpoint, "cpu", "fp32")
     cfg = translator.settings(beam=beam, nbest=2 if beam > 1 else 1, max_tokens=40)
     src = translator.encode(LINES)
