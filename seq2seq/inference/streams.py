@@ -23,6 +23,7 @@ import contextlib
 import multiprocessing
 import pickle
 import queue
+import signal
 import sys
 import threading
 import warnings
@@ -97,6 +98,10 @@ def _map_processes(fn: Callable[[T], R], items: Sequence[T], streams: int) -> It
         return i if i < len(items) else None
 
     def child() -> None:
+        # The parent's handlers are not this process's: SIGTERM (`terminate`) just ends it,
+        # Ctrl-C reaches the parent, which ends it.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         torch.set_num_threads(1)
         try:
             while (i := take()) is not None:
@@ -122,6 +127,7 @@ def _map_processes(fn: Callable[[T], R], items: Sequence[T], streams: int) -> It
 
     with intra_op_threads(1):
         children = [context.Process(target=child, daemon=True) for _ in range(streams - 1)]
+        next_out = 0
         try:
             with warnings.catch_warnings():
                 # Python >= 3.12 warns of any thread at a fork: torch's idle intra-op threads
@@ -129,7 +135,6 @@ def _map_processes(fn: Callable[[T], R], items: Sequence[T], streams: int) -> It
                 warnings.filterwarnings("ignore", "This process .* is multi-threaded")
                 for process in children:
                     process.start()
-            next_out = 0
             while (i := take()) is not None:
                 ready[i] = fn(items[i])
                 receive(block=False)
@@ -142,9 +147,9 @@ def _map_processes(fn: Callable[[T], R], items: Sequence[T], streams: int) -> It
                 while next_out in ready:
                     yield ready.pop(next_out)
                     next_out += 1
-        finally:
+        finally:  # done (the children are ending), failed, or no longer read from
             for process in children:
-                if process.is_alive():
+                if next_out < len(items) and process.is_alive():
                     process.terminate()
                 process.join()
             results.close()
