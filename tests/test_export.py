@@ -19,6 +19,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.export import compare
 from seq2seq.export.hf import basis_permutation
 from seq2seq.inference.checkpoint import load_model, read_checkpoint
+from seq2seq.inference.streams import stream_kind
 from seq2seq.inference.translate import encode_lines, pad_batch
 from seq2seq.inference.translator import Translator
 from seq2seq.kernels.cpu import cpu_is_intel
@@ -388,6 +389,7 @@ def test_bench_against_reports_both_engines_speed_ratio_and_bleu(
             assert f"{search}_{engine}_bleu" in result
         assert result[f"{search}_ratio_ours_over_{against}"] > 0
     assert result["sentences"] == 8 and "threads" in result["settings"]
+    assert f"one stream per thread ({stream_kind()})" in result["settings"]
     assert ("at most 3 sentences" in result["settings"]) == (against == "ctranslate2")
     projection = "output projection: MKL" if cpu_is_intel() else "output projection: oneDNN"
     assert projection in result["ours_kernels"] or not (packing_works() and mkl_packing_works())

@@ -1,8 +1,10 @@
 """Decoding batches in parallel streams on a CPU gives every line the hypotheses one stream
 gives it, in the input's order, and leaves torch's thread count as it found it."""
 
+import io
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -12,6 +14,7 @@ import torch
 import seq2seq.inference.streams as streams_module
 import seq2seq.inference.translator as translator_module
 from seq2seq.inference.streams import can_fork, cpu_streams, intra_op_threads, map_streams
+from seq2seq.inference.translate import progress_bar
 from seq2seq.inference.translator import Translator
 
 LINES = [
@@ -37,12 +40,20 @@ def two_threads():
 
 @pytest.fixture(params=["processes", "threads"])
 def kind(request, monkeypatch) -> str:
-    """Streams as forked processes (Linux) and as threads (elsewhere)."""
-    if request.param == "processes" and not can_fork():
+    """Streams as forked processes (Linux; whatever threads earlier tests left running) and as
+    threads (elsewhere)."""
+    if request.param == "processes" and not sys.platform.startswith("linux"):
         pytest.skip("forked streams run on Linux")
-    if request.param == "threads":
-        monkeypatch.setattr(streams_module, "can_fork", lambda: False)
+    monkeypatch.setattr(streams_module, "can_fork", lambda: request.param == "processes")
     return request.param
+
+
+@pytest.fixture
+def forked(monkeypatch) -> None:
+    """Streams as forked processes (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("forked streams run on Linux")
+    monkeypatch.setattr(streams_module, "can_fork", lambda: True)
 
 
 def test_map_streams_keeps_the_order_runs_in_several_streams_and_restores_the_thread_count(
@@ -78,9 +89,7 @@ def test_an_error_in_any_stream_is_raised_and_the_thread_count_restored(kind, fa
     assert torch.get_num_threads() == 2
 
 
-def test_a_stream_process_that_dies_is_reported_not_waited_for():
-    if not can_fork():
-        pytest.skip("forked streams run on Linux")
+def test_a_stream_process_that_dies_is_reported_not_waited_for(forked):
     parent = os.getpid()
 
     def fn(x: int) -> int:
@@ -94,9 +103,7 @@ def test_a_stream_process_that_dies_is_reported_not_waited_for():
     assert torch.get_num_threads() == 2
 
 
-def test_a_stream_error_that_cannot_be_pickled_arrives_as_its_text():
-    if not can_fork():
-        pytest.skip("forked streams run on Linux")
+def test_a_stream_error_that_cannot_be_pickled_arrives_as_its_text(forked):
     parent = os.getpid()
 
     class Odd(Exception):  # a local class: pickling it fails
@@ -115,7 +122,7 @@ def test_a_stream_error_that_cannot_be_pickled_arrives_as_its_text():
 def test_streams_are_threads_while_another_python_thread_runs():
     """A fork copies only the forking thread: a lock another thread holds would stay held in
     the child forever. So no fork while another Python thread runs."""
-    if not can_fork():
+    if not sys.platform.startswith("linux"):
         pytest.skip("forked streams run on Linux")
     release = threading.Event()
     other = threading.Thread(target=release.wait)
@@ -128,7 +135,22 @@ def test_streams_are_threads_while_another_python_thread_runs():
         other.join()
     assert [x for x, _ in out] == list(range(6))
     assert {pid for _, pid in out} == {os.getpid()}
-    assert can_fork()
+
+
+def test_the_progress_bar_starts_no_thread_that_would_keep_streams_from_forking(monkeypatch):
+    """tqdm's monitor thread outlives its bars; translate's bar goes without it."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    before = set(threading.enumerate())
+    with progress_bar() as bar:
+        bar.update(3)
+        assert not bar.disable  # drawn, on a terminal
+        assert set(threading.enumerate()) == before
+    assert "3 sent" in sys.stderr.getvalue()
 
 
 def test_streams_are_one_per_thread_on_a_cpu_at_most_one_per_batch_and_one_elsewhere():

@@ -34,7 +34,7 @@ from seq2seq.config import DecodeConfig
 from seq2seq.constants import EOS_ID, PAD_ID
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.search import max_output_lengths
-from seq2seq.inference.streams import cpu_streams
+from seq2seq.inference.streams import cpu_streams, stream_kind
 from seq2seq.inference.translate import encode_lines, make_batches, one_line
 from seq2seq.inference.translator import Translator
 from seq2seq.kernels.mkl import MklPackedLinear
@@ -326,7 +326,8 @@ def compare(
         "threads": threads,
         "settings": (
             f"on the CPU, decoding alone; ours {precision}, torch threads={threads}, translate's "
-            f"{batches}; {theirs_setting}; length penalty off; "
+            f"{batches}, one stream per thread ({stream_kind()}); {theirs_setting}; "
+            "length penalty off; "
             + (
                 f"beam stop rule '{cfg.stop}'"
                 if ours_cfg.stop == cfg.stop

@@ -70,6 +70,11 @@ def can_fork() -> bool:
     )
 
 
+def stream_kind() -> str:
+    """What `map_streams` runs its streams as here: "processes" or "threads"."""
+    return "processes" if can_fork() else "threads"
+
+
 def map_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Iterator[R]:
     """fn of each item, in the items' order, computed by `streams` streams of one intra-op
     thread each: processes where `can_fork`, else threads (in this thread alone when streams

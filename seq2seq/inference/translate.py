@@ -300,11 +300,21 @@ def translate_stream(
         start += len(chunk)
 
 
+def progress_bar():
+    """A tqdm progress bar of sentences on stderr, drawn on a terminal only, and without tqdm's
+    monitor thread: decoding forks its streams only where no other Python thread runs
+    (seq2seq.inference.streams.can_fork)."""
+    from tqdm import tqdm
+
+    class Progress(tqdm):
+        monitor_interval = 0
+
+    return Progress(unit=" sent", file=sys.stderr, disable=None)
+
+
 def translate_cli(args: argparse.Namespace) -> int:
     """The `seq2seq translate` command (arguments: seq2seq.cli.decode.add_translate); several
     -m models decode as an ensemble."""
-    from tqdm import tqdm
-
     from seq2seq.inference.translator import Translator
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -319,7 +329,7 @@ def translate_cli(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         source = open_binary(args.input, "rb", stack)
         out = open_binary(args.output, "wb", stack)
-        progress = stack.enter_context(tqdm(unit=" sent", file=sys.stderr, disable=None))
+        progress = stack.enter_context(progress_bar())
         lines = read_lines(source, name, args.errors)
         for chunk in translate_stream(translator, lines, cfg, name, progress):
             for t in chunk:
