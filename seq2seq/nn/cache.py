@@ -63,8 +63,8 @@ class LayerCache:
         self.self_length = T + L
         return _heads_first(self.self_k, B, T + L), _heads_first(self.self_v, B, T + L)
 
-    def select_self(self, rows: Tensor) -> None:
-        """Keep self-attention rows `rows`, in that order."""
+    def select_self(self, rows: Tensor, moves: Moves | None = None) -> None:
+        """Keep self-attention rows `rows`, in that order (`moves`: `row_moves(rows)`)."""
         if self.self_k is None:
             return
         T = self.self_length
@@ -72,24 +72,38 @@ class LayerCache:
             self.self_k = _with_rows(self.self_k, rows, T)
             self.self_v = _with_rows(self.self_v, rows, T)
         else:
-            select_rows_(self.self_k[:T], rows, dim=1)
-            select_rows_(self.self_v[:T], rows, dim=1)
+            moves = row_moves(rows) if moves is None else moves
+            select_rows_(self.self_k[:T], rows, dim=1, moves=moves)
+            select_rows_(self.self_v[:T], rows, dim=1, moves=moves)
 
-    def select_cross(self, index: Tensor) -> None:
+    def select_cross(self, index: Tensor, moves: Moves | None = None) -> None:
+        """Keep cross-attention rows `index` (`moves`: `row_moves(index)`)."""
         if self.cross_k is not None:
-            self.cross_k = select_rows_(self.cross_k, index)
-            self.cross_v = select_rows_(self.cross_v, index)
+            moves = row_moves(index) if moves is None else moves
+            self.cross_k = select_rows_(self.cross_k, index, moves=moves)
+            self.cross_v = select_rows_(self.cross_v, index, moves=moves)
 
 
-def select_rows_(x: Tensor, rows: Tensor, dim: int = 0) -> Tensor:
+#: The rows i of a selection `rows` where rows[i] != i, and rows[i] there (`row_moves`).
+Moves = tuple[Tensor, Tensor]
+
+
+def row_moves(rows: Tensor) -> Moves:
+    """Where selecting `rows` moves a row: (destinations i, sources rows[i]), rows[i] != i.
+    Found once per reorder for every layer (on a GPU, finding them waits for the device)."""
+    moved = (rows != torch.arange(rows.numel(), device=rows.device)).nonzero().squeeze(1)
+    return moved, rows[moved]
+
+
+def select_rows_(x: Tensor, rows: Tensor, dim: int = 0, moves: Moves | None = None) -> Tensor:
     """x's first n rows along `dim` become its rows `rows` (n,), n <= x.size(dim), in place,
-    copying only the rows i where rows[i] != i; returns the view of those n. Every moved row
-    is read before any is written, so any `rows` is safe."""
-    n = rows.numel()
-    moved = (rows != torch.arange(n, device=rows.device)).nonzero().squeeze(1)
-    if moved.numel() > 0:
-        x.index_copy_(dim, moved, x.index_select(dim, rows[moved]))
-    return x.narrow(dim, 0, n)
+    copying only the rows i where rows[i] != i (`moves`, if given, are `row_moves(rows)`);
+    returns the view of those n. Every moved row is read before any is written, so any `rows`
+    is safe."""
+    to, source = row_moves(rows) if moves is None else moves
+    if to.numel() > 0:
+        x.index_copy_(dim, to, x.index_select(dim, source))
+    return x.narrow(dim, 0, rows.numel())
 
 
 def _heads_first(buffer: Tensor, rows: int, length: int) -> Tensor:
@@ -133,14 +147,17 @@ class DecoderCache:
     def reorder(self, index: Tensor) -> None:
         """Keep rows `index` (B_new,), in that order, when each row is its own sentence;
         B_new may be smaller than B."""
+        moves = row_moves(index)
         for layer in self.layers:
-            layer.select_self(index)
-            layer.select_cross(index)
+            layer.select_self(index, moves)
+            layer.select_cross(index, moves)
 
     def reorder_beams(self, rows: Tensor, sentences: Tensor | None) -> None:
         """Beam search: self-attention K/V keep `rows` (N' * k,); the per-sentence
         cross-attention K/V keep `sentences` (N',), or stay as they are when None."""
+        row_moved = row_moves(rows)
+        sentence_moved = None if sentences is None else row_moves(sentences)
         for layer in self.layers:
-            layer.select_self(rows)
+            layer.select_self(rows, row_moved)
             if sentences is not None:
-                layer.select_cross(sentences)
+                layer.select_cross(sentences, sentence_moved)
