@@ -410,7 +410,7 @@ def _advance(
     Returns the new beams, the cache rows to keep (N' * K,: new row -> old row) and the
     sentences kept (N',). Both leave as many rows where they were as they can (`_in_place`,
     `_child_slots`)."""
-    N, k = beams.log_prob.shape
+    k = beams.log_prob.size(1)
     K = cfg.beam
     rank = torch.arange(2 * K, device=cand.token.device)
     order = (cand.token == EOS).long() * (2 * K) + rank  # non-EOS first, best first
