@@ -140,15 +140,13 @@ def _map_processes(fn: Callable[[T], R], items: Sequence[T], streams: int) -> It
                 warnings.filterwarnings("ignore", "This process .* is multi-threaded")
                 for process in children:
                     process.start()
-            while (i := take()) is not None:
-                ready[i] = fn(items[i])
-                receive(block=False)
-                while next_out in ready:
-                    yield ready.pop(next_out)
-                    next_out += 1
+            working = True  # this process takes items too, until none is left
             while next_out < len(items):
-                if next_out not in ready:
-                    receive(block=True)
+                if working and (i := take()) is not None:
+                    ready[i] = fn(items[i])
+                else:
+                    working = False
+                receive(block=not working and next_out not in ready)
                 while next_out in ready:
                     yield ready.pop(next_out)
                     next_out += 1
