@@ -234,6 +234,27 @@ def test_the_ctranslate2_worker_decodes_again_per_call_and_reports_its_kernels(
     assert greedy[0][1] == (tmp_path / "out.txt").read_text(encoding="utf-8").splitlines()
 
 
+def test_ctranslate2_decoding_batches_side_by_side_gives_the_same_lines(
+    ct2_dir, loaded, sources, tmp_path
+):
+    """bench runs CTranslate2 as ours runs: one batch per thread (inter_threads), each on one
+    intra-op thread; the lines are those of one batch at a time."""
+    from seq2seq.export.processes import SCRIPT, ct2_file_args, ct2_threading
+
+    side_by_side = ct2_file_args(loaded, 2, "float32", 3, inter_threads=2)
+    assert side_by_side[:4] == ["--threads", "1", "--inter-threads", "2"]
+    assert ct2_threading(2, None) == "inter_threads=2, intra_threads=1"
+    assert ct2_threading(2, 1) == "inter_threads=1, intra_threads=2"
+    (tmp_path / "in.txt").write_text("".join(line + "\n" for line in sources[:12]), "utf-8")
+    outs = []
+    for args in (side_by_side, ct2_file_args(loaded, 1, "float32", 3)):
+        out = tmp_path / f"out{len(outs)}.txt"
+        command = [sys.executable, str(SCRIPT), str(ct2_dir), str(tmp_path / "in.txt"), str(out)]
+        subprocess.run([*command, "--beam", "2", *args], check=True)
+        outs.append(out.read_text(encoding="utf-8").splitlines())
+    assert outs[0] == outs[1] and len(outs[0]) == 12
+
+
 def test_a_ctranslate2_worker_that_cannot_load_fails_with_its_last_line(tmp_path):
     from seq2seq.export.processes import Ct2Worker
 
@@ -515,6 +536,7 @@ def test_bench_whole_process_times_both_commands_start_up_included(
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["whole_process"] is True and "ct2_file.py" in result["settings"]
+    assert f"inter_threads={result['threads']}, intra_threads=1" in result["settings"]
     for search in ("greedy", "beam5"):
         ours = result[f"{search}_ours_sentences_per_s"]
         theirs = result[f"{search}_ctranslate2_sentences_per_s"]
@@ -531,6 +553,10 @@ def test_bench_whole_process_times_both_commands_start_up_included(
     [
         (["--against", "hf", "-m", "MODEL"], "--whole-process compares with --against ctranslate2"),
         ([], "--whole-process is for -m MODEL --against ctranslate2"),
+        (
+            ["-m", "MODEL", "--against", "ctranslate2", "--against-inter-threads", "64"],
+            "--against-inter-threads 64: for --against ctranslate2, at most the",
+        ),
     ],
 )
 def test_whole_process_elsewhere_is_one_line(checkpoint, multi30k_slice, args, message, capsys):

@@ -215,6 +215,13 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="--against ctranslate2: its compute type (default float32; int8 or int8_float32 "
         "where it runs them); ours runs at --decode-precision",
     )
+    p.add_argument(
+        "--against-inter-threads",
+        type=at_least(1),
+        help="--against ctranslate2: batches it decodes side by side (its inter_threads), each "
+        "on threads / N intra-op threads (default: one per thread, as ours decodes one stream "
+        "per thread; 1 is CTranslate2's own default)",
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     p.add_argument(

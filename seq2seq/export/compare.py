@@ -242,11 +242,12 @@ def _theirs(
     threads,
     compute_type,
     stack: ExitStack,
+    inter_threads: int = 1,
 ):
     """A function beam -> (decode seconds, texts) running the exported model in `folder`, and
     the CPU kernels that engine runs. Hugging Face decodes in this process, in our batches;
     CTranslate2 at `compute_type` in a process of its own (`processes.Ct2Worker`, closed by
-    `stack`), on the raw `sources`, in its own batches."""
+    `stack`), on the raw `sources`, in its own batches, `inter_threads` of them side by side."""
     if against == "hf":
         from transformers import MarianMTModel, MarianTokenizer
 
@@ -263,7 +264,7 @@ def _theirs(
         return run, f"linear layers: {_torch_gemm()}"
     from seq2seq.export.processes import Ct2Worker, ct2_file_args
 
-    args = ct2_file_args(loaded, threads, compute_type, cfg.max_sentences)
+    args = ct2_file_args(loaded, threads, compute_type, cfg.max_sentences, inter_threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     worker = stack.enter_context(Ct2Worker(folder, sources, folder.parent, args, env))
     return worker, worker.kernels(compute_type) or "not logged"
@@ -279,6 +280,7 @@ def compare(
     precision: str = "fp32",
     compute_type: str = "float32",
     stop: str | None = None,
+    inter_threads: int | None = None,
 ) -> dict:
     """Export `model_path` to a temporary folder, then decode `sources` greedy and beam 5 with
     ours and the other engine, alternating rounds (ours, theirs, ours, ...), each timing its
@@ -288,15 +290,17 @@ def compare(
     `max_sentences` sentences); CTranslate2 at `compute_type`, in a process of its own
     (`processes.Ct2Worker`: in one process with torch's thread pool it ran 30-40% slower), in
     its own batches of as many tokens (or sentences); Hugging Face in float32, in this process
-    and our batches. All on torch's thread count. Beam search stops by the other engine's rule
-    in both, or by `stop` in ours."""
+    and our batches. All on torch's thread count: ours one stream per thread, CTranslate2
+    `inter_threads` batches side by side (None: as many as ours). Beam search stops by the
+    other engine's rule in both, or by `stop` in ours."""
     from seq2seq.export import export
-    from seq2seq.export.processes import ct2_length_limit
+    from seq2seq.export.processes import ct2_length_limit, ct2_threading
 
     if against not in ENGINES:
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
     loaded = load_model(model_path)  # ours decodes it as translate does (_Ours)
     threads = torch.get_num_threads()
+    inter_threads = threads if inter_threads is None else inter_threads
     cfg = dataclasses.replace(
         loaded.decode, lenpen=0.0, stop=ENGINES[against], max_sentences=max_sentences
     )
@@ -313,7 +317,7 @@ def compare(
         own = f"{cfg.max_tokens} tokens" if max_sentences is None else f"{max_sentences} sentences"
         theirs_setting = (
             f"ctranslate2 {compute_type} in a process of its own (ct2_file.py --serve), "
-            f"intra_threads={threads}, its own batches of {own}"
+            f"{ct2_threading(threads, inter_threads)}, its own batches of {own}"
         )
         limit_setting = (
             "length limit a*|x|+b per sentence for ours, "
@@ -341,7 +345,17 @@ def compare(
         export(model_path, against, folder)
         ours = _Ours(loaded, src_ids, ours_cfg, precision)
         theirs, their_kernels = _theirs(
-            against, folder, loaded, sources, src_ids, limits, cfg, threads, compute_type, stack
+            against,
+            folder,
+            loaded,
+            sources,
+            src_ids,
+            limits,
+            cfg,
+            threads,
+            compute_type,
+            stack,
+            inter_threads,
         )
         engines = {"ours": ours, against: theirs}
         result["ours_kernels"] = ours_kernels(ours.translator, precision)
@@ -422,6 +436,12 @@ def compare_cli(args, data) -> int:
                 f"--against-compute-type {compute_type}: this CTranslate2 runs "
                 f"{', '.join(sorted(supported))} on this CPU"
             )
+    inter = args.against_inter_threads
+    if inter is not None and (args.against != "ctranslate2" or inter > torch.get_num_threads()):
+        raise ValueError(
+            f"--against-inter-threads {inter}: for --against ctranslate2, at most the "
+            f"{torch.get_num_threads()} threads there are"
+        )
     if data.test is None or not data.test.src:
         raise ValueError("--against needs a test split with src and tgt files")
     sources = read_text(os.path.join(data.root, data.test.src))
@@ -440,6 +460,7 @@ def compare_cli(args, data) -> int:
             args.decode_precision,
             compute_type,
             args.stop or "best",
+            args.against_inter_threads,
         )
     else:
         result = compare(
@@ -452,6 +473,7 @@ def compare_cli(args, data) -> int:
             args.decode_precision,
             compute_type,
             args.stop,
+            args.against_inter_threads,
         )
     if args.json:
         print(json.dumps(result, indent=2))

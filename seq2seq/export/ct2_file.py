@@ -2,7 +2,8 @@
 `seq2seq bench -m MODEL --against ctranslate2`, run as a script of its own so that its process
 imports CTranslate2 and SentencePiece, never torch or seq2seq.
 
-    python ct2_file.py CT2_DIR IN OUT [--beam N] [--threads N] [--compute-type T]
+    python ct2_file.py CT2_DIR IN OUT [--beam N] [--threads N] [--inter-threads N]
+                       [--compute-type T]
                        [--max-tokens N | --max-sentences N] [--max-decoding-length N]
                        [--max-input-length N] [--serve]
 
@@ -42,6 +43,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("output")
     p.add_argument("--beam", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="intra_threads (0: CTranslate2's)")
+    p.add_argument(
+        "--inter-threads", type=int, default=1, help="inter_threads: batches decoded side by side"
+    )
     p.add_argument("--compute-type", default="float32")
     p.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch")
     p.add_argument("--max-sentences", type=int, help="sentences per batch, instead")
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu",
         compute_type=args.compute_type,
         intra_threads=args.threads,
-        inter_threads=1,
+        inter_threads=args.inter_threads,
     )
     lines = Path(args.input).read_text(encoding="utf-8").splitlines()
     pieces = [src_sp.encode(line, out_type=str) for line in lines]

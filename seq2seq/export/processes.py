@@ -46,16 +46,27 @@ def ct2_file_args(
     threads: int,
     compute_type: str,
     max_sentences: int | None,
+    inter_threads: int = 1,
 ) -> list[str]:
-    """ct2_file.py's options after its three paths: `threads` intra-op threads, CTranslate2's
-    own batches of the model's `decode.max_tokens` tokens (or of at most `max_sentences`
-    sentences), one length limit (`ct2_length_limit`) and translate's truncation."""
-    args = ["--threads", str(threads), "--compute-type", compute_type]
+    """ct2_file.py's options after its three paths: `threads` threads in all, as
+    `inter_threads` batches decoded side by side on threads // inter_threads intra-op threads
+    each, CTranslate2's own batches of the model's `decode.max_tokens` tokens (or of at most
+    `max_sentences` sentences), one length limit (`ct2_length_limit`) and translate's
+    truncation."""
+    args = ["--threads", str(max(1, threads // inter_threads))]
+    args += ["--inter-threads", str(inter_threads), "--compute-type", compute_type]
     args += ["--max-tokens", str(loaded.decode.max_tokens)]
     args += ["--max-sentences", str(max_sentences)] if max_sentences else []
     args += ["--max-decoding-length", str(ct2_length_limit(loaded))]
     args += ["--max-input-length", str(loaded.model.cfg.max_positions)]  # EOS included
     return args
+
+
+def ct2_threading(threads: int, inter_threads: int | None) -> str:
+    """How CTranslate2 spends `threads` threads, in the bench's settings line: `inter_threads`
+    batches side by side (None: one per thread, as ours runs one stream per thread)."""
+    inter = threads if inter_threads is None else inter_threads
+    return f"inter_threads={inter}, intra_threads={max(1, threads // inter)}"
 
 
 def ct2_kernel_lines(log: str, compute_type: str) -> str:
@@ -152,10 +163,13 @@ def compare_processes(
     precision: str = "fp32",
     compute_type: str = "float32",
     stop: str = "best",
+    inter_threads: int | None = None,
 ) -> dict:
     """Sentences/s of each whole command (greedy and beam 5), their ratio, BLEU, identical
     lines, and each command's seconds on one line (start-up and loading); ours stops beam
-    search by `stop` (CTranslate2's own rule, 'best', unless told)."""
+    search by `stop` (CTranslate2's own rule, 'best', unless told); CTranslate2 decodes
+    `inter_threads` batches side by side (None: one per thread, as ours does)."""
+    inter = threads if inter_threads is None else inter_threads
     from seq2seq.export import export
 
     loaded = load_model(model_path)
@@ -169,7 +183,8 @@ def compare_processes(
         "threads": threads,
         "settings": (
             f"whole processes on the CPU: `seq2seq translate --precision {precision}` vs "
-            f"{SCRIPT.name} (ctranslate2 {compute_type}); {threads} threads each; batches of "
+            f"{SCRIPT.name} (ctranslate2 {compute_type}, {ct2_threading(threads, inter)}); "
+            f"{threads} threads each; batches of "
             + (f"{max_tokens} tokens" if max_sentences is None else f"{max_sentences} sentences")
             + f"; length penalty off; CTranslate2's stop rule (ours: --stop {stop})"
         ),
@@ -190,7 +205,7 @@ def compare_processes(
             ours += ["--stop", stop, "--precision", precision, "--device", "cpu", *batch]
             theirs = [sys.executable, str(SCRIPT), str(folder), str(src), str(theirs_out)]
             theirs += ["--beam", str(beam)]
-            theirs += ct2_file_args(loaded, threads, compute_type, max_sentences)
+            theirs += ct2_file_args(loaded, threads, compute_type, max_sentences, inter)
             return {"ours": (ours, ours_out), "ctranslate2": (theirs, theirs_out)}
 
         for name, beam, src in (("greedy", 1, "all"), ("beam5", 5, "all"), ("startup", 1, "one")):
