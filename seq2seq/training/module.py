@@ -47,6 +47,7 @@ def batch_loss(model: Transformer, batch: Batch, epsilon: float) -> LossOutput:
         batch.rows,
     )
 
+
 class TranslationModule(L.LightningModule):
     def __init__(
         self,

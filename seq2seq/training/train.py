@@ -177,6 +177,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 #: The start of Lightning's warning on a mid-epoch resume (see `train`).
 MID_EPOCH_RESUME_WARNING = "You're resuming from a checkpoint that ended before the epoch ended"
 
+
 def _ranks_started_together() -> bool:
     """Whether an outside launcher (torchrun, SLURM's srun) started all ranks at once, rather
     than Lightning starting the others from rank 0 (which sets no RANK)."""
@@ -185,9 +186,7 @@ def _ranks_started_together() -> bool:
     return torchrun or int(env.get("SLURM_NTASKS", "1")) > 1
 
 
-def _check_run_dir(
-    run_dir: Path, recipe: Recipe, overwrite: bool
-) -> tuple[Path, int] | None:
+def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> tuple[Path, int] | None:
     """The checkpoint to resume from and its step, or None for a fresh run. Refuses to clobber."""
     run = RunDir(run_dir)
     results = run.results
