@@ -104,9 +104,7 @@ def test_the_training_loader_serves_the_weighted_epoch(three_corpora, prepared, 
     assert seen == Counter(prepared.train_rows.tolist())
 
 
-def test_a_second_load_reuses_the_caches_of_the_concatenated_corpora(
-    three_corpora, prepared_run
-):
+def test_a_second_load_reuses_the_caches_of_the_concatenated_corpora(three_corpora, prepared_run):
     run, first = prepared_run
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     again = load_splits(three_corpora[1], run)
@@ -151,9 +149,7 @@ def test_the_raw_wmt14_recipe_prepares_stand_in_files_of_the_same_names(
     from seq2seq.data.report import format_report
 
     lines = format_report(report).splitlines()
-    assert any(
-        line.strip().startswith("commoncrawl (data.train[1])  600 read,") for line in lines
-    )
+    assert any(line.strip().startswith("commoncrawl (data.train[1])  600 read,") for line in lines)
 
 
 def _recipe(tmp_path: Path, train: object) -> str:
@@ -166,12 +162,21 @@ def _recipe(tmp_path: Path, train: object) -> str:
 @pytest.mark.parametrize(
     "train, message",
     [
-        ([{"src": "a", "tgt": "b", "weight": 0}], "data.train[0].weight=0.0 must be a number above 0"),
+        (
+            [{"src": "a", "tgt": "b", "weight": 0}],
+            "data.train[0].weight=0.0 must be a number above 0",
+        ),
         ([{"src": "a", "tgt": "b", "weight": -1}], "data.train[0].weight=-1.0 must be a number"),
-        ([{"src": "a", "tgt": "b"}, {"src": "a", "tgt": "c", "weight": "x"}], "data.train[1].weight='x' is not a number"),
+        (
+            [{"src": "a", "tgt": "b"}, {"src": "a", "tgt": "c", "weight": "x"}],
+            "data.train[1].weight='x' is not a number",
+        ),
         ([{"src": "a", "tgt": "b", "wieght": 2}], "data.train[0] has no key 'wieght'"),
         ([{"src": "a", "tgt": "b"}, "c.en"], "data.train[1] must be a corpus (a mapping)"),
-        ([{"src": "x/a", "tgt": "b"}, {"src": "y/a", "tgt": "c"}], "data.train[1] and data.train[0] are both named 'a'"),
+        (
+            [{"src": "x/a", "tgt": "b"}, {"src": "y/a", "tgt": "c"}],
+            "data.train[1] and data.train[0] are both named 'a'",
+        ),
         ([], "data.train is an empty list"),
     ],
     ids=["zero", "negative", "not-a-number", "unknown-key", "not-a-mapping", "same-name", "empty"],
@@ -182,9 +187,7 @@ def test_a_bad_corpus_list_is_refused_naming_the_key(tmp_path, train, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_a_missing_file_in_the_list_names_the_corpus_and_the_file(
-    three_corpora, tmp_path, capsys
-):
+def test_a_missing_file_in_the_list_names_the_corpus_and_the_file(three_corpora, tmp_path, capsys):
     root, _ = three_corpora
     train = [{"src": "a.en", "tgt": "a.de"}, {"src": "b.en", "tgt": "nope.de"}]
     path = tmp_path / "r.yaml"

@@ -723,7 +723,9 @@ def test_save_every_minutes_saves_last_between_validations_and_resumes_exactly(
     assert_same_history(straight, run)
 
 
-def test_a_kill_just_after_any_checkpoint_loses_no_logged_row(multi30k_slice, tmp_path, monkeypatch):
+def test_a_kill_just_after_any_checkpoint_loses_no_logged_row(
+    multi30k_slice, tmp_path, monkeypatch
+):
     """At the moment each checkpoint file is complete, the log on disk already holds every
     row a resume from it keeps (those below its step), validation scores included: timed
     saves at every update that allows one, validations every 10, a row every 3 updates."""

@@ -12,7 +12,7 @@ from conftest import SLICE, read_gz_lines
 
 import seq2seq.inference.translate as translate
 from seq2seq.cli import main
-from seq2seq.config import DecodeConfig
+from seq2seq.config import DecodeConfig, preset
 from seq2seq.inference.checkpoint import (
     load_model,
     model_weights,
@@ -296,3 +296,23 @@ def test_loading_leaves_torchs_initializers_as_they_were(checkpoint):
     torch.manual_seed(0)
     assert torch.equal(torch.nn.Linear(16, 16).weight, first)
     assert first.std() > 0.1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_prepared_models_relus_overwrite_their_input_with_the_same_states(precision):
+    """prepare_model makes the feed-forward ReLUs in place (decoding needs no autograd): the
+    encoder's output is unchanged, and the model it was given keeps its own (int8 copies)."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", src_vocab_size=30, tgt_vocab_size=30)).eval()
+    src = torch.randint(4, 30, (3, 7))
+    with torch.inference_mode():
+        want = model.encode(src).states
+        prepared = translate.prepare_model(model, "cpu", precision, pack_weights=False)
+        got = prepared.encode(src).states
+    relus = [m for m in prepared.modules() if type(m) is torch.nn.ReLU]
+    assert relus and all(relu.inplace for relu in relus)
+    if precision == "fp32":
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    else:
+        assert not any(m.inplace for m in model.modules() if type(m) is torch.nn.ReLU)
+        assert (got - want).abs().max() < 0.1 * want.abs().max()
