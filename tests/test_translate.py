@@ -251,7 +251,7 @@ def test_an_averaged_checkpoint_translates_like_its_source(tmp_path, checkpoint)
     assert after == before and len(after) == 2
 
 
-def test_batches_cut_for_streams_are_a_multiple_of_them_even_and_largest_first():
+def test_batches_cut_for_streams_are_a_multiple_of_them_even_and_longest_sentences_first():
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in rng.integers(1, 40, size=1000)] + [0, 0]
     plain = translate.make_batches(lengths, 6000)
@@ -261,7 +261,8 @@ def test_batches_cut_for_streams_are_a_multiple_of_them_even_and_largest_first()
     assert flat == [i for i, n in enumerate(lengths) if n]  # each line once, blanks left out
     padded = [len(b) * max(lengths[i] for i in b) for b in batches]
     assert max(padded) <= 6000
-    assert padded == sorted(padded, reverse=True)  # the largest first
+    longest = [max(lengths[i] for i in b) for b in batches]
+    assert longest == sorted(longest, reverse=True)  # the longest sentences first
     assert min(padded) >= 0.9 * max(padded)  # even: no small last batch left to one stream
     assert translate.make_batches(lengths, 6000, streams=1) == plain
 
