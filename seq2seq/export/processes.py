@@ -169,9 +169,9 @@ def compare_processes(
     lines, and each command's seconds on one line (start-up and loading); ours stops beam
     search by `stop` (CTranslate2's own rule, 'best', unless told); CTranslate2 decodes
     `inter_threads` batches side by side (None: one per thread, as ours does)."""
-    inter = threads if inter_threads is None else inter_threads
     from seq2seq.export import export
 
+    inter = threads if inter_threads is None else inter_threads
     loaded = load_model(model_path)
     max_tokens = loaded.decode.max_tokens
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
