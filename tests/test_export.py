@@ -492,6 +492,13 @@ def test_bench_against_compute_type_without_a_model_is_one_line(capsys):
     assert "--against-compute-type is for -m MODEL --against ctranslate2" in one_error_line(capsys)
 
 
+@pytest.mark.parametrize("against", [[], ["-m", "MODEL", "--against", "hf"]])
+def test_bench_against_inter_threads_elsewhere_is_one_line(checkpoint, against, capsys):
+    args = [str(checkpoint) if a == "MODEL" else a for a in against]
+    assert main(["bench", "--against-inter-threads", "1", *args]) == 1
+    assert "--against-inter-threads is for -m MODEL --against ctranslate2" in one_error_line(capsys)
+
+
 def test_bench_max_sentences_without_a_model_to_decode_is_one_line(capsys):
     assert main(["bench", "--max-sentences", "64"]) == 1
     assert "--max-sentences batches the decoding of --against" in one_error_line(capsys)
@@ -555,7 +562,7 @@ def test_bench_whole_process_times_both_commands_start_up_included(
         ([], "--whole-process is for -m MODEL --against ctranslate2"),
         (
             ["-m", "MODEL", "--against", "ctranslate2", "--against-inter-threads", "64"],
-            "--against-inter-threads 64: for --against ctranslate2, at most the",
+            "--against-inter-threads 64: more batches side by side than the",
         ),
     ],
 )

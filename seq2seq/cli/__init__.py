@@ -121,6 +121,8 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("--max-sentences batches the decoding of --against: give -m MODEL too")
     if args.against_compute_type is not None:
         raise ValueError("--against-compute-type is for -m MODEL --against ctranslate2")
+    if args.against_inter_threads is not None:
+        raise ValueError("--against-inter-threads is for -m MODEL --against ctranslate2")
     if args.whole_process:
         raise ValueError("--whole-process is for -m MODEL --against ctranslate2")
     peer = None

@@ -437,9 +437,11 @@ def compare_cli(args, data) -> int:
                 f"{', '.join(sorted(supported))} on this CPU"
             )
     inter = args.against_inter_threads
-    if inter is not None and (args.against != "ctranslate2" or inter > torch.get_num_threads()):
+    if inter is not None and args.against != "ctranslate2":
+        raise ValueError("--against-inter-threads is for -m MODEL --against ctranslate2")
+    if inter is not None and inter > torch.get_num_threads():
         raise ValueError(
-            f"--against-inter-threads {inter}: for --against ctranslate2, at most the "
+            f"--against-inter-threads {inter}: more batches side by side than the "
             f"{torch.get_num_threads()} threads there are"
         )
     if data.test is None or not data.test.src:
