@@ -25,11 +25,12 @@ needs_onednn = pytest.mark.skipif(not onednn.onednn_works(), reason="torch witho
 @pytest.fixture
 def fresh_probes():
     """The probes' cached answers are cleared before and after (they are per process)."""
-    onednn.onednn_works.cache_clear()
-    onednn.packing_works.cache_clear()
+    probes = (onednn.onednn_works, onednn.packing_works, onednn.bf16_packing_works)
+    for probe in probes:
+        probe.cache_clear()
     yield
-    onednn.onednn_works.cache_clear()
-    onednn.packing_works.cache_clear()
+    for probe in probes:
+        probe.cache_clear()
 
 
 def layer_and_input(dtype=torch.float32):
@@ -118,6 +119,7 @@ def test_a_missing_op_leaves_the_plain_layers_with_one_warning(monkeypatch, fres
     with pytest.warns(RuntimeWarning, match="_linear_pointwise") as caught:
         assert use_onednn_linears(model) == 0
         assert not onednn.use_packed_projection(model)
+        assert onednn.use_packed_bf16_decoder(model.to(torch.bfloat16)) == 0
     assert len(caught) == 1  # one warning, however often it is asked
     assert not any(isinstance(m, OneDnnLinear) for m in model.modules())
 
@@ -158,6 +160,49 @@ def test_a_packed_projection_gives_f_linear_for_every_row_count():
             torch.testing.assert_close(packed(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
         x3 = torch.randn(2, 3, 16)
         torch.testing.assert_close(packed(x3), F.linear(x3, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("relu", [False, True])
+def test_a_packed_bf16_layer_gives_f_linear_and_its_relu_for_every_row_count(relu):
+    if not onednn.bf16_packing_works():
+        pytest.skip("torch without oneDNN bf16 weight packing")
+    torch.manual_seed(0)
+    weight, bias = torch.randn(50, 16).bfloat16(), torch.randn(50).bfloat16()
+    packed = PackedLinear(weight, bias, relu=relu)
+    with torch.inference_mode():
+        for rows in (1, 7, 17, 33, 300):  # exact and padded (row_bucket) counts
+            x = torch.randn(rows, 16).bfloat16()
+            want = F.linear(x, weight, bias)
+            want = want.relu() if relu else want
+            got = packed(x)
+            assert got.dtype == torch.bfloat16 and got.shape == want.shape
+            torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
+            if relu:
+                assert (got == 0).any() and (got > 0).any()
+
+
+def test_bf16_translators_pack_the_per_step_layers_unless_asked_not_to(checkpoint):
+    """In bf16 the decoder layers' per-step linear layers (not the cross-attention's key/value
+    projection, once per batch) and the output projection become PackedLinears with the FFN's
+    ReLU fused; the translations are the plain bf16 model's."""
+    from seq2seq.inference.translator import Translator
+
+    packed = Translator.load(checkpoint, "cpu", "bf16")
+    plain = Translator.load(checkpoint, "cpu", "bf16", pack_weights=False)
+    assert type(plain.models[0].generator) is nn.Linear
+    if onednn.bf16_packing_works():
+        model = packed.models[0]
+        layer = model.decoder_layers[0]
+        assert isinstance(model.generator, PackedLinear)
+        assert (
+            isinstance(layer.self_attn.qkv, PackedLinear) and type(layer.cross_attn.kv) is nn.Linear
+        )
+        assert layer.ffn.w1.relu and type(layer.ffn.activation) is nn.Identity
+        assert not any(isinstance(m, PackedLinear) for m in model.encoder_layers.modules())
+    lines = ["A dog runs on the grass.", "Two men are talking.", "A child plays."]
+    assert packed.translate(lines, beam=1) == plain.translate(lines, beam=1)
+    assert packed.translate(lines, beam=3) == plain.translate(lines, beam=3)
 
 
 def test_row_buckets_cover_every_count_with_few_kernels_and_little_padding():
@@ -209,4 +254,5 @@ def test_probing_the_ops_leaves_torchs_random_stream_alone(fresh_probes):
     torch.manual_seed(0)
     onednn.onednn_works()
     onednn.packing_works()
+    onednn.bf16_packing_works()
     assert torch.equal(torch.rand(3), expected)

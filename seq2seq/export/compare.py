@@ -214,9 +214,11 @@ def ours_kernels(translator: Translator, precision: str = "fp32") -> str:
     if precision == "bf16":
         from seq2seq.kernels.cpu import cpu_has_native_bf16
 
+        packed = isinstance(translator.models[0].generator, PackedLinear)
+        where = "; decoder layers and output projection packed, row-bucketed" if packed else ""
         if cpu_has_native_bf16():
-            return "bf16 linear layers: oneDNN (the CPU has native bf16)"
-        return "bf16 linear layers: emulated (no AVX-512 BF16 or AMX on this CPU: slow)"
+            return f"bf16 linear layers: oneDNN (the CPU has native bf16){where}"
+        return f"bf16 linear layers: emulated (no AVX-512 BF16 or AMX on this CPU: slow){where}"
     if precision == "int8":
         return f"int8 linear layers: torch dynamic quantization ({torch.backends.quantized.engine})"
     model = translator.models[0]

@@ -43,7 +43,7 @@ from seq2seq.data.batching import cut
 from seq2seq.inference.search import EOS, PAD, Hypothesis
 from seq2seq.kernels.cpu import cpu_is_intel
 from seq2seq.kernels.mkl import use_mkl_packed_decoder
-from seq2seq.kernels.onednn import use_packed_projection
+from seq2seq.kernels.onednn import use_packed_bf16_decoder, use_packed_projection
 from seq2seq.kernels.swap import relu_in_place
 from seq2seq.nn.transformer import Transformer
 
@@ -228,8 +228,9 @@ def prepare_model(
     With `pack_weights`, in float32 on a CPU, layers that run at every decoding step are
     swapped, in place, for copies whose weights are packed once: the decoder layers' for MKL
     (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), the output projection's for MKL on an
-    Intel CPU and for oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_projection`). Its
-    ReLUs overwrite their input (`seq2seq.kernels.swap.relu_in_place`). The model is for
+    Intel CPU and for oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_projection`); in
+    bf16 on a CPU, those layers for oneDNN, their rows bucketed
+    (`seq2seq.kernels.onednn.use_packed_bf16_decoder`). Its ReLUs overwrite their input (`seq2seq.kernels.swap.relu_in_place`). The model is for
     decoding from then on.
     """
     if device == "auto":
@@ -260,6 +261,8 @@ def prepare_model(
         use_mkl_packed_decoder(model, projection=cpu_is_intel())
         if type(model.generator) is nn.Linear:
             use_packed_projection(model)
+    if pack_weights and precision == "bf16":
+        use_packed_bf16_decoder(model)
     return model
 
 

@@ -77,8 +77,8 @@ class Translator:
         Args:
             device: 'auto' (cuda when available; the CPU for int8), 'cpu' or 'cuda'.
             precision: 'fp32', 'bf16', 'fp16' or 'int8' (seq2seq.inference.translate.prepare_model).
-            pack_weights: in float32 on a CPU, decode with the weights of the layers that run
-                at every step packed once (seq2seq.inference.translate.prepare_model).
+            pack_weights: in float32 or bf16 on a CPU, decode with the weights of the layers
+                that run at every step packed once (seq2seq.inference.translate.prepare_model).
 
         Raises:
             ValueError: one line, naming the file: unreadable checkpoints, or ensemble models
