@@ -6,7 +6,7 @@ also ships (`torch.ops.mkldnn._linear_pointwise`, the kernel torch.compile's CPU
 for a linear layer), adds the bias and applies the ReLU inside the matmul; on an AVX-512 CPU
 it ran the model's training shapes at about 200 GFLOP/s where MKL ran them at 120-185.
 
-Two swaps, each applied to a plain model from outside it:
+Three swaps, each applied to a plain model from outside it:
 - `use_onednn_linears(model)` (fit time): every `nn.Linear` becomes a `OneDnnLinear`, which
   trains through oneDNN (forward and input gradient; the weight gradient stays `torch.mm`) in
   float32 on a CPU, and is the plain layer everywhere else (accelerators, other dtypes,
@@ -17,11 +17,14 @@ Two swaps, each applied to a plain model from outside it:
   matmul of every decoding step, runs on oneDNN with its weight packed once into oneDNN's own
   layout (`PackedLinear`), at a few bucketed row counts (`row_bucket`); through MKL it took a
   quarter of a beam-5 decode.
+- `use_packed_bf16_decoder(model)` (load time, for decoding in bf16): the same for every layer
+  that runs at each decoding step, the projection and the decoder layers' (bf16's `F.linear`
+  builds a oneDNN kernel for each new row count).
 
-Both need private torch ops. Each swap first checks that its op exists and computes what it
-should on a small case (`onednn_works`, `packing_works`); if not (torch removed or changed
-it), the model keeps its plain layers and one warning says so. `SEQ2SEQ_ONEDNN=0` turns both
-off. Results equal `F.linear`'s to float32 rounding.
+All need private torch ops. Each swap first checks that its op exists and computes what it
+should on a small case (`onednn_works`, `packing_works`, `bf16_packing_works`); if not (torch
+removed or changed it), the model keeps its plain layers and one warning says so.
+`SEQ2SEQ_ONEDNN=0` turns them off. Results equal `F.linear`'s to float32 (bf16) rounding.
 
 oneDNN builds a kernel per matrix shape and caches them, and every training batch brings new
 shapes: the `seq2seq` command bounds its caches (`cli.RUNTIME_ENV`), and a program that trains
