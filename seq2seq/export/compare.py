@@ -244,12 +244,13 @@ def _theirs(
     threads,
     compute_type,
     stack: ExitStack,
-    inter_threads: int = 1,
+    inter_threads: int | None = None,
 ):
     """A function beam -> (decode seconds, texts) running the exported model in `folder`, and
     the CPU kernels that engine runs. Hugging Face decodes in this process, in our batches;
     CTranslate2 at `compute_type` in a process of its own (`processes.Ct2Worker`, closed by
-    `stack`), on the raw `sources`, in its own batches, `inter_threads` of them side by side."""
+    `stack`), on the raw `sources`, in its own batches, `inter_threads` of them side by side
+    (`processes.ct2_threads`)."""
     if against == "hf":
         from transformers import MarianMTModel, MarianTokenizer
 
@@ -302,7 +303,6 @@ def compare(
         raise ValueError(f"--against {against}: choose from {', '.join(ENGINES)}")
     loaded = load_model(model_path)  # ours decodes it as translate does (_Ours)
     threads = torch.get_num_threads()
-    inter_threads = threads if inter_threads is None else inter_threads
     cfg = dataclasses.replace(
         loaded.decode, lenpen=0.0, stop=ENGINES[against], max_sentences=max_sentences
     )

@@ -46,15 +46,14 @@ def ct2_file_args(
     threads: int,
     compute_type: str,
     max_sentences: int | None,
-    inter_threads: int = 1,
+    inter_threads: int | None = None,
 ) -> list[str]:
-    """ct2_file.py's options after its three paths: `threads` threads in all, as
-    `inter_threads` batches decoded side by side on threads // inter_threads intra-op threads
-    each, CTranslate2's own batches of the model's `decode.max_tokens` tokens (or of at most
-    `max_sentences` sentences), one length limit (`ct2_length_limit`) and translate's
-    truncation."""
-    args = ["--threads", str(max(1, threads // inter_threads))]
-    args += ["--inter-threads", str(inter_threads), "--compute-type", compute_type]
+    """ct2_file.py's options after its three paths: `threads` threads in all, spent as
+    `ct2_threads` says, CTranslate2's own batches of the model's `decode.max_tokens` tokens
+    (or of at most `max_sentences` sentences), one length limit (`ct2_length_limit`) and
+    translate's truncation."""
+    inter, intra = ct2_threads(threads, inter_threads)
+    args = ["--threads", str(intra), "--inter-threads", str(inter), "--compute-type", compute_type]
     args += ["--max-tokens", str(loaded.decode.max_tokens)]
     args += ["--max-sentences", str(max_sentences)] if max_sentences else []
     args += ["--max-decoding-length", str(ct2_length_limit(loaded))]
@@ -62,11 +61,18 @@ def ct2_file_args(
     return args
 
 
-def ct2_threading(threads: int, inter_threads: int | None) -> str:
-    """How CTranslate2 spends `threads` threads, in the bench's settings line: `inter_threads`
-    batches side by side (None: one per thread, as ours runs one stream per thread)."""
+def ct2_threads(threads: int, inter_threads: int | None) -> tuple[int, int]:
+    """How CTranslate2 spends `threads` threads: (inter_threads, intra_threads), that is
+    `inter_threads` batches side by side (None: one per thread, as ours runs one stream per
+    thread), each on threads // inter_threads intra-op threads (at least one)."""
     inter = threads if inter_threads is None else inter_threads
-    return f"inter_threads={inter}, intra_threads={max(1, threads // inter)}"
+    return inter, max(1, threads // inter)
+
+
+def ct2_threading(threads: int, inter_threads: int | None) -> str:
+    """`ct2_threads` in the bench's settings line."""
+    inter, intra = ct2_threads(threads, inter_threads)
+    return f"inter_threads={inter}, intra_threads={intra}"
 
 
 def ct2_kernel_lines(log: str, compute_type: str) -> str:
@@ -171,7 +177,6 @@ def compare_processes(
     `inter_threads` batches side by side (None: one per thread, as ours does)."""
     from seq2seq.export import export
 
-    inter = threads if inter_threads is None else inter_threads
     loaded = load_model(model_path)
     max_tokens = loaded.decode.max_tokens
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -183,7 +188,7 @@ def compare_processes(
         "threads": threads,
         "settings": (
             f"whole processes on the CPU: `seq2seq translate --precision {precision}` vs "
-            f"{SCRIPT.name} (ctranslate2 {compute_type}, {ct2_threading(threads, inter)}); "
+            f"{SCRIPT.name} (ctranslate2 {compute_type}, {ct2_threading(threads, inter_threads)}); "
             f"{threads} threads each; batches of "
             + (f"{max_tokens} tokens" if max_sentences is None else f"{max_sentences} sentences")
             + f"; length penalty off; CTranslate2's stop rule (ours: --stop {stop})"
@@ -205,7 +210,7 @@ def compare_processes(
             ours += ["--stop", stop, "--precision", precision, "--device", "cpu", *batch]
             theirs = [sys.executable, str(SCRIPT), str(folder), str(src), str(theirs_out)]
             theirs += ["--beam", str(beam)]
-            theirs += ct2_file_args(loaded, threads, compute_type, max_sentences, inter)
+            theirs += ct2_file_args(loaded, threads, compute_type, max_sentences, inter_threads)
             return {"ours": (ours, ours_out), "ctranslate2": (theirs, theirs_out)}
 
         for name, beam, src in (("greedy", 1, "all"), ("beam5", 5, "all"), ("startup", 1, "one")):

@@ -229,9 +229,9 @@ def prepare_model(
     swapped, in place, for copies whose weights are packed once: the decoder layers' for MKL
     (`seq2seq.kernels.mkl.use_mkl_packed_decoder`), the output projection's for MKL on an
     Intel CPU and for oneDNN elsewhere (`seq2seq.kernels.onednn.use_packed_projection`); in
-    bf16 on a CPU, those layers for oneDNN, their rows bucketed
-    (`seq2seq.kernels.onednn.use_packed_bf16_decoder`). Its ReLUs overwrite their input (`seq2seq.kernels.swap.relu_in_place`). The model is for
-    decoding from then on.
+    bf16 on a CPU, the same layers for oneDNN at bucketed row counts
+    (`seq2seq.kernels.onednn.use_packed_bf16_decoder`). Its ReLUs overwrite their input
+    (`seq2seq.kernels.swap.relu_in_place`). The model is for decoding from then on.
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
@@ -251,9 +251,8 @@ def prepare_model(
         with warnings.catch_warnings():  # torch.ao's deprecation notices: stderr stays quiet
             warnings.simplefilter("ignore")
             model = quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
-        relu_in_place(model)
-        return model
-    model = model.to(PRECISIONS[precision])
+    else:
+        model = model.to(PRECISIONS[precision])
     relu_in_place(model)
     if pack_weights and precision == "fp32":
         # The projection on MKL too where that was measured faster (an Intel Xeon: beam 5 by

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seq2seq.kernels.swap import float32_on_cpu, swap_linears
+from seq2seq.kernels.swap import float32_on_cpu, runs_every_step, swap_linears
 
 
 def _op(name: str):
@@ -112,7 +112,7 @@ def use_mkl_packed_decoder(model: nn.Module, projection: bool = False) -> int:
     swapped (0 where the ops are unusable here)."""
     if not mkl_packing_works():
         return 0
-    per_step = lambda name, layer: name != "kv" and float32_on_cpu(layer)  # noqa: E731
+    per_step = lambda name, layer: runs_every_step(name) and float32_on_cpu(layer)  # noqa: E731
     swapped = swap_linears(model.decoder_layers, MklPackedLinear, per_step)
     gen = getattr(model, "generator", None)
     if projection and type(gen) is nn.Linear and float32_on_cpu(gen):

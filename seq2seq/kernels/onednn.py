@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from seq2seq.kernels.swap import float32_on_cpu, swap_linears
+from seq2seq.kernels.swap import float32_on_cpu, runs_every_step, swap_linears
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +312,8 @@ def use_packed_bf16_decoder(model: nn.Module) -> int:
         and bf16_packing_works()
     ):
         return 0
-    swapped = swap_linears(model.decoder_layers, PackedLinear.of, lambda name, _: name != "kv")
+    swapped = swap_linears(
+        model.decoder_layers, PackedLinear.of, lambda name, _: runs_every_step(name)
+    )
     model.generator = PackedLinear.of(generator)
     return swapped + 1

@@ -15,6 +15,13 @@ def float32_on_cpu(layer: nn.Linear) -> bool:
     return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.float32
 
 
+def runs_every_step(name: str) -> bool:
+    """Whether a decoder layer's linear layer called `name` runs at every decoding step: all
+    but the cross-attention's key/value projection `kv`, which runs once per batch, on the
+    encoder's output."""
+    return name != "kv"
+
+
 def swap_linears(
     model: nn.Module,
     make: Callable[[nn.Linear, bool], nn.Module],
