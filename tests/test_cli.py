@@ -1,4 +1,4 @@
-"""The `seq2seq` command's process-wide settings."""
+"""The `seq2seq` command's process-wide settings and its one-line errors."""
 
 import json
 import os
@@ -45,3 +45,40 @@ def test_the_console_script_flushes_a_quick_exit_commands_output_to_a_pipe(tmp_p
     assert json.loads(done.stdout)["bleu"] > 0
     missing = subprocess.run([*command[:-1], str(tmp_path / "none.de")], capture_output=True)
     assert missing.returncode == 1 and b"none.de" in missing.stderr
+
+
+def test_a_missing_file_is_one_line_naming_it(tmp_path, capsys):
+    """Python's "[Errno 2] No such file or directory: 'x'" becomes "x: no such file or
+    directory", whichever command meets it."""
+    ref = tmp_path / "ref.de"
+    ref.write_text("Ein Hund.\n")
+    missing = tmp_path / "hyp.de"
+    assert main(["evaluate", "--hyp", str(missing), "--ref", str(ref)]) == 1
+    assert capsys.readouterr().err == (
+        f"seq2seq evaluate: error: {missing}: no such file or directory\n"
+    )
+
+
+def test_translate_names_a_missing_input_before_loading_any_model(tmp_path, capsys, monkeypatch):
+    from seq2seq.inference.translator import Translator
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded for an input that does not exist")
+
+    monkeypatch.setattr(Translator, "load", load)
+    missing = tmp_path / "in.en"
+    assert main(["translate", "-m", str(tmp_path / "run"), "-i", str(missing)]) == 1
+    assert capsys.readouterr().err.endswith(f"error: {missing}: no such file or directory\n")
+
+
+def test_other_errors_keep_their_words_on_one_line():
+    from seq2seq.cli import error_line
+
+    assert error_line(ValueError("decode.beam=0\n  must be at least 1")) == (
+        "decode.beam=0 must be at least 1"
+    )
+    assert error_line(OSError("disk full")) == "disk full"  # no file named: as raised
+    assert error_line(PermissionError(13, "Permission denied", "out.de")) == (
+        "out.de: permission denied"
+    )
+    assert error_line(RuntimeError()) == "RuntimeError"

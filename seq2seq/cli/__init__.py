@@ -286,6 +286,14 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def error_line(err: BaseException) -> str:
+    """An error as one line. An OSError about a file reads 'FILE: what' ("in.en: no such
+    file or directory", where Python says "[Errno 2] No such file or directory: 'in.en'")."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{os.fsdecode(err.filename)}: {err.strerror[:1].lower()}{err.strerror[1:]}"
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     """The `seq2seq` command on `argv` (default sys.argv[1:]); returns the exit code. With
     `quick_exit` (the console script only, never a caller that goes on), a successful
@@ -310,8 +318,7 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("SEQ2SEQ_DEBUG"):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"seq2seq {args.command}: error: {message}", file=sys.stderr)
+        print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)

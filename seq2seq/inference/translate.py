@@ -333,13 +333,13 @@ def translate_cli(args: argparse.Namespace) -> int:
     check_not_same_file(args.input, args.output)
     if args.attention and len(args.model) > 1:
         raise ValueError("--attention draws one model's cross-attention: give a single -m")
-    translator = Translator.load(args.model, args.device, args.precision, args.pack_weights)
-    cfg = decode_settings(translator, args)
-    name = "<stdin>" if args.input == "-" else args.input
-    paths = " + ".join(map(str, translator.paths))
-    log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
     with ExitStack() as stack:
-        source = open_binary(args.input, "rb", stack)
+        source = open_binary(args.input, "rb", stack)  # a missing input fails before loading
+        translator = Translator.load(args.model, args.device, args.precision, args.pack_weights)
+        cfg = decode_settings(translator, args)
+        name = "<stdin>" if args.input == "-" else args.input
+        paths = " + ".join(map(str, translator.paths))
+        log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
         out = open_binary(args.output, "wb", stack)
         progress = stack.enter_context(progress_bar())
         lines = read_lines(source, name, args.errors)
