@@ -105,3 +105,20 @@ def test_cli_refuses_files_and_run_dir_together(tmp_path, capsys):
     a = save_checkpoint(tmp_path / "a.ckpt", seed=1)
     code = main(["average", str(a), "--run-dir", str(tmp_path), "-o", str(tmp_path / "x.ckpt")])
     assert code == 1 and "either checkpoint files or --run-dir" in capsys.readouterr().err
+
+
+def test_last_0_is_refused_rather_than_averaging_every_checkpoint(tmp_path, capsys):
+    """`paths[-0:]` is the whole list: --last 0 once averaged them all without a word."""
+    from seq2seq.training.average import last_checkpoints
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    for step, seed in [(100, 1), (200, 2)]:
+        save_checkpoint(ckpts / f"step{step:07d}-bleu20.00.ckpt", seed=seed)
+    with pytest.raises(SystemExit):
+        main(["average", "--run-dir", str(tmp_path / "run"), "--last", "0"])
+    assert "argument --last: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--last 0: average at least 1 checkpoint"):
+        last_checkpoints(tmp_path / "run", 0)
+    assert not (ckpts / "averaged.ckpt").exists()
+    assert len(last_checkpoints(tmp_path / "run", 1)) == 1

@@ -161,7 +161,9 @@ def add_average(sub: argparse._SubParsersAction, handler: Handler) -> None:
     )
     p.add_argument("checkpoints", nargs="*", help="checkpoint files to average")
     p.add_argument("--run-dir", help="take checkpoints from this run directory")
-    p.add_argument("--last", type=int, help="with --run-dir: the last N checkpoints by step")
+    p.add_argument(
+        "--last", type=at_least(1), help="with --run-dir: the last N checkpoints by step"
+    )
     p.add_argument(
         "-o",
         "--output",

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 def last_checkpoints(run_dir: str | os.PathLike, n: int | None) -> list[Path]:
     """The last n checkpoints by step (all of them when n is None): of the last validations'
     (recent-step*.ckpt, trainer.keep_last) when the run kept them, else of the best k."""
+    if n is not None and n < 1:  # paths[-0:] would be all of them
+        raise ValueError(f"--last {n}: average at least 1 checkpoint")
     run = RunDir(run_dir)
     paths = run.recent() or run.best_by_step()
     if not paths:
