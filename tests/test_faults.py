@@ -85,6 +85,34 @@ def test_a_checkpoint_in_torchs_legacy_format_loads_too_and_a_payload_in_it_runs
     assert str(legacy) in one_line_error(capsys) and not marker.exists()
 
 
+@pytest.mark.parametrize(
+    ("cut", "why"),
+    [
+        ("zip", "truncated: torch's zip format without its end"),
+        ("legacy", "truncated: the file ends early"),
+        ("text", "not a torch checkpoint: neither torch's zip format nor a pickle"),
+        ("empty", "an empty file"),
+    ],
+)
+def test_a_damaged_or_foreign_checkpoint_says_what_is_wrong_with_it(checkpoint, tmp_path, cut, why):
+    """A copy cut short (either of torch's formats), a text file and an empty file each get
+    the reason in words, not torch's internals ("PytorchStreamReader failed reading zip
+    archive", "pop from empty list", "EOFError")."""
+    from seq2seq.inference.checkpoint import CheckpointError
+
+    bad = tmp_path / "bad.ckpt"
+    if cut == "zip":
+        bad.write_bytes(checkpoint.read_bytes()[:4096])
+    elif cut == "legacy":
+        torch.save({"a": torch.ones(300)}, bad, _use_new_zipfile_serialization=False)
+        bad.write_bytes(bad.read_bytes()[:50])  # inside its header pickle
+    else:
+        bad.write_text("" if cut == "empty" else "A dog runs.\n")
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(bad)
+    assert str(err.value) == f"{bad}: not a readable checkpoint ({why})"
+
+
 def test_output_over_the_input_or_a_hard_link_to_it_is_refused_before_anything_is_written(
     checkpoint, tmp_path, capsys
 ):

@@ -68,11 +68,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                 f"{path}: refused: loading it would run code outside tensors and plain data "
                 f"(it asks for {', '.join(unsafe[:3])}); seq2seq never writes such a file"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_why(path, err)})") from None
     except Exception as err:
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint ({type(err).__name__}: {_first_line(err)})"
-        ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_why(path, err)})") from None
     if not isinstance(ckpt, dict) or KEY not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a seq2seq checkpoint (no '{KEY}' section)")
     return ckpt
@@ -85,6 +83,29 @@ def _load(path: Path) -> object:
     format, and files that are no zip at all (truncated, foreign), are read as before."""
     mmap = zipfile.is_zipfile(path)
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _why(path: Path, err: Exception) -> str:
+    """What is wrong with a file torch.load failed on, in a user's words where they can be
+    told: empty; a zip archive without its end, or a pickle that ends early (a copy or save
+    cut short); neither of torch's formats (its zip archive, or before torch 1.6 a pickle);
+    else torch's own error."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return f"{type(err).__name__}: {_first_line(err)}"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
+        return "truncated: torch's zip format without its end"
+    if not head.startswith(b"PK") and head[0] != 0x80:
+        return "not a torch checkpoint: neither torch's zip format nor a pickle"
+    if isinstance(err, EOFError) or "truncated" in str(err):
+        return "truncated: the file ends early"
+    if isinstance(err, pickle.UnpicklingError):
+        return _first_line(err)
+    return f"{type(err).__name__}: {_first_line(err)}"
 
 
 def _unsafe_globals(path: Path) -> list[str]:
