@@ -36,6 +36,7 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
     """`config` is a recipe path or YAML text; errors are one line starting with `name`."""
     argv = (["--config", config] if config else []) + list(overrides)
     if config:
+        _check_sections(config, name)
         _check_corpora(config, name)
     parser = recipe_parser()
     try:
@@ -46,14 +47,39 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
         raise RecipeError(f"{name}: {detail}") from err
 
 
+def _read_yaml(config: str) -> object:
+    """A recipe path's or YAML text's document (None where it does not parse: jsonargparse
+    then reports the YAML error with its position)."""
+    try:
+        return yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _check_sections(config: str, name: str) -> None:
+    """A recipe is a mapping of sections (model, data, ...), each a mapping of its keys: say
+    so plainly, naming the section, where jsonargparse's instantiation would fail deep inside
+    ("argument after ** must be a mapping")."""
+    doc = _read_yaml(config)
+    sections = [f.name for f in dataclasses.fields(Recipe)]
+    if doc is not None and not isinstance(doc, dict):
+        raise RecipeError(
+            f"{name}: a recipe is a mapping of sections ({', '.join(sections)}), "
+            f"not a {type(doc).__name__}"
+        )
+    for section in sections:
+        if isinstance(doc, dict) and section in doc and not isinstance(doc[section], dict):
+            raise RecipeError(
+                f"{name}: {section} must be a mapping of keys indented under '{section}:' "
+                f"(delete the line for its defaults), not {doc[section]!r}"
+            )
+
+
 def _check_corpora(config: str, name: str) -> None:
     """data.valid/test are one corpus (a mapping) each, data.train one or a list of them: say
     what is wrong with a corpus plainly, naming its key, where jsonargparse would report every
     way the value fails to match `CorpusConfig | list[CorpusConfig]`."""
-    try:
-        doc = yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
-    except (OSError, yaml.YAMLError):
-        return  # jsonargparse reports unreadable YAML with its position
+    doc = _read_yaml(config)
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict):
         return

@@ -98,6 +98,25 @@ def test_wrong_type_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys
     assert "bad.yaml" in err and "trainer.max_steps" in err
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("model: 3\n", "model must be a mapping of keys indented under 'model:'"),
+        ("data:\n  src_lang: en\ntrainer:\n", "trainer must be a mapping of keys"),
+        ("optim: [1, 2]\n", "optim must be a mapping of keys indented under 'optim:'"),
+        ("- model\n- data\n", "a recipe is a mapping of sections (model, data, optim, "),
+    ],
+)
+def test_a_section_that_is_no_mapping_is_named_in_plain_words(tmp_path, capsys, text, message):
+    """Not jsonargparse's "functools.partial(...) argument after ** must be a mapping"."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert main(["train", str(bad), "--print_config"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"bad.yaml: {message}" in err
+    assert "functools" not in err
+
+
 def test_missing_recipe_file_is_one_clear_line(capsys):
     assert main(["train", "no/such.yaml", "--print_config"]) == 1
     assert "no/such.yaml: no such recipe file" in capsys.readouterr().err
