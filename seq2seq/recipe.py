@@ -36,8 +36,9 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
     """`config` is a recipe path or YAML text; errors are one line starting with `name`."""
     argv = (["--config", config] if config else []) + list(overrides)
     if config:
-        _check_sections(config, name)
-        _check_corpora(config, name)
+        doc = _read_yaml(config)
+        _check_sections(doc, name)
+        _check_corpora(doc, name)
     parser = recipe_parser()
     try:
         sections = parser.instantiate(parser.parse_args(argv))
@@ -56,11 +57,10 @@ def _read_yaml(config: str) -> object:
         return None
 
 
-def _check_sections(config: str, name: str) -> None:
-    """A recipe is a mapping of sections (model, data, ...), each a mapping of its keys: say
-    so plainly, naming the section, where jsonargparse's instantiation would fail deep inside
-    ("argument after ** must be a mapping")."""
-    doc = _read_yaml(config)
+def _check_sections(doc: object, name: str) -> None:
+    """A recipe (`doc`, its YAML document) is a mapping of sections (model, data, ...), each a
+    mapping of its keys: say so plainly, naming the section, where jsonargparse's
+    instantiation would fail deep inside ("argument after ** must be a mapping")."""
     sections = [f.name for f in dataclasses.fields(Recipe)]
     if doc is not None and not isinstance(doc, dict):
         raise RecipeError(
@@ -75,11 +75,10 @@ def _check_sections(config: str, name: str) -> None:
             )
 
 
-def _check_corpora(config: str, name: str) -> None:
+def _check_corpora(doc: object, name: str) -> None:
     """data.valid/test are one corpus (a mapping) each, data.train one or a list of them: say
     what is wrong with a corpus plainly, naming its key, where jsonargparse would report every
     way the value fails to match `CorpusConfig | list[CorpusConfig]`."""
-    doc = _read_yaml(config)
     data = doc.get("data") if isinstance(doc, dict) else None
     if not isinstance(data, dict):
         return
