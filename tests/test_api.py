@@ -137,3 +137,11 @@ def test_a_missing_model_is_one_clear_error_naming_it(tmp_path):
 def test_impossible_settings_are_one_clear_error(translator):
     with pytest.raises(ValueError, match="decode.nbest=3"):
         translator.translate(["A dog."], beam=2, nbest=3)
+
+
+def test_a_line_that_is_no_string_is_named_by_its_position(translator):
+    """Not the tokenizer's "'NoneType' object has no attribute 'strip'"."""
+    with pytest.raises(TypeError, match="^line 2: expected a string, got NoneType$"):
+        translator.translate(["A dog.", None])
+    with pytest.raises(TypeError, match="^target 1: expected a string, got int$"):
+        translator.score(["A dog."], [3])

@@ -179,7 +179,7 @@ class Translator:
     # --- text -----------------------------------------------------------------------------
     def encode(self, lines: list[str], name: str = "<input>", first: int = 1) -> list[list[int]]:
         """Source ids per line (seq2seq.inference.translate.encode_lines)."""
-        return encode_lines(self.tokenizer, lines, self.max_positions, name, first)
+        return encode_lines(self.tokenizer, _texts(lines, "line"), self.max_positions, name, first)
 
     def text(self, hypothesis: Hypothesis) -> str:
         """A hypothesis as one line of detokenized text."""
@@ -242,7 +242,7 @@ class Translator:
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets: give one each")
         src_ids = self.encode(list(sources))
-        tgt_ids = self.tokenizer.encode_tgt(list(targets))
+        tgt_ids = self.tokenizer.encode_tgt(_texts(list(targets), "target"))
         for i, ids in enumerate(tgt_ids):
             if len(ids) + 1 > self.max_positions:
                 raise ValueError(
@@ -273,3 +273,12 @@ class Translator:
         )
         token = log_probs.gather(-1, tgt_out[..., None]).squeeze(-1)  # (B, T)
         return token.masked_fill(tgt_out == PAD, 0.0).sum(dim=1)
+
+
+def _texts(items: list, what: str) -> list:
+    """`items` itself, once each is a string; else TypeError naming the first that is not
+    (1-based), rather than a tokenizer's AttributeError deep inside."""
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise TypeError(f"{what} {i + 1}: expected a string, got {type(item).__name__}")
+    return items
