@@ -25,7 +25,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
     path = Path(path)
     staged = temporary_name(path)
     try:
-        with open(staged, mode, **open_kwargs) as f:
+        f = open(staged, mode, **open_kwargs)  # noqa: SIM115 (closed below)
+    except OSError as err:  # name the file asked for, not its hidden stand-in
+        raise type(err)(err.errno, err.strerror, os.fspath(path)) from None
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -135,6 +135,40 @@ def test_an_existing_output_is_kept_whole_when_the_input_fails(checkpoint, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["garbage.gz", "out.txt"]
 
 
+def test_an_output_folder_that_does_not_exist_is_named_before_any_model_loads(
+    tmp_path, capsys, monkeypatch
+):
+    """The error names -o as given, not the hidden temporary file it is written under."""
+    from seq2seq.inference.translator import Translator
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded for an output that cannot be written")
+
+    monkeypatch.setattr(Translator, "load", load)
+    src, out = tmp_path / "in.en", tmp_path / "no" / "such" / "out.de"
+    src.write_text("A dog runs.\n")
+    assert main(["translate", "-m", str(tmp_path / "run"), "-i", str(src), "-o", str(out)]) == 1
+    assert one_line_error(capsys).endswith(f"error: {out}: no such file or directory")
+
+
+def test_a_failed_model_load_leaves_no_output_behind(tmp_path, capsys):
+    src, out = tmp_path / "in.en", tmp_path / "out.de"
+    src.write_text("A dog runs.\n")
+    assert main(["translate", "-m", str(tmp_path / "run"), "-i", str(src), "-o", str(out)]) == 1
+    assert "no such checkpoint file or run directory" in one_line_error(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.en"]
+
+
+def test_attention_into_a_file_is_refused_before_anything_runs(checkpoint, tmp_path, capsys):
+    src, taken = tmp_path / "in.en", tmp_path / "taken"
+    src.write_text("A dog runs.\n")
+    taken.write_text("mine\n")
+    args = ["translate", "-m", str(checkpoint), "-i", str(src), "--attention", str(taken)]
+    assert main(args) == 1
+    assert one_line_error(capsys).endswith(f"--attention {taken}: exists and is not a folder")
+    assert taken.read_text() == "mine\n"
+
+
 def test_a_translation_stopped_midway_leaves_no_output_file(
     checkpoint, tmp_path, monkeypatch, capsys
 ):

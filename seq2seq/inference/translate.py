@@ -333,14 +333,17 @@ def translate_cli(args: argparse.Namespace) -> int:
     check_not_same_file(args.input, args.output)
     if args.attention and len(args.model) > 1:
         raise ValueError("--attention draws one model's cross-attention: give a single -m")
+    if args.attention and os.path.exists(args.attention) and not os.path.isdir(args.attention):
+        raise ValueError(f"--attention {args.attention}: exists and is not a folder")
     with ExitStack() as stack:
-        source = open_binary(args.input, "rb", stack)  # a missing input fails before loading
+        # A missing input or an output folder that does not exist fails before any loading.
+        source = open_binary(args.input, "rb", stack)
+        out = open_binary(args.output, "wb", stack)
         translator = Translator.load(args.model, args.device, args.precision, args.pack_weights)
         cfg = decode_settings(translator, args)
         name = "<stdin>" if args.input == "-" else args.input
         paths = " + ".join(map(str, translator.paths))
         log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
-        out = open_binary(args.output, "wb", stack)
         progress = stack.enter_context(progress_bar())
         lines = read_lines(source, name, args.errors)
         for chunk in translate_stream(translator, lines, cfg, name, progress):
