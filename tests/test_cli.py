@@ -82,3 +82,24 @@ def test_other_errors_keep_their_words_on_one_line():
         "out.de: permission denied"
     )
     assert error_line(RuntimeError()) == "RuntimeError"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_as_unix_tools_do():
+    """`seq2seq ... | head`: no traceback, no error line; the exit code is 128 + SIGPIPE."""
+    command = [sys.executable, "-m", "seq2seq", "info", "--preset", "tiny", "--vocab-size", "100"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # before the command writes a byte
+    stderr = process.stderr.read()
+    assert process.wait() == 141 and stderr == b""
+
+
+def test_a_broken_pipe_to_anything_but_stdout_is_an_error(monkeypatch, capsys):
+    """A child process that died (CTranslate2's server in bench) is a failure to report."""
+    import seq2seq.cli as cli
+
+    def broken(args, overrides):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "_cmd_info", broken)
+    assert main(["info", "--preset", "tiny"]) == 1
+    assert capsys.readouterr().err == "seq2seq info: error: [Errno 32] Broken pipe\n"

@@ -11,7 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -274,7 +276,40 @@ QUICK_EXIT = frozenset({"translate", "evaluate"})
 def run() -> None:
     """The console script (`seq2seq`, `python -m seq2seq`): `main`, then exit, skipping the
     interpreter's teardown after a successful QUICK_EXIT command."""
-    sys.exit(main(quick_exit=True))
+    code = main(quick_exit=True)
+    try:
+        sys.stdout.flush()  # here, not in the interpreter's teardown, which would print
+    except BrokenPipeError:
+        code = _reader_gone()
+    sys.exit(code)
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (a BrokenPipeError may also come
+    from a pipe to a child process, which is a failure to report)."""
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fd (captured), no poll (Windows)
+        return False
+
+
+#: The exit code of a command whose reader went away (`| head`): 128 + SIGPIPE, as a shell's.
+BROKEN_PIPE_EXIT = 128 + getattr(signal, "SIGPIPE", 13)
+
+
+def _reader_gone() -> int:
+    """Stdout's reader closed the pipe: stop quietly, as Unix tools do (what is still
+    buffered for stdout goes nowhere), and return BROKEN_PIPE_EXIT."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return BROKEN_PIPE_EXIT
 
 
 def _exit_now(code: int) -> NoReturn:
@@ -316,6 +351,8 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
         print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
     except (ValueError, OSError, RuntimeError) as err:
+        if isinstance(err, BrokenPipeError) and stdout_reader_gone():
+            return _reader_gone()
         if os.environ.get("SEQ2SEQ_DEBUG"):
             raise
         print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
