@@ -91,6 +91,19 @@ def test_existing_model_with_another_vocab_size_is_refused(slice_lines, tmp_path
         Tokenizer.train(_never_read(), _never_read(), TokenizerConfig(vocab_size=1000), tmp_path)
 
 
+def test_a_vocabulary_larger_than_the_text_allows_names_the_key_and_the_most(
+    tmp_path: Path,
+) -> None:
+    """SentencePiece's "Vocabulary size too high (8000). Please set it to a value <= N"
+    becomes a line naming the recipe key to lower."""
+    lines = ["a dog runs", "two men talk", "a child plays"] * 20
+    with pytest.raises(
+        ValueError, match=r"^data.tokenizer.vocab_size=8000: .* at most \d+ pieces .* lower it$"
+    ):
+        Tokenizer.train(iter(lines), iter(lines), TokenizerConfig(vocab_size=8000), tmp_path)
+    assert not (tmp_path / "spm.model").exists()
+
+
 def test_state_round_trips_without_files(joint_tokenizer, slice_lines) -> None:
     state = joint_tokenizer.to_state()
     assert isinstance(state["src_model"], bytes) and state["joint"] is True

@@ -278,6 +278,27 @@ def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path)
         assert [row["step"] for row in csv.DictReader(f) if row.get("val_bleu")] == ["5"]
 
 
+def test_a_run_dir_that_is_a_file_is_refused_and_left_alone(tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    assert main(["train", RECIPE, "--run-dir", str(taken)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"seq2seq train: error: --run-dir {taken}: exists and is not a folder"
+    assert taken.read_text() == "mine\n"
+
+
+def test_a_gpu_asked_for_where_none_is_seen_fails_before_any_data_work(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    args = ["train", RECIPE, "--run-dir", str(run), "--trainer.accelerator", "gpu"]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "trainer.accelerator=gpu" in err and "no CUDA GPU" in err
+    assert not run.exists()  # nothing prepared, no tokenizer trained
+
+
 def test_train_cli_reports_a_corrupt_checkpoint_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")

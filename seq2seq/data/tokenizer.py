@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -260,6 +261,12 @@ def _train_model(
             )
         except RuntimeError as e:
             msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            if most := re.search(r"Vocabulary size too high \(\d+\).*<= (\d+)", msg):
+                raise ValueError(
+                    f"data.tokenizer.vocab_size={cfg.vocab_size}: the training text gives "
+                    f"SentencePiece at most {most.group(1)} pieces for {model_file.name}; "
+                    "lower it"
+                ) from None
             raise ValueError(
                 f"SentencePiece training for {model_file.name} failed: {msg}"
             ) from None

@@ -347,6 +347,17 @@ def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     )
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for where torch sees none fails at once, in one line, not after the data
+    and the tokenizer are prepared (Lightning would refuse only when it starts)."""
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"trainer.accelerator={accelerator}: torch {torch.__version__} ({build}) sees no "
+            "CUDA GPU here; use --trainer.accelerator cpu (or auto)"
+        )
+
+
 def train(
     recipe: Recipe,
     run_dir: str | os.PathLike,
@@ -358,6 +369,9 @@ def train(
     from seq2seq.data.datamodule import TranslationDataModule
 
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"--run-dir {run_dir}: exists and is not a folder")
+    check_accelerator(recipe.trainer.accelerator)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
     resume_point = _check_run_dir(run_dir, recipe, overwrite)
     resume = resume_point[0] if resume_point else None
