@@ -135,6 +135,20 @@ def test_a_count_below_its_minimum_is_one_clear_line(option, value, message, cap
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
 
 
+def test_a_cuda_bench_where_none_is_seen_is_one_line_before_any_data_work(
+    tmp_path, capsys, monkeypatch
+):
+    """Not Lightning's MisconfigurationException traceback after the data is prepared."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "bench"
+    args = ["bench", "--preset", "tiny", "--device", "cuda", "--run-dir", str(run)]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        "seq2seq bench: error: --device cuda: no CUDA device is available\n"
+    )
+    assert not run.exists()
+
+
 def test_the_bench_times_the_training_step_of_train_with_the_recipes_settings(monkeypatch):
     """The bench runs TranslationModule.training_step under a Lightning Trainer: the recipe's
     label smoothing reaches the loss, its schedule the optimizer (lr after each measured

@@ -327,6 +327,8 @@ def run_bench(args: argparse.Namespace, overrides: Sequence[str], peer=None) -> 
     """Everything `seq2seq bench` measures, as one dict; with `peer` (a factory such as
     seq2seq.export.peer.HfTrainingPeer), training beside that peer."""
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # before any data work
+        raise ValueError("--device cuda: no CUDA device is available")
     recipe = bench_recipe(args.recipe, args.preset, overrides)
     run_dir = args.run_dir or os.path.join("runs", "bench-multi30k")
     batches, tokenizer = training_batches(
