@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from seq2seq.cli import main
 
 
@@ -103,3 +105,28 @@ def test_a_broken_pipe_to_anything_but_stdout_is_an_error(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_cmd_info", broken)
     assert main(["info", "--preset", "tiny"]) == 1
     assert capsys.readouterr().err == "seq2seq info: error: [Errno 32] Broken pipe\n"
+
+
+def test_lightnings_refusal_of_a_trainer_setting_is_one_line_and_other_bugs_still_raise(
+    monkeypatch, capsys
+):
+    import seq2seq.cli as cli
+
+    class MisconfigurationException(Exception):  # Lightning's, by name
+        pass
+
+    def refused(args, overrides):
+        raise MisconfigurationException("`Trainer(devices=0)` value is not a valid input")
+
+    monkeypatch.setattr(cli, "_cmd_info", refused)
+    assert main(["info", "--preset", "tiny"]) == 1
+    assert capsys.readouterr().err == (
+        "seq2seq info: error: `Trainer(devices=0)` value is not a valid input\n"
+    )
+
+    def bug(args, overrides):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(cli, "_cmd_info", bug)
+    with pytest.raises(KeyError):
+        main(["info", "--preset", "tiny"])

@@ -357,6 +357,13 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
             raise
         print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 1
+    except Exception as err:
+        # Lightning's refusal of a trainer setting (`--trainer.devices 0`) is a user's error
+        # too; named, not imported: importing Lightning here would slow every command.
+        if type(err).__name__ != "MisconfigurationException" or os.environ.get("SEQ2SEQ_DEBUG"):
+            raise
+        print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
+        return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
 
