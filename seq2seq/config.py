@@ -351,6 +351,13 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name}={value} must be a positive number (or null)")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise ValueError(f"trainer.max_epochs={self.max_epochs} must be at least 1 (or null)")
+        for name in ("devices", "num_nodes"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value < 1 and not (name == "devices" and value == -1):
+                raise ValueError(
+                    f"trainer.{name}={value} must be at least 1"
+                    + (" (or -1: every device; 'auto')" if name == "devices" else "")
+                )
 
 
 #: Beam search's stopping rules (DecodeConfig.stop): fairseq's and CTranslate2's.

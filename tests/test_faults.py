@@ -222,6 +222,8 @@ def test_a_minimum_length_no_output_can_reach_is_refused(checkpoint, tmp_path, c
         (("--trainer.val_check_interval", "0"), "trainer.val_check_interval=0"),
         (("--trainer.save_every_minutes", "0"), "trainer.save_every_minutes=0"),
         (("--decode.max_sentences", "0"), "decode.max_sentences=0"),
+        (("--trainer.devices", "0"), "trainer.devices=0 must be at least 1 (or -1"),
+        (("--trainer.num_nodes", "0"), "trainer.num_nodes=0 must be at least 1"),
     ],
 )
 def test_impossible_training_settings_are_one_line_naming_the_key(
