@@ -4,6 +4,7 @@ scores forced decodings."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -145,3 +146,22 @@ def test_a_line_that_is_no_string_is_named_by_its_position(translator):
         translator.translate(["A dog.", None])
     with pytest.raises(TypeError, match="^target 1: expected a string, got int$"):
         translator.score(["A dog."], [3])
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"device": "tpu"}, "device='tpu': choose from auto, cpu, cuda (or cuda:N)"),
+        ({"precision": "fp8"}, "precision='fp8': choose from fp32, bf16, fp16, int8"),
+    ],
+)
+def test_an_unknown_device_or_precision_is_one_clear_error(checkpoint, settings, message):
+    """Not torch's list of every device type it knows, nor a KeyError."""
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        Translator.load(checkpoint, **settings)
+
+
+def test_a_cuda_device_by_number_where_none_is_seen_is_one_clear_error(checkpoint, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="^--device cuda:0: no CUDA device is available$"):
+        Translator.load(checkpoint, device="cuda:0")

@@ -233,10 +233,14 @@ def prepare_model(
     (`seq2seq.kernels.onednn.use_packed_bf16_decoder`). Its ReLUs overwrite their input
     (`seq2seq.kernels.swap.relu_in_place`). The model is for decoding from then on.
     """
+    if precision not in (*PRECISIONS, "int8"):
+        raise ValueError(f"precision={precision!r}: choose from {', '.join(PRECISIONS)}, int8")
+    if device != "auto" and str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: choose from auto, cpu, cuda (or cuda:N)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
     if precision == "int8" and device != "cpu":
         raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
     # Deprecated since torch 2.10 in favour of the torchao package, and due to go.
