@@ -321,6 +321,17 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def users_error(err: BaseException) -> bool:
+    """Whether an error is the user's to fix, reported in one line: ValueError, OSError and
+    RuntimeError, and Lightning's refusal of a trainer setting (`--trainer.devices 0`), named
+    rather than imported (importing Lightning here would slow every command). Others are bugs
+    of ours: their traceback shows."""
+    return (
+        isinstance(err, ValueError | OSError | RuntimeError)
+        or type(err).__name__ == "MisconfigurationException"
+    )
+
+
 def error_line(err: BaseException) -> str:
     """An error as one line. An OSError about a file reads 'FILE: what' ("in.en: no such
     file or directory", where Python says "[Errno 2] No such file or directory: 'in.en'")."""
@@ -350,17 +361,10 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     except KeyboardInterrupt as err:
         print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
-    except (ValueError, OSError, RuntimeError) as err:
+    except Exception as err:
         if isinstance(err, BrokenPipeError) and stdout_reader_gone():
             return _reader_gone()
-        if os.environ.get("SEQ2SEQ_DEBUG"):
-            raise
-        print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
-        return 1
-    except Exception as err:
-        # Lightning's refusal of a trainer setting (`--trainer.devices 0`) is a user's error
-        # too; named, not imported: importing Lightning here would slow every command.
-        if type(err).__name__ != "MisconfigurationException" or os.environ.get("SEQ2SEQ_DEBUG"):
+        if not users_error(err) or os.environ.get("SEQ2SEQ_DEBUG"):
             raise
         print(f"seq2seq {args.command}: error: {error_line(err)}", file=sys.stderr)
         return 1

@@ -217,6 +217,12 @@ def format_output(tokenizer, hyps: list[Hypothesis], index: int, nbest: bool) ->
     return [f"{index} ||| {h.score:.4f} ||| {t}" for h, t in zip(hyps, texts, strict=True)]
 
 
+def check_cuda_device(device: str | torch.device) -> None:
+    """Refuse a CUDA device (cuda, cuda:N) where torch sees none, in one line."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available")
+
+
 def prepare_model(
     model: Transformer, device: str, precision: str, pack_weights: bool = True
 ) -> Transformer:
@@ -239,8 +245,7 @@ def prepare_model(
         raise ValueError(f"device={device!r}: choose from auto, cpu, cuda (or cuda:N)")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available")
+    check_cuda_device(device)
     if precision == "int8" and device != "cpu":
         raise ValueError("--precision int8 runs on the CPU only (use --device cpu)")
     # Deprecated since torch 2.10 in favour of the torchao package, and due to go.

@@ -34,6 +34,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 from seq2seq.config import DecodeConfig, ModelConfig, OptimConfig, Recipe, TrainerConfig, preset
+from seq2seq.inference.translate import check_cuda_device
 from seq2seq.kernels.onednn import onednn_works
 from seq2seq.training.module import TranslationModule
 from seq2seq.training.optim import peak_lr
@@ -326,9 +327,8 @@ def machine() -> dict:
 def run_bench(args: argparse.Namespace, overrides: Sequence[str], peer=None) -> dict:
     """Everything `seq2seq bench` measures, as one dict; with `peer` (a factory such as
     seq2seq.export.peer.HfTrainingPeer), training beside that peer."""
+    check_cuda_device(args.device)  # before any data work
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():  # before any data work
-        raise ValueError("--device cuda: no CUDA device is available")
     recipe = bench_recipe(args.recipe, args.preset, overrides)
     run_dir = args.run_dir or os.path.join("runs", "bench-multi30k")
     batches, tokenizer = training_batches(
