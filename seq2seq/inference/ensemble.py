@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from seq2seq.inference.flat import FlatDecoder
 from seq2seq.nn.cache import DecoderCache
 from seq2seq.nn.transformer import Memory, Transformer
 
@@ -53,7 +54,7 @@ class Ensemble:
     last dimension, (R, L, sum of d_model); `project` splits them again and returns the
     averaged log-probabilities (R, V), which search's log_softmax leaves as they are."""
 
-    def __init__(self, models: Sequence[Transformer]):
+    def __init__(self, models: Sequence[Transformer | FlatDecoder]):
         sizes = {model.tgt_vocab_size for model in models}
         if len(sizes) != 1:
             raise ValueError(f"ensemble models have different target vocabularies: {sorted(sizes)}")

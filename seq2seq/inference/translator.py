@@ -26,6 +26,7 @@ from torch import Tensor
 from seq2seq.config import DecodeConfig
 from seq2seq.inference.checkpoint import LoadedModel, load_model
 from seq2seq.inference.ensemble import Ensemble, check_shared_tokenizer
+from seq2seq.inference.flat import flat_decoder
 from seq2seq.inference.search import BOS, EOS, PAD, Decoder, Hypothesis, search
 from seq2seq.inference.streams import cpu_streams, map_streams
 from seq2seq.inference.translate import (
@@ -61,7 +62,8 @@ class Translator:
             raise ValueError("a Translator needs at least one model")
         self.models = list(models)
         self.tokenizer, self.decode, self.paths = tokenizer, decode, list(paths)
-        self.decoder: Decoder = self.models[0] if len(self.models) == 1 else Ensemble(self.models)
+        decoders = [flat_decoder(model) for model in self.models]  # the same states, faster
+        self.decoder: Decoder = decoders[0] if len(decoders) == 1 else Ensemble(decoders)
         self.max_positions = min(model.cfg.max_positions for model in self.models)
 
     @classmethod

@@ -79,6 +79,10 @@ class MklPackedLinear(nn.Module):
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.weight, self.bias, self.relu = layer.weight, layer.bias, relu
         self.packed = _op("_mkl_reorder_linear_weight")(layer.weight.detach(), _PACK_ROWS)
+        # What packed_forward hands the op, found once (like `packed`, as the weights are now).
+        self._linear = _op("_mkl_linear")
+        self._weight = layer.weight.detach()
+        self._bias = None if layer.bias is None else layer.bias.detach()
 
     def forward(self, x: Tensor) -> Tensor:
         fast = (
@@ -90,13 +94,16 @@ class MklPackedLinear(nn.Module):
         if not fast:
             y = F.linear(x, self.weight, self.bias)
             return F.relu(y) if self.relu else y
-        x2 = x.reshape(-1, self.in_features)
-        bias = None if self.bias is None else self.bias.detach()
-        # The row count passed must be the input's: with another, the op falls back to sgemm.
-        y = _op("_mkl_linear")(x2, self.packed, self.weight.detach(), bias, x2.size(0))
-        if self.relu:
-            y.relu_()
+        y = self.packed_forward(x.reshape(-1, self.in_features))
         return y.view(*x.shape[:-1], self.out_features)
+
+    def packed_forward(self, x: Tensor) -> Tensor:
+        """forward's packed path without its checks, for x (N, in_features), N > 0, float32
+        on a CPU, outside autograd: for a caller that knows these hold for every call
+        (seq2seq.inference.flat)."""
+        # The row count passed must be the input's: with another, the op falls back to sgemm.
+        y = self._linear(x, self.packed, self._weight, self._bias, x.size(0))
+        return y.relu_() if self.relu else y
 
     def extra_repr(self) -> str:
         return (
