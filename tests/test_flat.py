@@ -18,13 +18,13 @@ from seq2seq.nn.transformer import DecoderLayer, Transformer
 V = 50
 
 
-def model_of(pre_norm: bool, packed: bool, seed: int = 0) -> Transformer:
+def model_of(pre_norm: bool, packed: bool, seed: int = 0, precision: str = "fp32") -> Transformer:
     torch.manual_seed(seed)
     cfg = preset("tiny", src_vocab_size=V, tgt_vocab_size=V, pre_norm=pre_norm)
     model = Transformer(cfg)
     for p in model.parameters():  # away from the initial zeros (biases) and small weights
         nn.init.normal_(p, std=0.3)
-    return prepare_model(model, "cpu", "fp32", pack_weights=packed)
+    return prepare_model(model, "cpu", precision, pack_weights=packed)
 
 
 def sources(rows: int = 6, seed: int = 1) -> torch.Tensor:
@@ -48,10 +48,14 @@ class Spy:
         return self.decode(*args)
 
 
-@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize(
+    "precision, packed", [("fp32", True), ("fp32", False), ("bf16", True), ("int8", False)]
+)
 @pytest.mark.parametrize("pre_norm", [False, True])
-def test_every_step_gives_bitwise_the_models_states_through_reorders(pre_norm, packed):
-    model = model_of(pre_norm, packed)
+def test_every_step_gives_bitwise_the_models_states_through_reorders(pre_norm, precision, packed):
+    """Packed float32 layers are called through MKL's op; plain ones through F.linear; bf16's
+    packed oneDNN layers and int8's quantized ones as modules."""
+    model = model_of(pre_norm, packed, precision=precision)
     flat = flat_decoder(model)
     assert isinstance(flat, FlatDecoder)
     spy = Spy(model)
