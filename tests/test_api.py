@@ -148,6 +148,32 @@ def test_a_line_that_is_no_string_is_named_by_its_position(translator):
         translator.score(["A dog."], [3])
 
 
+def test_a_string_of_several_lines_is_translated_line_by_line_never_merged(translator, sentences):
+    """As `seq2seq translate` reads a file: one translation per line, CRLF read as LF."""
+    a, b, c = translator.translate(sentences[:3], beam=1)
+    two = f"{sentences[0]}\n{sentences[1]}"
+    got = translator.translate(
+        [two, sentences[2], f"{sentences[0]}\r\n\r\n{sentences[1]}\r\n"], beam=1
+    )
+    assert got == [f"{a}\n{b}", c, f"{a}\n\n{b}\n"]
+    assert translator.translate(two, beam=1) == f"{a}\n{b}"
+
+
+def test_nbest_and_score_take_one_line_per_string(translator, sentences):
+    with pytest.raises(ValueError, match="^line 2 holds 3 lines: give one line per string"):
+        translator.translate(["A dog.", "A dog.\nA cat.\r\nA cow."], nbest=1)
+    with pytest.raises(ValueError, match="^source 1 holds 2 lines"):
+        translator.score(["A dog.\nA cat."], ["Ein Hund."])
+    with pytest.raises(ValueError, match="^target 2 holds 2 lines"):
+        translator.score(["A dog.", "A cat."], ["Ein Hund.", "Eine\nKatze."])
+    # A line break at the end is a line's end, as in a file.
+    once = translator.translate([sentences[0]], beam=2, nbest=2)
+    assert translator.translate([sentences[0] + "\n"], beam=2, nbest=2) == once
+    assert translator.score([sentences[0] + "\r\n"], ["Ein Hund.\n"]) == translator.score(
+        [sentences[0]], ["Ein Hund."]
+    )
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -208,7 +208,11 @@ class Translator:
         """Translate raw sentences.
 
         Args:
-            lines: sentences, or one sentence (then one result is returned, not a list).
+            lines: sentences, or one sentence (then one result is returned, not a list). A
+                string holding line breaks ("\n", "\r\n") is translated line by line, as
+                `seq2seq translate` reads a file, and its translation has as many lines
+                ("\n" between them), never one merged line; with `nbest`, a string must be
+                one line (a line break at its end is dropped).
             beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop,
                 max_sentences: as the `seq2seq translate` options; None keeps the model's
                 saved default.
@@ -219,14 +223,19 @@ class Translator:
             log-probability (seq2seq.inference.search). A blank line gives "" (or [("", 0.0)]).
         """
         single = isinstance(lines, str)
-        batch = [lines] if single else list(lines)
+        batch = _texts([lines] if single else list(lines), "line")
         cfg = self.settings(
             beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop, max_sentences
         )
-        hyps = self.translate_ids(self.encode(batch), cfg, scores=nbest is not None)
         if nbest is None:
-            out: list = [self.text(h[0]) if h else "" for h in hyps]
+            parts = [_split_lines(text) for text in batch]
+            every = [line for part in parts for line in part]
+            hyps = self.translate_ids(self.encode(every), cfg, scores=False)
+            texts = iter(self.text(h[0]) if h else "" for h in hyps)
+            out: list = ["\n".join(next(texts) for _ in part) for part in parts]
         else:
+            batch = [_one_line(text, "line", i) for i, text in enumerate(batch)]
+            hyps = self.translate_ids(self.encode(batch), cfg, scores=True)
             out = [[(self.text(x), x.score) for x in h] or [("", 0.0)] for h in hyps]
         return out[0] if single else out
 
@@ -239,12 +248,15 @@ class Translator:
         -inf otherwise, as translate turns a blank line into a blank line.
 
         Raises:
-            ValueError: unequal counts, or a target longer than the model's positions (named).
+            ValueError: unequal counts, a source or target of several lines, or a target longer
+                than the model's positions (each named).
         """
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets: give one each")
-        src_ids = self.encode(list(sources))
-        tgt_ids = self.tokenizer.encode_tgt(_texts(list(targets), "target"))
+        sources = [_one_line(text, "source", i) for i, text in enumerate(_texts(sources, "source"))]
+        targets = [_one_line(text, "target", i) for i, text in enumerate(_texts(targets, "target"))]
+        src_ids = self.encode(sources)
+        tgt_ids = self.tokenizer.encode_tgt(targets)
         for i, ids in enumerate(tgt_ids):
             if len(ids) + 1 > self.max_positions:
                 raise ValueError(
@@ -284,3 +296,21 @@ def _texts(items: list, what: str) -> list:
         if not isinstance(item, str):
             raise TypeError(f"{what} {i + 1}: expected a string, got {type(item).__name__}")
     return items
+
+
+def _split_lines(text: str) -> list[str]:
+    """The lines of `text` as `seq2seq translate` reads a file's (read_lines): split at "\n",
+    each without a "\r" before it. A line break at the end leaves an empty last line, so the
+    translation ends in one too."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _one_line(text: str, what: str, i: int) -> str:
+    """`text` without a line break at its end; ValueError naming it (1-based) if it holds
+    another: one string, one line."""
+    line = text.removesuffix("\n").removesuffix("\r")
+    if breaks := line.count("\n"):
+        raise ValueError(
+            f"{what} {i + 1} holds {breaks + 1} lines: give one line per string (str.splitlines())"
+        )
+    return line
