@@ -13,8 +13,8 @@ default batches 1.05-1.09x greedy and 1.02-1.04x beam 5 (2 streams); identical o
 
 `FlatDecoder.decode` runs a step in one loop over the layers: each operation the modules would
 run, in their order, on their parameters, so the states are bitwise the model's
-(`tests/test_flat.py` compares them at every step of greedy and beam searches, post-norm and
-pre-norm, on packed and plain layers). Each linear layer is called as its module would compute
+(`tests/test_flat.py` compares them at every step through greedy search's reorders, post-norm
+and pre-norm, float32 packed and plain, bf16 and int8, and beam search's hypotheses). Each linear layer is called as its module would compute
 it: MKL's packed op directly for a `seq2seq.kernels.mkl.MklPackedLinear` (the checks its
 forward makes per call hold for the whole decode: float32 weights on a CPU, outside autograd),
 `F.linear` for a plain `nn.Linear`, the module itself for any other kind (oneDNN's, int8's).
@@ -80,7 +80,7 @@ def _known(model: Transformer) -> bool:
 
 
 def _linear(layer: nn.Module) -> Step:
-    """x -> what `layer(x)` computes, for an input of any leading shape made 2-D."""
+    """x (N, in_features) -> what `layer(x)` computes."""
     if type(layer) is MklPackedLinear:
         return layer.packed_forward
     if type(layer) is nn.Linear:
