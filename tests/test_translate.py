@@ -317,3 +317,53 @@ def test_a_prepared_models_relus_overwrite_their_input_with_the_same_states(prec
     else:
         assert not any(m.inplace for m in model.modules() if type(m) is torch.nn.ReLU)
         assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_arriving_lines_are_split_as_they_come_and_ready_says_what_has_arrived():
+    import os
+
+    read_end, write_end = os.pipe()
+    try:
+        lines = translate.ArrivingLines(read_end)
+        assert not lines.ready()  # nothing written yet: no waiting
+        os.write(write_end, b"A dog")
+        assert not lines.ready()  # half a line
+        os.write(write_end, b" runs.\r\nA cat.\nA m")
+        assert lines.ready()
+        assert [next(lines), next(lines)] == [b"A dog runs.\r\n", b"A cat.\n"]
+        assert not lines.ready()
+        os.write(write_end, b"an.")
+    finally:
+        os.close(write_end)
+    assert lines.ready()  # the end has arrived
+    assert list(lines) == [b"A man."]  # a last line without "\n"
+    os.close(read_end)
+
+
+def test_chunks_end_where_the_arrived_lines_do():
+    arrived = iter([True, False, True, True, False])
+    got = list(translate.chunked([f"l{i}" for i in range(6)], 3, lambda: next(arrived)))
+    assert got == [["l0", "l1"], ["l2", "l3", "l4"], ["l5"]]
+
+
+def test_a_line_written_to_a_pipe_is_translated_before_the_next_arrives(tmp_path, checkpoint):
+    """As from a person typing, or a program that waits for each translation: the command
+    does not wait for 10,000 lines or the end of its input."""
+    import select
+
+    first, second = "A dog runs.", "Two men are talking."
+    code, want = run_translate(tmp_path, checkpoint, f"{first}\n{second}\n".encode(), "--beam", "1")
+    assert code == 0
+    command = [sys.executable, "-m", "seq2seq", "translate", "-m", str(checkpoint), "--beam", "1"]
+    with subprocess.Popen(
+        command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    ) as proc:
+        got = []
+        for line in (first, second):
+            proc.stdin.write(f"{line}\n".encode())
+            proc.stdin.flush()
+            assert select.select([proc.stdout], [], [], 120)[0], "no translation while waiting"
+            got.append(proc.stdout.readline().decode().rstrip("\n"))
+        proc.stdin.close()
+        assert proc.stdout.read() == b"" and proc.wait(60) == 0
+    assert got == want

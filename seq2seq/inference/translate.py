@@ -2,7 +2,9 @@
 
 The input streams: it is read in chunks of `CHUNK_LINES` lines; each chunk is encoded with
 SentencePiece, sorted by length into token-budget batches, decoded, and written back in input
-order before the next chunk is read, so a file of any size never sits in memory whole.
+order before the next chunk is read, so a file of any size never sits in memory whole. From a
+terminal or a pipe, a chunk also ends where the lines that have arrived do (`ArrivingLines`):
+each line typed or written is translated and printed before the next one is waited for.
 
 Line rules. Lines are split on "\\n" only (a trailing "\\r" is dropped), as sacreBLEU reads
 them. A blank or whitespace-only line gives a blank line. A line longer than the model's
@@ -24,10 +26,13 @@ import copy
 import gzip
 import logging
 import os
+import select
+import stat
 import sys
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,15 +109,80 @@ def read_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> It
         raise InputError(f"{where}: not a readable gzip file ({err})") from None
 
 
-def chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+def chunked(
+    lines: Iterable[str], size: int, ready: Callable[[], bool] | None = None
+) -> Iterator[list[str]]:
+    """Lists of `size` lines (the last may be shorter); with `ready`, a list also ends when
+    `ready()` says the next line has not arrived yet."""
     chunk: list[str] = []
     for line in lines:
         chunk.append(line)
-        if len(chunk) == size:
+        if len(chunk) == size or (ready is not None and not ready()):
             yield chunk
             chunk = []
     if chunk:
         yield chunk
+
+
+class ArrivingLines:
+    """The lines (bytes, each with its b"\\n") of a pipe or terminal, read from its file
+    descriptor as they arrive, and `ready()`: whether the next line, or the end, is already
+    there. A command reading a file waits for 10,000 lines or the end before it translates;
+    from a person typing, or a program writing a line and waiting for its translation, the
+    lines that have arrived are translated at once."""
+
+    def __init__(self, fd: int):
+        self.fd, self.eof = fd, False
+        self.lines: deque[bytes] = deque()
+        self.partial: list[bytes] = []  # the start of a line whose end has not arrived
+
+    def __iter__(self) -> ArrivingLines:
+        return self
+
+    def __next__(self) -> bytes:
+        while not self.lines:
+            if self.eof:
+                raise StopIteration
+            self._read()
+        return self.lines.popleft()
+
+    def ready(self) -> bool:
+        """Whether the next line (or the end) can be had without waiting for the writer: what
+        has arrived is read, without blocking."""
+        while not (self.lines or self.eof):
+            if not select.select([self.fd], [], [], 0)[0]:
+                return False
+            self._read()
+        return True
+
+    def _read(self) -> None:
+        """One read of what the descriptor holds (it waits only when nothing has arrived)."""
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            self.eof = True
+            if self.partial:
+                self.lines.append(b"".join(self.partial))
+            return
+        *complete, rest = data.split(b"\n")
+        if complete:
+            self.lines.append(b"".join([*self.partial, complete[0], b"\n"]))
+            self.lines.extend(line + b"\n" for line in complete[1:])
+            self.partial = []
+        if rest:
+            self.partial.append(rest)
+
+
+def arriving_lines(stream: BinaryIO) -> ArrivingLines | None:
+    """An ArrivingLines of `stream` where it is a pipe or terminal that nothing has read from
+    yet (stdin), else None (a regular file: every line is there already; Windows, whose
+    `select` takes sockets only)."""
+    if os.name == "nt" or stream is not sys.stdin.buffer:
+        return None
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):  # replaced by something without a descriptor (tests)
+        return None
+    return None if stat.S_ISREG(os.fstat(fd).st_mode) else ArrivingLines(fd)
 
 
 def one_line(text: str) -> str:
@@ -306,11 +376,12 @@ def translate_stream(
     cfg: DecodeConfig,
     name: str = "<input>",
     progress=None,
+    ready: Callable[[], bool] | None = None,
 ) -> Iterator[list[Translation]]:
     """Every input line's translation by a seq2seq.inference.translator.Translator, in order,
-    one chunk of `CHUNK_LINES` lines at a time."""
+    one chunk of `CHUNK_LINES` lines at a time (or of the lines arrived: `chunked`'s `ready`)."""
     start = 0
-    for chunk in chunked(lines, CHUNK_LINES):
+    for chunk in chunked(lines, CHUNK_LINES, ready):
         src_ids = translator.encode(chunk, name, start + 1)
         # Scores are printed with n-best output only (`format_output`).
         hyps = translator.translate_ids(src_ids, cfg, progress, scores=cfg.nbest > 1)
@@ -354,8 +425,10 @@ def translate_cli(args: argparse.Namespace) -> int:
         paths = " + ".join(map(str, translator.paths))
         log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
         progress = stack.enter_context(progress_bar())
-        lines = read_lines(source, name, args.errors)
-        for chunk in translate_stream(translator, lines, cfg, name, progress):
+        arriving = arriving_lines(source)
+        lines = read_lines(source if arriving is None else arriving, name, args.errors)
+        ready = None if arriving is None else arriving.ready
+        for chunk in translate_stream(translator, lines, cfg, name, progress, ready):
             for t in chunk:
                 text = format_output(translator.tokenizer, t.hypotheses, t.index, cfg.nbest > 1)
                 out.write(("\n".join(text) + "\n").encode("utf-8"))
