@@ -367,3 +367,19 @@ def test_a_line_written_to_a_pipe_is_translated_before_the_next_arrives(tmp_path
         proc.stdin.close()
         assert proc.stdout.read() == b"" and proc.wait(60) == 0
     assert got == want
+
+
+@pytest.mark.parametrize(
+    ("redirect", "message"),
+    [
+        ("<&-", "standard input is closed: pipe text in, or give -i FILE"),
+        ("<<< 'A dog.' >&-", "standard output is closed: give -o FILE"),
+    ],
+)
+def test_a_closed_stdin_or_stdout_is_one_clear_error(checkpoint, redirect, message):
+    """Python sets sys.stdin / sys.stdout to None; it was an AttributeError traceback."""
+    command = f"'{sys.executable}' -m seq2seq translate -m '{checkpoint}' --beam 1 {redirect}"
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"seq2seq translate: error: {message}"
+    assert "Traceback" not in result.stderr

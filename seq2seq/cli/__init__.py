@@ -278,7 +278,8 @@ def run() -> None:
     interpreter's teardown after a successful QUICK_EXIT command."""
     code = main(quick_exit=True)
     try:
-        sys.stdout.flush()  # here, not in the interpreter's teardown, which would print
+        if sys.stdout is not None:  # None: closed by the caller (`>&-`)
+            sys.stdout.flush()  # here, not in the interpreter's teardown, which would print
     except BrokenPipeError:
         code = _reader_gone()
     sys.exit(code)
@@ -316,6 +317,8 @@ def _exit_now(code: int) -> NoReturn:
     """Flush what the command wrote to stdout, stderr and the log, then end the process."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # closed by the caller (`>&-`)
+            continue
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more to say
             stream.flush()
     os._exit(code)

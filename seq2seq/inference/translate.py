@@ -69,7 +69,15 @@ def open_binary(path: str, mode: str, stack: ExitStack) -> BinaryIO:
     seq2seq.atomic): a failed or killed run leaves no file that looks finished, and an existing
     `path` untouched."""
     if path == "-":
-        return sys.stdin.buffer if "r" in mode else sys.stdout.buffer
+        reading = "r" in mode
+        stream = sys.stdin if reading else sys.stdout
+        if stream is None:  # closed by the caller (`<&-`, `>&-`): Python gives None
+            raise ValueError(
+                "standard input is closed: pipe text in, or give -i FILE"
+                if reading
+                else "standard output is closed: give -o FILE"
+            )
+        return stream.buffer
     if "r" in mode:
         raw = stack.enter_context(open(path, mode))  # noqa: SIM115 (the stack closes it)
     else:
