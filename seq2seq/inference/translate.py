@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import io
 import logging
 import os
 import select
@@ -181,10 +182,10 @@ class ArrivingLines:
 
 
 def arriving_lines(stream: BinaryIO) -> ArrivingLines | None:
-    """An ArrivingLines of `stream` where it is a pipe or terminal that nothing has read from
-    yet (stdin), else None (a regular file: every line is there already; Windows, whose
-    `select` takes sockets only)."""
-    if os.name == "nt" or stream is not sys.stdin.buffer:
+    """An ArrivingLines of `stream`, just opened, where it is a pipe or terminal (stdin, a
+    FIFO, /dev/stdin), else None: a regular file has every line there already, a .gz file is
+    read through gzip, and Windows' `select` takes sockets only."""
+    if os.name == "nt" or not isinstance(stream, io.BufferedReader):
         return None
     try:
         fd = stream.fileno()
