@@ -383,3 +383,33 @@ def test_a_closed_stdin_or_stdout_is_one_clear_error(checkpoint, redirect, messa
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"seq2seq translate: error: {message}"
     assert "Traceback" not in result.stderr
+
+
+def test_typed_at_a_terminal_each_line_is_answered_and_no_progress_bar_is_drawn(checkpoint):
+    """stdin and stderr on a terminal (a pseudo-terminal here): a bar redrawn between the
+    lines a person types would garble them."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))  # bars need width
+    command = [sys.executable, "-m", "seq2seq", "translate", "-m", str(checkpoint), "--beam", "1"]
+    with subprocess.Popen(command, stdin=slave, stdout=subprocess.PIPE, stderr=slave) as proc:
+        os.close(slave)
+        os.write(master, b"A dog runs.\n")
+        assert select.select([proc.stdout], [], [], 120)[0], "no translation while waiting"
+        assert proc.stdout.readline().strip()
+        os.write(master, b"\x04")  # Ctrl-D: the end of the input
+        assert proc.wait(60) == 0
+        terminal = b""
+        while select.select([master], [], [], 0)[0]:
+            try:
+                terminal += os.read(master, 1 << 16)
+            except OSError:  # the child has closed its side
+                break
+    os.close(master)
+    assert b" sent" not in terminal and b"A dog runs." in terminal  # the echo, no bar

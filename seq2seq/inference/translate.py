@@ -401,16 +401,16 @@ def translate_stream(
         start += len(chunk)
 
 
-def progress_bar():
-    """A tqdm progress bar of sentences on stderr, drawn on a terminal only, and without tqdm's
-    monitor thread: decoding forks its streams only where no other Python thread runs
-    (seq2seq.inference.streams.can_fork)."""
+def progress_bar(typed: bool = False):
+    """A tqdm progress bar of sentences on stderr, drawn on a terminal only (and not while a
+    person types the input there: `typed`), and without tqdm's monitor thread: decoding forks
+    its streams only where no other Python thread runs (seq2seq.inference.streams.can_fork)."""
     from tqdm import tqdm
 
     class Progress(tqdm):
         monitor_interval = 0
 
-    return Progress(unit=" sent", file=sys.stderr, disable=None)
+    return Progress(unit=" sent", file=sys.stderr, disable=True if typed else None)
 
 
 def translate_cli(args: argparse.Namespace) -> int:
@@ -433,8 +433,8 @@ def translate_cli(args: argparse.Namespace) -> int:
         name = "<stdin>" if args.input == "-" else args.input
         paths = " + ".join(map(str, translator.paths))
         log.info("%s: beam %d, nbest %d, lenpen %g", paths, cfg.beam, cfg.nbest, cfg.lenpen)
-        progress = stack.enter_context(progress_bar())
         arriving = arriving_lines(source)
+        progress = stack.enter_context(progress_bar(arriving is not None and source.isatty()))
         lines = read_lines(source if arriving is None else arriving, name, args.errors)
         ready = None if arriving is None else arriving.ready
         for chunk in translate_stream(translator, lines, cfg, name, progress, ready):
