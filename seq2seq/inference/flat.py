@@ -125,6 +125,8 @@ class FlatDecoder:
         final = model.decoder_norm
         self.final = None if type(final) is nn.Identity else _norm(final)
         self.generator = _linear(model.generator)
+        # Each layer's sub-layers, in order, each with its Residual's LayerNorm (`_Layer.norms`).
+        self.sublayers = (self._self_attention, self._cross_attention, self._feed_forward)
 
     @property
     def tgt_vocab_size(self) -> int:
@@ -151,12 +153,8 @@ class FlatDecoder:
         R, D = tgt_in.size(0), self.cfg.d_model
         x = self.model.tgt_embed(tgt_in, cache.length).view(R, D)  # (R, D): one token per row
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
-            sublayers = (
-                (self._self_attention, layer.norms[0]),
-                (self._cross_attention, layer.norms[1]),
-                (self._feed_forward, layer.norms[2]),
-            )
-            for sublayer, norm in sublayers:  # Residual: post-norm, or pre-norm
+            # Each sub-layer inside its Residual: post-norm, or pre-norm.
+            for sublayer, norm in zip(self.sublayers, layer.norms, strict=True):
                 if self.pre_norm:
                     x = x + sublayer(norm(x), layer, layer_cache, memory)
                 else:
