@@ -248,7 +248,7 @@ def use_attention_kernels() -> None:
     """Leave cuDNN's fused attention out of torch's SDPA choices (flash and memory-efficient
     attention remain). On an H100 in bf16 torch tries cuDNN first, and cuDNN builds an execution
     plan for every new shape: about 8 ms of host time per attention call, and variable-length
-    batches and incremental decoding make a new shape nearly every call (README: "On a GPU")."""
+    batches and incremental decoding make a new shape nearly every call."""
     import torch
 
     torch.backends.cuda.enable_cudnn_sdp(False)

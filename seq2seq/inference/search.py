@@ -210,7 +210,7 @@ def _rank(
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # One fused log_softmax: cheaper on a CPU than logsumexp, whose composite kernels write the
     # (R, V) tensor twice (measured: 19% of a beam-5 decode against log_softmax's 8%). In place:
-    # a new (R, V) tensor of 32 MiB or more would pay glibc's page faults again (README).
+    # a new (R, V) tensor of 32 MiB or more would pay glibc's page faults again (`_next_tokens`).
     log_probs = torch.log_softmax(logits, dim=-1, out=logits) if normalize else logits
     rules.apply(log_probs)
     if n == 1:
