@@ -239,7 +239,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 #: kernel per matmul shape, up to 1,024 of them in its own cache and 1,024 in torch's ideep
 #: layer above it, and variable-length batches make many shapes: bf16 training's memory grew by
 #: about a gigabyte that way, float32 training's by 2.3 GB in 200 steps. 64 each bounds it at no
-#: cost in speed (README: "Peak memory", under the Multi30k recipe).
+#: cost in speed (the default recipe's training runs peak at 1.4-1.9 GiB: README, "Recipes").
 #: Set before torch first uses oneDNN; a value the user exported wins.
 RUNTIME_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "64", "LRU_CACHE_CAPACITY": "64"}
 
