@@ -282,6 +282,46 @@ def test_the_decode_profile_reports_the_matmul_share_and_the_top_operators(
         assert result[f"{name}_seconds"] > 0
 
 
+def test_the_decode_profile_decodes_in_the_batches_and_stopping_rule_it_is_given(
+    multi30k_slice, checkpoint, capsys, monkeypatch
+):
+    from seq2seq.inference.translator import Translator
+
+    seen = []
+    decode_batch = Translator.decode_batch
+
+    def spy(self, src, cfg, scores=True):
+        seen.append((src.size(0), cfg.beam, cfg.stop))
+        return decode_batch(self, src, cfg, scores)
+
+    monkeypatch.setattr(Translator, "decode_batch", spy)
+    args = ["bench", "-m", str(checkpoint), "--profile", "--sentences", "6", "--json"]
+    args += ["--max-sentences", "1", "--stop", "best"]
+    assert main([*args, "--data.root", str(multi30k_slice), "--data.download", "null"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["profile_max_sentences"] == 1 and result["profile_stop"] == "best"
+    assert result["profile_sentences"] == 6 and result["profile_batches"] == 6
+    # Each search: a warm-up batch, then the 6 sentences one at a time.
+    assert [rows for rows, _, _ in seen] == [1] * 14
+    assert {(beam, stop) for _, beam, stop in seen} == {(1, "best"), (5, "best")}
+
+
+def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_keeps(
+    multi30k_slice, checkpoint, capsys, monkeypatch
+):
+    """torch.profiler's records grow with the batches (the 1,000 test sentences one at a time
+    outgrew 24 GB): a profile keeps every k-th batch, at most MAX_BATCHES."""
+    import seq2seq.inference.profile as profile
+
+    monkeypatch.setattr(profile, "MAX_BATCHES", 2)
+    args = ["bench", "-m", str(checkpoint), "--profile", "--sentences", "6", "--json"]
+    args += ["--max-sentences", "1", "--data.root", str(multi30k_slice), "--data.download", "null"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["profile_batches"] == 2 and result["profile_sentences"] == 2
+    assert 0.0 < result["greedy_matmul_share"] < 1.0
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

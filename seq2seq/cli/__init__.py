@@ -120,7 +120,9 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
         return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
     if args.max_sentences is not None:
-        raise ValueError("--max-sentences batches the decoding of --against: give -m MODEL too")
+        raise ValueError(
+            "--max-sentences batches the decoding of --against or --profile: give -m MODEL too"
+        )
     if args.against_compute_type is not None:
         raise ValueError("--against-compute-type is for -m MODEL --against ctranslate2")
     if args.against_inter_threads is not None:

@@ -188,7 +188,9 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "in turn with ours (needs the export extra)",
     )
     p.add_argument(
-        "--sentences", type=at_least(1), help="--against: the first N test sentences only"
+        "--sentences",
+        type=at_least(1),
+        help="--against or --profile: the first N test sentences only",
     )
     p.add_argument(
         "--rounds", type=at_least(1), default=3, help="--against: timed rounds per engine"
@@ -196,8 +198,8 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--max-sentences",
         type=at_least(1),
-        help="--against: decode in batches of at most N sentences (default: the model's "
-        "decode.max_tokens source tokens alone)",
+        help="--against or --profile: decode in batches of at most N sentences (default: the "
+        "model's decode.max_tokens source tokens alone; 1: a sentence at a time)",
     )
     p.add_argument(
         "--whole-process",
