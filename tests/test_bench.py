@@ -327,6 +327,19 @@ def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_
     [
         (["--profile"], "--profile needs -m MODEL"),
         (["--profile", "-m", "x.ckpt", "--against", "ctranslate2"], "drop --against"),
+        # Options of the comparison with CTranslate2 are refused, not silently ignored.
+        (
+            ["--profile", "-m", "x.ckpt", "--against-compute-type", "int8"],
+            "--against-compute-type is for -m MODEL --against ctranslate2",
+        ),
+        (
+            ["--profile", "-m", "x.ckpt", "--against-inter-threads", "1"],
+            "--against-inter-threads is for -m MODEL --against ctranslate2",
+        ),
+        (
+            ["--profile", "-m", "x.ckpt", "--whole-process"],
+            "--whole-process is for -m MODEL --against ctranslate2",
+        ),
     ],
 )
 def test_a_profile_without_a_model_or_beside_another_engine_is_one_clear_line(

@@ -107,8 +107,15 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    for flag, given in (
+        ("--against-compute-type", args.against_compute_type is not None),
+        ("--against-inter-threads", args.against_inter_threads is not None),
+        ("--whole-process", args.whole_process),
+    ):
+        if given and not (args.model and args.against):  # else compare_cli checks them
+            raise ValueError(f"{flag} is for -m MODEL --against ctranslate2")
     if args.profile:
-        if args.against or args.whole_process:
+        if args.against:
             raise ValueError("--profile profiles our decoding alone: drop --against")
         from seq2seq.inference.profile import profile_cli
         from seq2seq.training.bench import bench_recipe
@@ -123,12 +130,6 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(
             "--max-sentences batches the decoding of --against or --profile: give -m MODEL too"
         )
-    if args.against_compute_type is not None:
-        raise ValueError("--against-compute-type is for -m MODEL --against ctranslate2")
-    if args.against_inter_threads is not None:
-        raise ValueError("--against-inter-threads is for -m MODEL --against ctranslate2")
-    if args.whole_process:
-        raise ValueError("--whole-process is for -m MODEL --against ctranslate2")
     peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer
