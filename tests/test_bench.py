@@ -340,10 +340,18 @@ def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_
             ["--profile", "-m", "x.ckpt", "--whole-process"],
             "--whole-process is for -m MODEL --against ctranslate2",
         ),
+        (["--profile", "-m", "x.ckpt", "--rounds", "2"], "--rounds is for -m MODEL --against"),
+        # Options of a decoding comparison or profile, given to the training benchmark.
+        (
+            ["--preset", "tiny", "--sentences", "5"],
+            "--sentences is for -m MODEL with --against or --profile",
+        ),
+        (
+            ["--preset", "tiny", "-m", "x.ckpt", "--rounds", "2"],
+            "--rounds is for -m MODEL --against",
+        ),
     ],
 )
-def test_a_profile_without_a_model_or_beside_another_engine_is_one_clear_line(
-    args, message, capsys
-):
+def test_bench_options_where_they_do_not_apply_are_one_clear_line(args, message, capsys):
     assert main(["bench", *args]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

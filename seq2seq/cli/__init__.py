@@ -114,6 +114,8 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     ):
         if given and not (args.model and args.against):  # else compare_cli checks them
             raise ValueError(f"{flag} is for -m MODEL --against ctranslate2")
+    if args.rounds is not None and not (args.model and args.against):
+        raise ValueError("--rounds is for -m MODEL --against")
     if args.profile:
         if args.against:
             raise ValueError("--profile profiles our decoding alone: drop --against")
@@ -130,6 +132,8 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError(
             "--max-sentences batches the decoding of --against or --profile: give -m MODEL too"
         )
+    if args.sentences is not None:
+        raise ValueError("--sentences is for -m MODEL with --against or --profile")
     peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer

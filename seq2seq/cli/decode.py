@@ -193,7 +193,7 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         help="--against or --profile: the first N test sentences only",
     )
     p.add_argument(
-        "--rounds", type=at_least(1), default=3, help="--against: timed rounds per engine"
+        "--rounds", type=at_least(1), help="--against: timed rounds per engine (default 3)"
     )
     p.add_argument(
         "--max-sentences",

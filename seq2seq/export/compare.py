@@ -451,6 +451,7 @@ def compare_cli(args, data) -> int:
     sources = read_text(os.path.join(data.root, data.test.src))
     refs = read_text(os.path.join(data.root, data.test.tgt))
     n = args.sentences or len(sources)
+    rounds = 3 if args.rounds is None else args.rounds
     if args.whole_process:
         from seq2seq.export.processes import compare_processes
 
@@ -459,7 +460,7 @@ def compare_cli(args, data) -> int:
             sources[:n],
             refs[:n],
             torch.get_num_threads(),
-            args.rounds,
+            rounds,
             args.max_sentences,
             args.decode_precision,
             compute_type,
@@ -472,7 +473,7 @@ def compare_cli(args, data) -> int:
             args.against,
             sources[:n],
             refs[:n],
-            args.rounds,
+            rounds,
             args.max_sentences,
             args.decode_precision,
             compute_type,
