@@ -211,8 +211,8 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "--profile",
         action="store_true",
         help="with -m MODEL: where decoding's CPU time goes instead (torch.profiler, one "
-        "thread, greedy and beam 5 over the test sentences): the matrix multiplies' share and "
-        "the top operators",
+        "thread, greedy and beam 5 over the test sentences, at most 32 of their batches taken "
+        "evenly): the matrix multiplies' share and the top operators",
     )
     p.add_argument(
         "--against-compute-type",
