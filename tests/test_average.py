@@ -107,6 +107,16 @@ def test_cli_refuses_files_and_run_dir_together(tmp_path, capsys):
     assert code == 1 and "either checkpoint files or --run-dir" in capsys.readouterr().err
 
 
+def test_last_with_checkpoint_files_is_refused_rather_than_ignored(tmp_path, capsys):
+    a = save_checkpoint(tmp_path / "a.ckpt", seed=1)
+    b = save_checkpoint(tmp_path / "b.ckpt", seed=2)
+    out = tmp_path / "x.ckpt"
+    assert main(["average", str(a), str(b), "--last", "1", "-o", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("--last N picks from --run-dir; checkpoint files are averaged as given")
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
 def test_last_0_is_refused_rather_than_averaging_every_checkpoint(tmp_path, capsys):
     """`paths[-0:]` is the whole list: --last 0 once averaged them all without a word."""
     from seq2seq.training.average import last_checkpoints

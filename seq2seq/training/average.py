@@ -96,6 +96,8 @@ def average_cli(args: argparse.Namespace) -> int:
     """The `seq2seq average` command (arguments: seq2seq.cli.decode.add_average)."""
     if bool(args.run_dir) == bool(args.checkpoints):
         raise ValueError("give either checkpoint files or --run-dir (with --last N)")
+    if args.last is not None and not args.run_dir:
+        raise ValueError("--last N picks from --run-dir; checkpoint files are averaged as given")
     if args.run_dir:
         paths = last_checkpoints(args.run_dir, args.last)
         output = args.output or RunDir(args.run_dir).averaged
