@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import re
 import subprocess
@@ -235,6 +236,32 @@ def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_sli
     for name, tensor in trained.items():
         torch.testing.assert_close(seen["weights"][name], tensor, rtol=0, atol=0)
     assert (tmp_path / "finetune" / "spm.model").read_bytes() == (run / "spm.model").read_bytes()
+
+
+def test_a_resume_says_so_and_that_init_from_is_not_used(
+    trained_run, multi30k_slice, monkeypatch, caplog
+):
+    """Running the same command again resumes, --init-from on it too; the log says which."""
+    import seq2seq.training.train as train_module
+
+    run, results = trained_run
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, step):
+        raise Stop  # before the resume writes anything
+
+    monkeypatch.setattr(train_module.RunDir, "keep_metrics_for_resume", stop)
+    recipe = tiny_recipe(multi30k_slice, run / "cache", "--trainer.max_steps", "61")
+    source = run / "checkpoints" / "averaged.ckpt"
+    with caplog.at_level(logging.INFO, logger=train_module.__name__), pytest.raises(Stop):
+        train(recipe, run, init_from=str(source))
+    said = [r.getMessage() for r in caplog.records if r.name == train_module.__name__]
+    assert said == [
+        f"resuming {run} from {run / 'checkpoints' / 'last.ckpt'} (update {results['steps']}); "
+        f"--init-from {source} is not used (it starts a new run)"
+    ]
 
 
 def test_two_process_ddp_on_cpu_trains_and_ranks_agree(multi30k_slice, tmp_path):

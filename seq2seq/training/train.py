@@ -378,6 +378,9 @@ def train(
     init = load_model(init_from) if init_from and resume is None else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume_point is not None and rank_zero_only.rank == 0:
+        # The same command resumes, --init-from included: it starts a new run only.
+        unused = f"; --init-from {init_from} is not used (it starts a new run)" if init_from else ""
+        log.info("resuming %s from %s (update %d)%s", run_dir, resume, resume_point[1], unused)
         RunDir(run_dir).keep_metrics_for_resume(resume_point[1])
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
