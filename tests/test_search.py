@@ -417,19 +417,21 @@ def test_two_stage_max_gives_maxs_values_and_first_ids(vocab):
     """`_top_1` (chunk maxima, the first chunk with the row's maximum, the first column in it
     with it) returns torch's max, the first of equal maxima included: ties inside a chunk,
     across chunks, a row of -inf but EOS; a vocabulary of partial or too few chunks takes
-    max itself."""
-    from seq2seq.inference.search import _top_1
+    max itself, and so do fewer rows than the stages pay off for."""
+    from seq2seq.inference.search import _TOP_1_STAGED_ROWS, _top_1
 
     g = torch.Generator().manual_seed(0)
-    x = torch.stack([torch.randperm(vocab, generator=g).float() for _ in range(5)])
+    rows = _TOP_1_STAGED_ROWS + 1  # the two stages run (640 columns: ten chunks)
+    x = torch.stack([torch.randperm(vocab, generator=g).float() for _ in range(rows)])
     x[1, [3, 9]] = vocab + 1.0  # equal maxima in one chunk
     x[2, [vocab - 1, 70 % vocab]] = vocab + 1.0  # in two chunks, the later first in the row
     x[3] = -math.inf
     x[3, EOS] = -0.5
-    values, ids = _top_1(x)
-    want = x.max(dim=-1, keepdim=True)
-    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
-    assert ids[1, 0] == 3 and ids[3, 0] == EOS
+    for some in (x, x[:4]):  # staged, then as few rows as a sentence at a time has
+        values, ids = _top_1(some)
+        want = some.max(dim=-1, keepdim=True)
+        assert torch.equal(values, want.values) and torch.equal(ids, want.indices)
+        assert ids[1, 0] == 3 and ids[3, 0] == EOS
 
 
 def test_beam_search_over_a_large_vocabulary_matches_plain_topk(monkeypatch):

@@ -132,11 +132,12 @@ def search(
 @dataclass
 class _StepRules:
     """What may be emitted at one step: never pad or bos; no EOS before min_len; only EOS at
-    max_len (rows in force_eos, (R,))."""
+    max_len (rows in force_eos, (R,); None where no row is at its max_len yet, as the search
+    knows on the host before the first one is: `_forced`)."""
 
     step: int
     min_len: int
-    force_eos: Tensor
+    force_eos: Tensor | None
 
     def apply(self, log_probs: Tensor) -> None:
         """Set the forbidden tokens' log-probabilities (R, V) to -inf, in place (logits
@@ -145,14 +146,22 @@ class _StepRules:
         log_probs[:, BOS] = -math.inf
         if self.step < self.min_len:
             log_probs[:, EOS] = -math.inf
-        if bool(self.force_eos.any()):
+        if self.force_eos is not None and bool(self.force_eos.any()):
             eos = log_probs[:, EOS].clone()
             log_probs[self.force_eos] = -math.inf
             log_probs[self.force_eos, EOS] = eos[self.force_eos]
 
     def rows(self, start: int, stop: int) -> _StepRules:
         """The rules of rows start:stop."""
-        return _StepRules(self.step, self.min_len, self.force_eos[start:stop])
+        force = None if self.force_eos is None else self.force_eos[start:stop]
+        return _StepRules(self.step, self.min_len, force)
+
+
+def _forced(step: int, max_len: Tensor, first: int) -> Tensor | None:
+    """Rows at their maximum length at `step` (max_len (R,)), or None before step `first`, the
+    smallest max_len the search began with: no row can be there yet, and the comparison and its
+    check (a host sync) are skipped at those steps."""
+    return None if step < first else step >= max_len
 
 
 #: glibc's largest mmap threshold: it maps every allocation this large afresh (`_next_tokens`).
@@ -161,6 +170,8 @@ _GLIBC_MMAP_BYTES = 32 * 2**20
 _CPU_PIECE_ROWS = 256
 #: The columns each first-stage maximum of `_top_n` covers.
 _TOP_N_CHUNK = 64
+#: The fewest rows `_top_1` ranks in two stages.
+_TOP_1_STAGED_ROWS = 8
 
 
 def _next_tokens(
@@ -224,12 +235,14 @@ def _top_1(x: Tensor) -> tuple[Tensor, Tensor]:
     column in it that does. Both stages take the first of equal maxima, as max does, so values
     and ids are max's. On a CPU max keeps an index beside every comparison; the chunk maxima
     are plain vector maxima, and the second stage reads 64 columns (greedy search's ranking of
-    256 x 8,000 logits took about two thirds of max's time on a 2-core Xeon). Vocabularies
-    that are not whole chunks take max."""
+    256 x 8,000 logits took about two thirds of max's time on a 2-core Xeon). Below
+    `_TOP_1_STAGED_ROWS` rows the stages' eight operator calls cost more than they save (one
+    thread, 8,000 columns: 1 row 4.9 us by max against 18.8 staged, 8 rows 26.7 against 27.3,
+    16 rows 52.9 against 38.1), and vocabularies that are not whole chunks take max."""
     R, V = x.shape
     chunk = _TOP_N_CHUNK
     C = V // chunk
-    if C < 2 or C * chunk != V:
+    if C < 2 or C * chunk != V or R < _TOP_1_STAGED_ROWS:
         return x.max(dim=-1, keepdim=True)
     best = x.view(R, C, chunk).amax(dim=-1).argmax(dim=-1)  # (R,) the first chunk with the max
     rows = torch.arange(R, device=x.device) * C + best
@@ -309,9 +322,10 @@ def greedy_search(
     tokens = src.new_full((src.size(0), 1), BOS)  # (R, 1 + step): BOS + output so far
     log_prob = torch.full((src.size(0),), 0.0 if scores else math.nan, device=src.device)
     max_len = max_len.to(src.device)
+    first_forced = int(max_len.min())
     finished: list[_Finished] = []
     for step in range(int(max_len.max()) + 1):
-        rules = _StepRules(step, cfg.min_len, step >= max_len)
+        rules = _StepRules(step, cfg.min_len, _forced(step, max_len, first_forced))
         top, token = _next_tokens(model, tokens[:, -1:], memory, cache, rules, 1, scores)
         best = token[:, 0]  # (R,)
         if scores:
@@ -494,13 +508,16 @@ def beam_search(
         kept=torch.full((B, cfg.nbest), -math.inf, dtype=torch.float64, device=src.device),
     )
     longest = int(beams.max_len.max()) + 1  # tokens + EOS
+    first_forced = int(beams.max_len.min())
     memory, cache = model.encode(src), model.new_cache(longest)
     by_length = [length_penalty(n, cfg.lenpen) for n in range(longest + 1)]
     penalties = torch.tensor(by_length, dtype=torch.float64, device=src.device)
     finished: list[_Finished] = []
     for step in range(longest):
         k = beams.log_prob.size(1)
-        rules = _StepRules(step, cfg.min_len, (step >= beams.max_len).repeat_interleave(k))
+        forced = _forced(step, beams.max_len, first_forced)
+        forced = None if forced is None else forced.repeat_interleave(k)
+        rules = _StepRules(step, cfg.min_len, forced)
         top, token = _next_tokens(model, beams.tokens[:, -1:], memory, cache, rules, 2 * K)
         cand = _top_candidates(top, token, beams, K)
         ended = _finish(cand, beams, K, by_length[step + 1])
