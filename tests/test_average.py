@@ -93,8 +93,11 @@ def test_cli_averages_the_last_n_of_a_run_directory_by_step(tmp_path, capsys):
         "step0001200",
     ]
     assert main(["average", "--run-dir", str(tmp_path / "run"), "--last", "2"]) == 0
-    out = Path(capsys.readouterr().out.strip())
+    printed = capsys.readouterr()
+    out = Path(printed.out.strip())
     assert out == ckpts / "averaged.ckpt"
+    # The command's log reaches the terminal, as "LEVEL: message" on stderr.
+    assert printed.err.splitlines() == [f"INFO: averaged 2 checkpoints into {out}"]
     assert read_checkpoint(out)["averaged_from"] == [
         str(ckpts / "step0001100-bleu25.00.ckpt"),
         str(ckpts / "step0001200-bleu22.00.ckpt"),

@@ -60,8 +60,9 @@ def test_over_long_line_is_truncated_with_a_warning_naming_it(tmp_path, checkpoi
 def test_undecodable_bytes_stop_with_the_line_number(tmp_path, checkpoint, capsys):
     code, _ = run_translate(tmp_path, checkpoint, b"A dog.\nA cat.\nA \xff man.\n")
     assert code == 1
-    err = capsys.readouterr().err
-    assert "in.txt:3: invalid UTF-8" in err and len(err.strip().splitlines()) == 1
+    *settings, error = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("seq2seq translate: error: ") and "in.txt:3: invalid UTF-8" in error
+    assert [line.split(": ")[0] for line in settings] == ["INFO"]  # the model's settings line
 
 
 def test_errors_replace_translates_undecodable_lines(tmp_path, checkpoint):

@@ -350,6 +350,36 @@ def error_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record comes (a caller, or a
+    test's capture, may have replaced it since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def show_own_log() -> None:
+    """Print this package's log records, INFO and up, on stderr as 'LEVEL: message': what a
+    command did that a user should know (a run resumed, a tokenizer trained, the pairs cleaning
+    kept, a file named for another language). Without it only warnings reached a terminal, bare,
+    and only `translate` set anything up. Other libraries' loggers are left alone (Lightning's
+    has its own handler); records still propagate, so a root handler a caller set up sees them."""
+    logger = logging.getLogger("seq2seq")
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     """The `seq2seq` command on `argv` (default sys.argv[1:]); returns the exit code. With
     `quick_exit` (the console script only, never a caller that goes on), a successful
@@ -362,6 +392,7 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
     use_attention_kernels()  # after parsing: --help need not import torch
     if extra and args.command not in _TAKES_OVERRIDES:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    show_own_log()
     previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         code = args.handler(args, extra)

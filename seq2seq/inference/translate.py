@@ -418,7 +418,6 @@ def translate_cli(args: argparse.Namespace) -> int:
     -m models decode as an ensemble."""
     from seq2seq.inference.translator import Translator
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr)
     check_not_same_file(args.input, args.output)
     if args.attention and len(args.model) > 1:
         raise ValueError("--attention draws one model's cross-attention: give a single -m")
