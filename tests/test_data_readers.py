@@ -138,3 +138,42 @@ def test_unreachable_hub_dataset_fails_in_one_line(tmp_path: Path) -> None:
 
 def test_exactly_one_source_kind_is_required(tmp_path: Path) -> None:
     assert "exactly one of" in _error(tmp_path, src="x.en", tgt="x.de", tsv="x.tsv")
+
+
+def test_a_file_named_for_another_language_than_its_side_is_pointed_out() -> None:
+    """`--data.tgt_lang fr` leaves the recipe's `train.de.gz`: the files decide the language,
+    so each file named for another one is a line naming its key (compression and .sgm
+    stripped; a region subtag ignored; names without a two-letter code say nothing)."""
+    from seq2seq.data.readers import language_mismatches
+
+    cfg = DataConfig(
+        src_lang="pt_BR",
+        tgt_lang="fr",
+        train=[
+            CorpusConfig(src="a.pt.gz", tgt="a.de.gz"),
+            CorpusConfig(src="b.src", tgt="b.tgt"),
+            CorpusConfig(tsv="c.tsv"),
+        ],
+        valid=CorpusConfig(src="newstest.pt.sgm", tgt="newstest.fr.sgm.xz"),
+        test=CorpusConfig(src="test.en", tgt="test.fra"),
+    )
+    assert language_mismatches(cfg) == [
+        "data.train[0].tgt: a.de.gz is named '.de', but data.tgt_lang is 'fr': the files decide "
+        "the language; point data.train[0].tgt at the 'fr' file, or set data.tgt_lang",
+        "data.test.src: test.en is named '.en', but data.src_lang is 'pt_BR': the files decide "
+        "the language; point data.test.src at the 'pt_BR' file, or set data.src_lang",
+    ]
+    assert language_mismatches(DataConfig(valid=CorpusConfig(src="v.en", tgt="v.de"))) == []
+
+
+def test_load_splits_warns_of_a_file_named_for_another_language(tmp_path, caplog) -> None:
+    from seq2seq.data.pipeline import load_splits
+
+    cfg = DataConfig(root=str(tmp_path), tgt_lang="fr", train=CorpusConfig(src="t.en", tgt="t.de"))
+    with caplog.at_level("WARNING"), pytest.raises(DataError, match="file not found"):
+        load_splits(cfg, tmp_path / "run")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [
+        "data.train.tgt: t.de is named '.de', but data.tgt_lang is 'fr': the files decide the "
+        "language; point data.train.tgt at the 'fr' file, or set data.tgt_lang"
+    ]

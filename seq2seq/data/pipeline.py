@@ -24,6 +24,7 @@ from seq2seq.data.readers import (
     DataError,
     cache_key,
     check_corpus,
+    language_mismatches,
     read_corpus,
     worker_processes,
 )
@@ -240,6 +241,8 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     """
     run_dir = Path(run_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
+    for line in language_mismatches(cfg):
+        log.warning(line)
     corpora = cfg.train_corpora()
     for key, corpus in corpora:  # a missing file fails before hours of reading the others
         check_corpus(corpus, cfg, key.removeprefix("data."))

@@ -99,6 +99,37 @@ def check_corpus(corpus: CorpusConfig, cfg: DataConfig, name: str) -> tuple[Path
     )
 
 
+def language_mismatches(cfg: DataConfig) -> list[str]:
+    """One line per corpus file whose name ends in a two-letter language code (before
+    .gz/.xz/.bz2 and .sgm: `train.de.gz`, `newstest2014.en.sgm`) other than its side's
+    `data.src_lang` / `data.tgt_lang` (their primary subtag: `pt` of `pt_BR`). The files decide
+    what a model learns and the language keys do not change them: `--data.tgt_lang fr` alone
+    would train on the recipe's German files. A hint, not an error: a file's name may say
+    nothing of its language."""
+    corpora = [*cfg.train_corpora(), ("data.valid", cfg.valid)]
+    if cfg.test is not None:
+        corpora.append(("data.test", cfg.test))
+    lines = []
+    for key, corpus in corpora:
+        for side, path, lang in (
+            ("src", corpus.src, cfg.src_lang),
+            ("tgt", corpus.tgt, cfg.tgt_lang),
+        ):
+            if not path:
+                continue
+            name = _strip_compression(Path(path))
+            name = name.with_suffix("") if name.suffix == ".sgm" else name
+            code = name.suffix[1:]
+            primary = re.split(r"[-_]", lang)[0].lower()
+            if re.fullmatch(r"[a-z]{2}", code) and code != primary:
+                lines.append(
+                    f"{key}.{side}: {path} is named '.{code}', but data.{side}_lang is "
+                    f"{lang!r}: the files decide the language; point {key}.{side} at the "
+                    f"{lang!r} file, or set data.{side}_lang"
+                )
+    return lines
+
+
 def _existing(root: str, path: str, key: str) -> Path:
     full = Path(root) / path  # an absolute `path` replaces `root`
     if not full.is_file():
