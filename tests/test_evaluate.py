@@ -105,6 +105,15 @@ def test_hyp_and_model_are_mutually_exclusive(files, capsys):
     assert "give either --hyp" in capsys.readouterr().err
 
 
+def test_device_with_hyp_files_is_refused_rather_than_ignored(files, capsys):
+    hyp, ref = files
+    assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "seq2seq evaluate: error: --device is where -m translates --src: --hyp files need none"
+    )
+
+
 #: Raw Multi30k test_2016_flickr German lines 1, 2, 226 and 230, and the same lines in the
 #: Multi30k repository's data/task1/tok/test_2016_flickr.lc.norm.tok.de (Moses' lowercase.perl,
 #: normalize-punctuation.perl -l de, tokenizer.perl -l de): the text the papers' BLEU scores.

@@ -147,7 +147,9 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
         type=at_least(1),
         help="resamples (--paired-bs, default 1000) or trials (--paired-ar, default 10000)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="with -m")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="with -m: where it translates (auto)"
+    )
     p.add_argument("--json", action="store_true", help="print scores and signatures as JSON")
     p.set_defaults(handler=handler)
 

@@ -290,6 +290,8 @@ def evaluate_cli(args: argparse.Namespace) -> int:
     """The `seq2seq evaluate` command (arguments: seq2seq.cli.decode.add_evaluate)."""
     if (args.hyp is None) == (args.model is None) or (args.model is None) != (args.src is None):
         raise ValueError("give either --hyp, or -m/--model with --src")
+    if args.device is not None and args.model is None:
+        raise ValueError("--device is where -m translates --src: --hyp files need none")
     test = "bs" if args.paired_bs else "ar" if args.paired_ar else None
     if test is not None:
         if args.hyp is None:
@@ -309,7 +311,13 @@ def evaluate_cli(args: argparse.Namespace) -> int:
         results = evaluate_files(args.hyp[0], args.ref, args.metrics, args.lowercase, args.moses)
     else:
         results = translate_and_score(
-            args.model, args.src, args.ref, args.metrics, args.device, args.lowercase, args.moses
+            args.model,
+            args.src,
+            args.ref,
+            args.metrics,
+            args.device or "auto",
+            args.lowercase,
+            args.moses,
         )
     if args.json:
         print(json.dumps(as_dict(results), indent=2))
