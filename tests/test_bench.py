@@ -350,6 +350,11 @@ def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_
             ["--preset", "tiny", "-m", "x.ckpt", "--rounds", "2"],
             "--rounds is for -m MODEL --against",
         ),
+        (["--preset", "tiny", "--stop", "best"], "--stop sets how -m MODEL decodes: give -m MODEL"),
+        (
+            ["--preset", "tiny", "--decode-precision", "int8"],
+            "--decode-precision sets how -m MODEL decodes: give -m MODEL",
+        ),
     ],
 )
 def test_bench_options_where_they_do_not_apply_are_one_clear_line(args, message, capsys):

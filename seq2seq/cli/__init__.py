@@ -116,6 +116,12 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ValueError(f"{flag} is for -m MODEL --against ctranslate2")
     if args.rounds is not None and not (args.model and args.against):
         raise ValueError("--rounds is for -m MODEL --against")
+    for flag, given in (
+        ("--stop", args.stop is not None),
+        ("--decode-precision", args.decode_precision != "fp32"),
+    ):
+        if given and not args.model:
+            raise ValueError(f"{flag} sets how -m MODEL decodes: give -m MODEL")
     if args.profile:
         if args.against:
             raise ValueError("--profile profiles our decoding alone: drop --against")
