@@ -351,6 +351,19 @@ def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_
             "--rounds is for -m MODEL --against",
         ),
         (["--preset", "tiny", "--stop", "best"], "--stop sets how -m MODEL decodes: give -m MODEL"),
+        # The training step's options, where no training is timed.
+        (
+            ["--profile", "-m", "x.ckpt", "--steps", "5"],
+            "--steps sets the training step's timing, which this bench skips",
+        ),
+        (
+            ["-m", "x.ckpt", "--against", "ctranslate2", "--compile"],
+            "--compile sets the training step's timing, which this bench skips",
+        ),
+        (
+            ["-m", "x.ckpt", "--against", "hf", "--max-tokens", "512"],
+            "--max-tokens sets the training step's timing, which this bench skips",
+        ),
         (
             ["--preset", "tiny", "--decode-precision", "int8"],
             "--decode-precision sets how -m MODEL decodes: give -m MODEL",

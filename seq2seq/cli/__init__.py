@@ -107,6 +107,8 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from seq2seq.cli.decode import TRAINING_DEFAULTS
+
     for flag, given in (
         ("--against-compute-type", args.against_compute_type is not None),
         ("--against-inter-threads", args.against_inter_threads is not None),
@@ -122,6 +124,11 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     ):
         if given and not args.model:
             raise ValueError(f"{flag} sets how -m MODEL decodes: give -m MODEL")
+    if args.profile or (args.model and args.against):
+        for name, default in TRAINING_DEFAULTS.items():
+            if getattr(args, name) != default:
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} sets the training step's timing, which this bench skips")
     if args.profile:
         if args.against:
             raise ValueError("--profile profiles our decoding alone: drop --against")

@@ -174,6 +174,18 @@ def add_average(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.set_defaults(handler=handler)
 
 
+#: The defaults of bench's options for timing the training step: given otherwise beside
+#: `--profile` or `-m MODEL --against`, which time no training, they are refused.
+TRAINING_DEFAULTS = {
+    "precision": "32-true",
+    "max_tokens": 4000,
+    "row_tokens": None,
+    "steps": 20,
+    "warmup": 3,
+    "compile": False,
+}
+
+
 def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p = sub.add_parser("bench", help="measure training and decoding speed on real Multi30k batches")
     p.add_argument("recipe", nargs="?", help="a recipe whose model shape to measure")
@@ -229,17 +241,34 @@ def add_bench(sub: argparse._SubParsersAction, handler: Handler) -> None:
         "per thread; 1 is CTranslate2's own default)",
     )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed")
     p.add_argument(
-        "--max-tokens", type=at_least(1), default=4000, help="target tokens per training batch"
+        "--precision",
+        default=TRAINING_DEFAULTS["precision"],
+        help="32-true, bf16-mixed, 16-mixed",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=at_least(1),
+        default=TRAINING_DEFAULTS["max_tokens"],
+        help="target tokens per training batch",
     )
     p.add_argument(
         "--row-tokens",
         type=at_least(1),
         help="pack each batch's pairs into rows of this many tokens (data.row_tokens)",
     )
-    p.add_argument("--steps", type=at_least(1), default=20, help="measured optimizer steps")
-    p.add_argument("--warmup", type=at_least(0), default=3, help="unmeasured warm-up steps")
+    p.add_argument(
+        "--steps",
+        type=at_least(1),
+        default=TRAINING_DEFAULTS["steps"],
+        help="measured optimizer steps",
+    )
+    p.add_argument(
+        "--warmup",
+        type=at_least(0),
+        default=TRAINING_DEFAULTS["warmup"],
+        help="unmeasured warm-up steps",
+    )
     p.add_argument(
         "--compile",
         action="store_true",
