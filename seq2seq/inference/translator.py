@@ -230,8 +230,7 @@ class Translator:
         if nbest is None:
             parts = [_split_lines(text) for text in batch]
             every = [line for part in parts for line in part]
-            hyps = self.translate_ids(self.encode(every), cfg, scores=False)
-            texts = iter(self.text(h[0]) if h else "" for h in hyps)
+            texts = iter(self.translate_texts(every, cfg))
             out: list = ["\n".join(next(texts) for _ in part) for part in parts]
         else:
             batch = [_one_line(text, "line", i) for i, text in enumerate(batch)]
