@@ -106,29 +106,50 @@ def _cmd_average(args: argparse.Namespace, overrides: list[str]) -> int:
     return average_cli(args)
 
 
-def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+def _refuse_unused_bench_options(args: argparse.Namespace) -> None:
+    """An option given where this bench would not read it is one line naming what reads it."""
     from seq2seq.cli.decode import TRAINING_DEFAULTS
 
-    for flag, given in (
-        ("--against-compute-type", args.against_compute_type is not None),
-        ("--against-inter-threads", args.against_inter_threads is not None),
-        ("--whole-process", args.whole_process),
-    ):
-        if given and not (args.model and args.against):  # else compare_cli checks them
-            raise ValueError(f"{flag} is for -m MODEL --against ctranslate2")
-    if args.rounds is not None and not (args.model and args.against):
-        raise ValueError("--rounds is for -m MODEL --against")
-    for flag, given in (
-        ("--stop", args.stop is not None),
-        ("--decode-precision", args.decode_precision != "fp32"),
-    ):
-        if given and not args.model:
-            raise ValueError(f"{flag} sets how -m MODEL decodes: give -m MODEL")
-    if args.profile or (args.model and args.against):
-        for name, default in TRAINING_DEFAULTS.items():
-            if getattr(args, name) != default:
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} sets the training step's timing, which this bench skips")
+    beside = bool(args.model and args.against)  # decoding beside another engine
+    decodes = bool(args.profile or beside)  # the test sentences, batch by batch: no training
+    ct2 = "is for -m MODEL --against ctranslate2"
+    model = "sets how -m MODEL decodes: give -m MODEL"
+    rows = [
+        ("--against-compute-type", args.against_compute_type is not None, beside, ct2),
+        ("--against-inter-threads", args.against_inter_threads is not None, beside, ct2),
+        ("--whole-process", args.whole_process, beside, ct2),  # beside: compare_cli checks
+        ("--rounds", args.rounds is not None, beside, "is for -m MODEL --against"),
+        ("--stop", args.stop is not None, bool(args.model), model),
+        ("--decode-precision", args.decode_precision != "fp32", bool(args.model), model),
+        *(
+            (
+                "--" + name.replace("_", "-"),
+                getattr(args, name) != default,
+                not decodes,
+                "sets the training step's timing, which this bench skips",
+            )
+            for name, default in TRAINING_DEFAULTS.items()
+        ),
+        (
+            "--max-sentences",
+            args.max_sentences is not None,
+            decodes,
+            "batches the decoding of --against or --profile: give -m MODEL too",
+        ),
+        (
+            "--sentences",
+            args.sentences is not None,
+            decodes,
+            "is for -m MODEL with --against or --profile",
+        ),
+    ]
+    for flag, given, used, what in rows:
+        if given and not used:
+            raise ValueError(f"{flag} {what}")
+
+
+def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    _refuse_unused_bench_options(args)
     if args.profile:
         if args.against:
             raise ValueError("--profile profiles our decoding alone: drop --against")
@@ -141,12 +162,6 @@ def _cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         from seq2seq.training.bench import bench_recipe
 
         return compare_cli(args, bench_recipe(args.recipe, args.preset, overrides).data)
-    if args.max_sentences is not None:
-        raise ValueError(
-            "--max-sentences batches the decoding of --against or --profile: give -m MODEL too"
-        )
-    if args.sentences is not None:
-        raise ValueError("--sentences is for -m MODEL with --against or --profile")
     peer = None
     if args.against:  # training beside HF's MarianMTModel, on the same batches
         from seq2seq.export.peer import HfTrainingPeer, check_training_peer
