@@ -4,7 +4,8 @@ Every fenced block right after a `<!-- quickstart -->` comment in README.md is r
 line; each `seq2seq ...` command runs through `seq2seq.cli.main` in a scratch folder. Only the
 training is shrunk (tiny model, a few updates, the slice as `--data.root`); translate and
 evaluate run exactly as written, on files made here under the names the README gives. Then
-the Python block after `<!-- python-api -->` runs on the model the quickstart trained.
+the Python block after `<!-- python-api -->` runs on the model the quickstart trained, and
+the recipe data section after `<!-- own-data -->` is prepared on files made under its names.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import yaml
 
 from seq2seq.cli import main
 
@@ -23,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 MARKER = "<!-- quickstart -->"
 API_MARKER = "<!-- python-api -->"
+OWN_DATA_MARKER = "<!-- own-data -->"
 #: sacreBLEU's formatted score: "BLEU|nrefs:1|case:mixed|...|version:2.6.0 = 12.34 ..."
 BLEU_LINE = re.compile(r"^BLEU\|nrefs:1\|case:(mixed|lc)\|.*\|version:[\w.]+ = \d+\.\d+ ", re.M)
 #: Test lines translated (the slice's test set has 200).
@@ -124,6 +127,61 @@ def python_api_block(text: str) -> str:
     found = re.search(re.escape(API_MARKER) + r"\s*```python\n(.*?)\n```", text, re.S)
     assert found, f"README.md has no python block after {API_MARKER}"
     return found.group(1)
+
+
+def own_data_section(text: str) -> dict:
+    """The `data` section of the YAML block right after `<!-- own-data -->`."""
+    found = re.search(re.escape(OWN_DATA_MARKER) + r"\s*```yaml\n(.*?)\n```", text, re.S)
+    assert found, f"README.md has no yaml block after {OWN_DATA_MARKER}"
+    doc = yaml.safe_load(found.group(1))
+    assert set(doc) == {"data"}, "the own-data block shows a recipe's data section only"
+    return doc["data"]
+
+
+def write_corpus(corpus: dict, root: Path, src: list[str], tgt: list[str]) -> None:
+    """The files a corpus of the README names, holding src/tgt lines in its format."""
+    if "tsv" in corpus:
+        text = "".join(f"{s}\t{t}\n" for s, t in zip(src, tgt, strict=True))
+        (root / corpus["tsv"]).write_text(text, encoding="utf-8")
+        return
+    for name, lines in ((corpus["src"], src), (corpus["tgt"], tgt)):
+        path = root / name
+        if ".sgm" in path.suffixes:
+            segs = "".join(f'<seg id="{i}">{line}</seg>\n' for i, line in enumerate(lines, 1))
+            text = f'<refset setid="t">\n<doc docid="d1">\n{segs}</doc>\n</refset>\n'
+        else:
+            text = "".join(f"{line}\n" for line in lines)
+        if path.suffix == ".gz":
+            with gzip.open(path, "wt", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            path.write_text(text, encoding="utf-8")
+
+
+def test_readme_own_data_recipe_prepares(multi30k_slice, tmp_path, monkeypatch, capsys):
+    data = own_data_section(README.read_text(encoding="utf-8"))
+    src, tgt = (read_gz(multi30k_slice / f"train.{lang}.gz", 600) for lang in ("en", "de"))
+    root = tmp_path / data["root"]
+    root.mkdir(parents=True)
+    train = data["train"] if isinstance(data["train"], list) else [data["train"]]
+    for i, corpus in enumerate(train):  # each training corpus its own 200 pairs
+        write_corpus(corpus, root, src[200 * i : 200 * i + 200], tgt[200 * i : 200 * i + 200])
+    for split in ("valid", "test"):
+        write_corpus(data[split], root, src[-100:], tgt[-100:])
+    # A copy of the default recipe with the README's data section in place of its own.
+    recipe = yaml.safe_load((REPO / "recipes" / "multi30k_en_de.yaml").read_text())
+    recipe["data"].update(data)
+    (tmp_path / "my_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)  # `root` is relative, as in the README
+    argv = ["prepare", "my_recipe.yaml", "--run-dir", "runs/my", "--json"]
+    capsys.readouterr()
+    assert main([*argv, "--data.tokenizer.vocab_size", "300"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    corpora = report["train"]["corpora"]
+    assert [c["read"] for c in corpora] == [200] * len(train)
+    weights = [corpus.get("weight", 1.0) for corpus in train]
+    assert [c["epoch_pairs"] for c in corpora] == [round(200 * w) for w in weights]
+    assert report["splits"]["valid"]["pairs"] == report["splits"]["test"]["pairs"] == 100
 
 
 @pytest.mark.parametrize(
