@@ -2,28 +2,62 @@
 
 A rename within one folder is atomic on POSIX file systems, so a reader (or a resume after a
 kill or a full disk) sees either the previous file or the complete new one, never a part.
+Only regular files are replaced so: a symbolic link stays a link, its target takes the new
+content; a path that is no regular file (a device such as /dev/null or /dev/stdout, a named
+pipe, a shell's `>(...)`) is written in place, as a shell's `>` would.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+#: The longest file name most file systems take, in bytes.
+_NAME_MAX = 255
+
 
 def temporary_name(path: Path) -> Path:
-    """A hidden sibling of `path` unique to this process: `.NAME.PID.tmp`."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """A hidden sibling of `path` unique to this process: `.NAME.PID.tmp`, NAME shortened
+    where the whole would pass the file system's longest name."""
+    suffix = f".{os.getpid()}.tmp"
+    name = path.name
+    while name and len(os.fsencode(f".{name}{suffix}")) > _NAME_MAX:
+        name = name[:-1]
+    return path.with_name(f".{name}{suffix}")
+
+
+def _staged_target(path: Path) -> Path | None:
+    """The regular file a rename would replace for `path` (its link's target, for a symbolic
+    link), or None where `path` exists as something else, to be written in place. A folder
+    is refused, naming `path`."""
+    try:
+        mode = path.stat().st_mode  # follows links
+    except FileNotFoundError:
+        return path.resolve() if path.is_symlink() else path  # a new file (or a link's)
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory", os.fspath(path))
+    if not stat.S_ISREG(mode):
+        return None
+    return path.resolve() if path.is_symlink() else path
 
 
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """Open a temporary sibling of `path` for writing; on success it replaces `path`, on any
-    error (or interruption) it is removed and `path` is left as it was."""
+    error (or interruption) it is removed and `path` is left as it was. A path that is no
+    regular file (a device, a pipe) is opened itself; a folder is refused at once."""
     path = Path(path)
-    staged = temporary_name(path)
+    target = _staged_target(path)
+    if target is None:
+        with open(path, mode, **open_kwargs) as f:
+            yield f
+        return
+    staged = temporary_name(target)
     try:
         f = open(staged, mode, **open_kwargs)  # noqa: SIM115 (closed below)
     except OSError as err:  # name the file asked for, not its hidden stand-in
@@ -33,7 +67,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iter
             yield f
             f.flush()
             os.fsync(f.fileno())
-        staged.replace(path)
+        staged.replace(target)
     except BaseException:
         staged.unlink(missing_ok=True)
         raise

@@ -4,6 +4,7 @@ impossible settings are one clear line."""
 from __future__ import annotations
 
 import gzip
+import io
 import os
 from pathlib import Path
 
@@ -126,6 +127,36 @@ def test_output_over_the_input_or_a_hard_link_to_it_is_refused_before_anything_i
         assert main(["translate", "-m", str(checkpoint), "-i", str(src), "-o", str(out)]) == 1
         assert "is the input file" in one_line_error(capsys)
         assert src.read_text() == "A dog runs.\nTwo cats.\n"
+
+
+def test_output_over_the_file_behind_a_redirected_stdin_or_stdout_is_refused(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """`translate -o f < f` would replace the input with its translation, and `translate -i f
+    >> f` read its own output back: both are refused before anything is written."""
+    src = tmp_path / "in.txt"
+    src.write_text("A dog runs.\nTwo cats.\n")
+    with src.open("rb") as stdin:
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(stdin))
+        assert main(["translate", "-m", str(checkpoint), "-o", str(src)]) == 1
+        assert one_line_error(capsys) == (
+            f"seq2seq translate: error: -o {src} is the file standard input reads; "
+            "write the translation elsewhere"
+        )
+    with src.open("a", encoding="utf-8") as stdout:
+        monkeypatch.setattr("sys.stdout", stdout)
+        assert main(["translate", "-m", str(checkpoint), "-i", str(src)]) == 1
+    assert "standard output goes to the input file" in one_line_error(capsys)
+    assert src.read_text() == "A dog runs.\nTwo cats.\n"
+
+
+def test_output_to_a_folder_is_one_line_naming_it_before_the_model_loads(tmp_path, capsys):
+    src, folder = tmp_path / "in.txt", tmp_path / "out"
+    src.write_text("A dog runs.\n")
+    folder.mkdir()
+    missing = tmp_path / "no.ckpt"  # never reached: the output is checked first
+    assert main(["translate", "-m", str(missing), "-i", str(src), "-o", str(folder)]) == 1
+    assert one_line_error(capsys) == f"seq2seq translate: error: {folder}: is a directory"
 
 
 def test_an_existing_output_is_kept_whole_when_the_input_fails(checkpoint, tmp_path, capsys):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
+import threading
 from pathlib import Path
 
 import pytest
 
-from seq2seq.atomic import atomic_file, write_atomically
+from seq2seq.atomic import atomic_file, temporary_name, write_atomically
 from seq2seq.cli import main
 from seq2seq.rundir import RunDir
 
@@ -82,6 +85,43 @@ def test_an_atomic_write_leaves_the_old_file_when_it_fails(tmp_path):
         raise RuntimeError("disk full")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def test_an_atomic_write_through_a_link_replaces_its_target_and_keeps_the_link(tmp_path):
+    (tmp_path / "real.txt").write_text("old\n")
+    (tmp_path / "link.txt").symlink_to("real.txt")
+    write_atomically(tmp_path / "link.txt", "new\n")
+    assert (tmp_path / "link.txt").is_symlink()
+    assert (tmp_path / "real.txt").read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.txt", "real.txt"]
+
+
+def test_an_atomic_write_to_a_named_pipe_writes_into_it_and_leaves_the_pipe(tmp_path):
+    """A path that is no regular file (a pipe, a device such as /dev/null) is written in
+    place, as a shell's `>` would: renaming a file over it would destroy it."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[str] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    write_atomically(fifo, "through the pipe\n")
+    reader.join(timeout=10)
+    assert got == ["through the pipe\n"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["pipe"]
+
+
+def test_an_atomic_write_to_a_folder_is_refused_at_once_naming_the_folder(tmp_path):
+    with pytest.raises(IsADirectoryError) as err, atomic_file(tmp_path):
+        raise AssertionError("a folder must not be opened")
+    assert err.value.filename == str(tmp_path)
+
+
+def test_a_long_file_name_is_written_atomically_under_a_temporary_name_that_fits(tmp_path):
+    path = tmp_path / ("x" * 250)
+    assert len(temporary_name(path).name.encode()) <= 255
+    write_atomically(path, "whole\n")
+    assert path.read_text() == "whole\n"
 
 
 def test_the_joined_log_reads_a_last_attempt_that_logged_nothing(tmp_path):

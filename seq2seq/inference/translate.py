@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
 import numpy as np
 import torch
@@ -87,13 +87,30 @@ def open_binary(path: str, mode: str, stack: ExitStack) -> BinaryIO:
 
 
 def check_not_same_file(input_path: str, output_path: str) -> None:
-    """Refuse to write the output over the input (the same path, a link, or a hard link)."""
-    if "-" in (input_path, output_path) or not os.path.exists(output_path):
+    """Refuse to write the output over the input: the same path, a link or a hard link to it,
+    or the file behind a redirected standard input or output ("-")."""
+    source, target = _file_identity(input_path, sys.stdin), _file_identity(output_path, sys.stdout)
+    if source is None or source != target:
         return
-    if os.path.exists(input_path) and os.path.samefile(input_path, output_path):
-        raise ValueError(
-            f"-o {output_path} is the input file {input_path}; write the translation elsewhere"
-        )
+    if "-" not in (input_path, output_path):
+        what = f"-o {output_path} is the input file {input_path}"
+    elif output_path != "-":
+        what = f"-o {output_path} is the file standard input reads"
+    elif input_path != "-":
+        what = f"standard output goes to the input file {input_path}"
+    else:
+        what = "standard output goes to the file standard input reads"
+    raise ValueError(f"{what}; write the translation elsewhere")
+
+
+def _file_identity(path: str, stream: IO | None) -> tuple[int, int] | None:
+    """(device, inode) of the regular file at `path`, or behind `stream` for "-"; None for
+    anything else (a terminal, a pipe, a missing file)."""
+    try:
+        found = os.fstat(stream.fileno()) if path == "-" else os.stat(path)
+    except (AttributeError, OSError, ValueError):  # no stream, no fileno, no such file
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISREG(found.st_mode) else None
 
 
 def read_lines(stream: Iterable[bytes], name: str, errors: str = "strict") -> Iterator[str]:

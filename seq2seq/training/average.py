@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from seq2seq.atomic import atomic_file
 from seq2seq.inference.checkpoint import KEY, CheckpointError, read_checkpoint
 from seq2seq.rundir import RunDir
 
@@ -80,14 +81,14 @@ def average_state_dicts(paths: list[Path]) -> tuple[dict[str, Tensor], dict]:
 def average_checkpoints(paths: list[Path], output: Path) -> Path:
     """Write the average of `paths` to `output` (a .ckpt that `seq2seq translate` loads).
 
-    The file is written to a temporary name first, then renamed: never left half-written.
+    The file is written to a temporary name first, then renamed: never left half-written
+    (seq2seq.atomic).
     """
     state, extra = average_state_dicts([Path(p) for p in paths])
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save({"state_dict": state, KEY: extra, "averaged_from": [str(p) for p in paths]}, tmp)
-    os.replace(tmp, output)
+    with atomic_file(output, "wb") as f:
+        torch.save({"state_dict": state, KEY: extra, "averaged_from": [str(p) for p in paths]}, f)
     log.info("averaged %d checkpoints into %s", len(paths), output)
     return output
 
