@@ -45,14 +45,18 @@ _BEST = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
 _RECENT = re.compile(r"^recent-step(\d+)\.ckpt$")
 _EARLIER_METRICS = re.compile(r"^metrics-(\d+)-until(\d+)\.csv$")
 
+#: seq2seq.atomic's staged files, `.NAME.PID.tmp` (a user's `.notes.tmp` is not one).
+_STAGED = ".*.*[0-9].tmp"
+
 #: What a run writes, folder by folder (glob patterns); a name ending in "/" is a folder
-#: whose whole content belongs to the library that writes it.
+#: whose whole content belongs to the library that writes it (the caches, and the folder
+#: SentencePiece trains in, `.spm-` and tempfile's 8 characters).
 _WRITTEN: dict[str, tuple[str, ...]] = {
     "": (
         RECIPE,
         RESULTS,
         TRAIN_STATE,
-        ".*.tmp",  # seq2seq.atomic's staged files
+        _STAGED,
         CURVES,
         PREPARE_LOCK,
         "spm.model",
@@ -61,12 +65,14 @@ _WRITTEN: dict[str, tuple[str, ...]] = {
         "spm.src.vocab",
         "spm.tgt.model",
         "spm.tgt.vocab",
-        ".spm-*/",
+        ".spm-????????/",
         CHECKPOINTS + "/",
         LOGS + "/",
         CACHE + "/",
     ),
-    CHECKPOINTS: ("*.ckpt", ".*.tmp"),
+    # The names of rundir's patterns only: a checkpoint a user put here (an average of their
+    # own, say) is not the run's.
+    CHECKPOINTS: ("step*-bleu*.ckpt", "recent-step*.ckpt", LAST, AVERAGED, _STAGED),
     LOGS: (METRICS, "metrics-*-until*.csv", "hparams.yaml", "events.out.tfevents.*"),
     CACHE: (
         "tok-*.arrow",

@@ -36,6 +36,9 @@ def fake_run(path: Path) -> RunDir:
         "cache/tok-abc.arrow",
         "cache/clean-abc.arrow",
         "cache/read/generator/default/0.0.0/x.arrow",
+        ".recipe.yaml.4242.tmp",
+        "checkpoints/.last.ckpt.4242.tmp",
+        ".spm-k3j_x9q2/train.txt",
     ):
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_text("x")
@@ -61,6 +64,19 @@ def test_overwrite_refuses_a_folder_holding_a_users_files_and_removes_nothing(tm
     assert code == 1 and len(err.splitlines()) == 1
     assert "cache/x" in err and "logs/mine.txt" in err and "notes/" in err
     assert sorted(p.relative_to(run.path) for p in run.path.rglob("*")) == before
+
+
+def test_a_users_checkpoint_or_hidden_file_in_a_run_is_theirs_and_refused(tmp_path):
+    """Only the names a run gives are the run's: an average a user wrote into checkpoints/,
+    a hidden .tmp file or a folder that merely starts like SentencePiece's are not."""
+    run = fake_run(tmp_path / "run")
+    for rel in ("checkpoints/mine.ckpt", ".notes.tmp", ".spm-keep/data.txt"):
+        (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run.path / rel).write_text("mine")
+    assert run.foreign() == [".notes.tmp", ".spm-keep/", "checkpoints/mine.ckpt"]
+    with pytest.raises(ValueError, match="checkpoints/mine.ckpt"):
+        run.clear()
+    assert (run.path / "checkpoints" / "mine.ckpt").read_text() == "mine"
 
 
 def test_a_resumed_runs_earlier_metrics_are_set_aside_not_deleted(tmp_path):
