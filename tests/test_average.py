@@ -1,5 +1,6 @@
 """`seq2seq average`: the mean of checkpoints, deterministic, and a checkpoint that loads."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -21,14 +22,15 @@ from seq2seq.training.average import average_checkpoints
 CFG = preset("tiny", src_vocab_size=40, tgt_vocab_size=40)
 
 
-def save_checkpoint(path: Path, seed: int, cfg=CFG) -> Path:
-    """A Lightning-like checkpoint: weights, the seq2seq section and optimizer state."""
+def save_checkpoint(path: Path, seed: int, cfg=CFG, tokenizer: str = "spm") -> Path:
+    """A Lightning-like checkpoint: weights, the seq2seq section (its decoding defaults
+    differ by seed) and optimizer state."""
     torch.manual_seed(seed)
     model = Transformer(cfg)
     torch.save(
         {
             "state_dict": {"model." + k: v for k, v in model.state_dict().items()},
-            "seq2seq": inference_state(cfg, {"seed": seed}, DecodeConfig(beam=seed + 1), {}),
+            "seq2seq": inference_state(cfg, {"model": tokenizer}, DecodeConfig(beam=seed + 1), {}),
             "optimizer_states": [{"state": {0: torch.ones(3)}}],
             "global_step": 100 * seed,
         },
@@ -59,7 +61,7 @@ def test_the_average_is_the_elementwise_mean_and_keeps_the_first_seq2seq_section
         expected = (each[0][name].double() + each[1][name].double() + each[2][name].double()) / 3
         assert torch.allclose(value.double(), expected, atol=1e-7), name
     ckpt = read_checkpoint(out)
-    assert ckpt["seq2seq"]["tokenizer"] == {"seed": 1}
+    assert ckpt["seq2seq"]["decode"]["beam"] == 2  # the first's (seed 1)
     assert "optimizer_states" not in ckpt and "global_step" not in ckpt
     Transformer(CFG).load_state_dict(averaged)  # loads into the model it came from
 
@@ -78,6 +80,41 @@ def test_checkpoints_of_different_shapes_are_refused_naming_the_file(tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"b\.ckpt: .* has shape"):
         average_checkpoints([a, b], tmp_path / "avg.ckpt")
+
+
+def test_checkpoints_of_another_tokenizer_or_architecture_are_refused_naming_both(tmp_path):
+    """Equal shapes are not one model: two SentencePiece models of one size, or the same
+    weights split into another number of heads, average into nothing usable."""
+    a = save_checkpoint(tmp_path / "a.ckpt", seed=1)
+    b = save_checkpoint(tmp_path / "b.ckpt", seed=2, tokenizer="another spm")
+    with pytest.raises(CheckpointError, match=r"b\.ckpt: its tokenizer differs from .*a\.ckpt"):
+        average_checkpoints([a, b], tmp_path / "avg.ckpt")
+    heads = dataclasses.replace(CFG, n_heads=2 * CFG.n_heads)
+    c = save_checkpoint(tmp_path / "c.ckpt", seed=2, cfg=heads)
+    said = rf"c\.ckpt: model\.n_heads={2 * CFG.n_heads}, .*a\.ckpt has {CFG.n_heads};"
+    with pytest.raises(CheckpointError, match=said):
+        average_checkpoints([a, c], tmp_path / "avg.ckpt")
+    assert not (tmp_path / "avg.ckpt").exists()
+
+
+def test_an_existing_output_is_replaced_only_if_it_is_an_earlier_average(tmp_path, capsys):
+    paths = [save_checkpoint(tmp_path / f"{s}.ckpt", seed=s) for s in (1, 2)]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    # A user's file and a training checkpoint are refused, and kept.
+    for taken in (notes, save_checkpoint(tmp_path / "last.ckpt", seed=3)):
+        before = taken.read_bytes()
+        assert main(["average", *map(str, paths), "-o", str(taken)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"seq2seq average: error: {taken}: exists and is not an averaged checkpoint; "
+            "give another -o or move it away"
+        )
+        assert taken.read_bytes() == before
+    out = tmp_path / "avg.ckpt"
+    assert main(["average", *map(str, paths), "-o", str(out)]) == 0
+    assert main(["average", *map(str, reversed(paths)), "-o", str(out)]) == 0  # re-averaged
+    assert read_checkpoint(out)["averaged_from"] == [str(p) for p in reversed(paths)]
 
 
 def test_cli_averages_the_last_n_of_a_run_directory_by_step(tmp_path, capsys):

@@ -60,6 +60,24 @@ def _shared_names(state: dict[str, Tensor]) -> dict[str, str]:
     }
 
 
+def _check_same_model(extra: dict, first: dict, path: Path, first_path: Path) -> None:
+    """Refuse a checkpoint of another vocabulary or architecture than the first's: the same
+    shapes do not make the same model (two SentencePiece models of one size, post-norm and
+    pre-norm). Dropout rates may differ: they are not in the weights."""
+    if extra.get("tokenizer") != first.get("tokenizer"):
+        raise CheckpointError(
+            f"{path}: its tokenizer differs from {first_path}'s; models of different "
+            "vocabularies cannot be averaged"
+        )
+    mine, theirs = extra.get("model_config", {}), first.get("model_config", {})
+    for key in sorted(set(mine) | set(theirs)):
+        if "dropout" not in key and mine.get(key) != theirs.get(key):
+            raise CheckpointError(
+                f"{path}: model.{key}={mine.get(key)!r}, {first_path} has {theirs.get(key)!r}; "
+                "only checkpoints of one model can be averaged"
+            )
+
+
 def average_state_dicts(paths: list[Path]) -> tuple[dict[str, Tensor], dict]:
     """The mean state_dict of the checkpoints at `paths`, and the first one's "seq2seq" section."""
     if not paths:
@@ -69,8 +87,10 @@ def average_state_dicts(paths: list[Path]) -> tuple[dict[str, Tensor], dict]:
     shared = _shared_names(first)
     total = {k: v.double() for k, v in first.items() if v.is_floating_point() and shared[k] == k}
     for path in paths[1:]:
-        state = read_checkpoint(path)["state_dict"]
+        ckpt = read_checkpoint(path)
+        state = ckpt["state_dict"]
         _check_same_shape(state, first, path)
+        _check_same_model(ckpt[KEY], first_ckpt[KEY], path, paths[0])
         for name in total:
             total[name] += state[name].double()
     mean = {name: (t / len(paths)).to(first[name].dtype) for name, t in total.items()}
@@ -84,13 +104,29 @@ def average_checkpoints(paths: list[Path], output: Path) -> Path:
     The file is written to a temporary name first, then renamed: never left half-written
     (seq2seq.atomic).
     """
-    state, extra = average_state_dicts([Path(p) for p in paths])
     output = Path(output)
+    _check_replaceable(output)
+    state, extra = average_state_dicts([Path(p) for p in paths])
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(output, "wb") as f:
         torch.save({"state_dict": state, KEY: extra, "averaged_from": [str(p) for p in paths]}, f)
     log.info("averaged %d checkpoints into %s", len(paths), output)
     return output
+
+
+def _check_replaceable(output: Path) -> None:
+    """An existing output is replaced only where it is an average written here before;
+    anything else there (a user's file, a training checkpoint) is refused, naming it."""
+    if not output.exists() and not output.is_symlink():
+        return
+    try:
+        replaceable = "averaged_from" in read_checkpoint(output)
+    except CheckpointError:
+        replaceable = False
+    if not replaceable:
+        raise ValueError(
+            f"{output}: exists and is not an averaged checkpoint; give another -o or move it away"
+        )
 
 
 def average_cli(args: argparse.Namespace) -> int:
