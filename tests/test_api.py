@@ -123,6 +123,36 @@ def test_a_blank_source_scores_as_translate_treats_it(translator):
     assert translator.score(["", "  "], ["", "Ein Hund."]) == [0.0, -math.inf]
 
 
+def test_a_line_of_no_pieces_translates_and_scores_as_a_blank_line(translator):
+    """A lone zero-width space or BOM: SentencePiece makes nothing of it, and decoded from EOS
+    alone the model once invented a sentence for it."""
+    lines = ["\u200b", "\ufeff", "\x01"]
+    assert translator.encode(lines) == [[], [], []]
+    assert translator.translate(lines, beam=1) == ["", "", ""]
+    assert translator.translate(lines, beam=2, nbest=2) == [[("", 0.0)]] * 3
+    assert translator.score(lines[:2], ["", "Ein Hund."]) == [0.0, -math.inf]
+
+
+def test_one_string_pair_scores_as_one_pair_not_character_by_character(translator):
+    """As `translate` takes one string as one line."""
+    one = translator.score("A dog.", "Ein Hund.")
+    assert isinstance(one, float)
+    assert one == translator.score(["A dog."], ["Ein Hund."])[0]
+    with pytest.raises(TypeError, match="^give the source and target both as strings or both"):
+        translator.score("A dog.", ["Ein Hund."])
+    with pytest.raises(TypeError, match="^give the source and target both as strings or both"):
+        translator.score(["A dog."], "Ein Hund.")
+
+
+@pytest.mark.parametrize("data", [b"A dog.", bytearray(b"A dog.")])
+def test_bytes_are_refused_whole_not_read_as_ints(translator, data):
+    """Not "line 1: expected a string, got int"."""
+    with pytest.raises(TypeError, match=r"^lines must be str, not (bytes|bytearray): decode"):
+        translator.translate(data)
+    with pytest.raises(TypeError, match="^sources must be str"):
+        translator.score(data, [])
+
+
 def test_score_refuses_unequal_counts_and_over_long_targets_in_one_line(translator):
     with pytest.raises(ValueError, match="2 sources but 1 targets"):
         translator.score(["A dog.", "A cat."], ["Ein Hund."])

@@ -16,6 +16,7 @@ from seq2seq.inference.search import (
     _in_place,
     beam_search,
     greedy_search,
+    max_output_lengths,
     search,
 )
 from seq2seq.nn.transformer import Memory, Transformer
@@ -230,6 +231,15 @@ def test_output_never_exceeds_the_model_position_limit():
     model, src = tiny_model(), random_batch([12])
     hyps = search(model, src, cfg(beam=2, max_len_a=5.0), max_positions=6)
     assert len(hyps[0][0].tokens) <= 5
+
+
+@pytest.mark.parametrize(("a", "b"), [(1e19, 10), (0.0, 10**19)])
+def test_a_huge_length_rule_gives_the_position_limit_not_one_token(a, b):
+    """floor(a * |x| + b) beyond int64 once overflowed its cast to a negative length, which
+    min_len then raised to 1."""
+    src = torch.tensor([[7, 8, EOS], [7, EOS, PAD]])
+    assert max_output_lengths(src, cfg(max_len_a=a, max_len_b=b), 48).tolist() == [47, 47]
+    assert (max_output_lengths(src, cfg(max_len_a=a, max_len_b=b), None) > 0).all()
 
 
 # [A] ends first with 0.54; beam 2 also keeps [B, A] and [B, B] (0.2 each), which end next step.

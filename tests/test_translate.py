@@ -44,6 +44,17 @@ def test_one_output_line_per_input_line_and_blank_lines_stay_blank(tmp_path, che
     assert all(out[i] for i in (0, 3, 4))  # a random model still says something
 
 
+@pytest.mark.parametrize("invisible", ["\u200b", "\ufeff", "\x01"])
+def test_a_line_of_only_invisible_characters_gives_a_blank_line(tmp_path, checkpoint, invisible):
+    """SentencePiece makes no pieces of it; decoded from EOS alone, the model would invent a
+    sentence."""
+    lines = ["A dog runs.", invisible, "", "A girl"]
+    code, out = run_translate(tmp_path, checkpoint, ("\n".join(lines) + "\n").encode())
+    assert code == 0 and out[1] == "" and out[2] == ""
+    code, out = run_translate(tmp_path, checkpoint, f"{invisible}\n".encode(), "--nbest", "2")
+    assert code == 0 and out == ["0 ||| 0.0000 ||| "]
+
+
 def test_a_last_line_without_newline_and_crlf_endings_count_as_lines(tmp_path, checkpoint):
     code, out = run_translate(tmp_path, checkpoint, b"A dog.\r\nA cat.\r\nA man.")
     assert code == 0 and len(out) == 3
@@ -240,6 +251,17 @@ def test_evaluate_with_a_model_translates_then_scores(tmp_path, checkpoint, caps
     assert code == 0
     out = capsys.readouterr().out
     assert out.startswith("BLEU|nrefs:1|") and "chrF2|nrefs:1|" in out
+
+
+def test_evaluate_names_its_source_file_in_truncation_warnings(tmp_path, checkpoint, caplog):
+    """As `translate -i` does, not "<input>"."""
+    src, ref = tmp_path / "long.en", tmp_path / "ref.de"
+    src.write_text(" ".join(["A man in a red shirt."] * 20) + "\n", encoding="utf-8")
+    ref.write_text("Ein Mann.\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="seq2seq.inference.translate"):
+        code = main(["evaluate", "-m", str(checkpoint), "--src", str(src), "--ref", str(ref)])
+    assert code == 0
+    assert any(r.message.startswith(f"{src}:1: ") for r in caplog.records)
 
 
 def test_an_averaged_checkpoint_translates_like_its_source(tmp_path, checkpoint):

@@ -192,7 +192,7 @@ def translate_and_score(
     sources, refs = read_text(src), read_text(ref)
     check_aligned(sources, src, refs, ref)
     translator = Translator.load(model_path, device, "fp32")
-    hyps = translator.translate_texts(sources)
+    hyps = translator.translate_texts(sources, name=src)  # warnings name --src
     return corpus_scores(hyps, refs, metrics, lowercase, moses)
 
 

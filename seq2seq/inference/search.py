@@ -95,13 +95,15 @@ def max_output_lengths(src: Tensor, cfg: DecodeConfig, max_positions: int | None
     """Per sentence, floor(a * |x| + b) tokens, at least min_len and at most max_positions - 1.
 
     The cap leaves room for BOS: generating M tokens and EOS feeds M + 1 decoder positions.
+    Both bounds apply in float64, before the cast to int64: a huge a or b (1e19) would
+    overflow the cast to a negative length, and the minimum would then give one-token outputs.
+    Without max_positions the cap is 2**62, exact in float64 and castable.
     """
     src_len = (src != PAD).sum(dim=1)  # (B,) source pieces + EOS
-    max_len = torch.floor(cfg.max_len_a * src_len.double() + cfg.max_len_b).long()
+    max_len = torch.floor(cfg.max_len_a * src_len.double() + cfg.max_len_b)
     max_len = max_len.clamp(min=max(cfg.min_len, 1))
-    if max_positions is not None:
-        max_len = max_len.clamp(max=max_positions - 1)
-    return max_len
+    limit = 2**62 if max_positions is None else max_positions - 1
+    return max_len.clamp(max=limit).long()  # the cap wins over min_len (check_lengths)
 
 
 def search(

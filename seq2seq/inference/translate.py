@@ -222,6 +222,10 @@ def encode_lines(
 ) -> list[list[int]]:
     """Source ids (pieces + EOS) per line; [] for a blank line; over-long lines truncated.
 
+    A line SentencePiece makes no pieces of (only invisible characters: U+FEFF, U+200B, a
+    control character) is blank too: decoded from EOS alone, the model would invent a
+    sentence where a blank line gives a blank line.
+
     `first` is the 1-based number of lines[0] in the input, for the warnings.
     """
     blank = [not line.strip() for line in lines]
@@ -229,6 +233,8 @@ def encode_lines(
     out, it = [], iter(ids)
     for i, is_blank in enumerate(blank):
         seq = [] if is_blank else next(it)
+        if seq == [EOS]:  # no pieces
+            seq = []
         if len(seq) > max_positions:
             log.warning(
                 "%s:%d: %d pieces exceed the model's max_positions=%d; truncated",

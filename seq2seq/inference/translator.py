@@ -7,10 +7,12 @@ validation during training all decode through a `Translator`.
     translator.translate(["A dog runs.", ""])                # ["Ein Hund rennt.", ""]
     translator.translate(["A dog runs."], beam=5, nbest=2)   # [[(text, score), (text, score)]]
     translator.score(["A dog runs."], ["Ein Hund rennt."])   # [log P(target | source)]
+    translator.score("A dog runs.", "Ein Hund rennt.")       # log P(target | source)
 
-Lines follow `seq2seq translate`'s rules (seq2seq.inference.translate): a blank line gives "",
-an over-long one is truncated with a warning. Decoding settings default to the model's saved
-`decode` section; each keyword given replaces one of them.
+Lines follow `seq2seq translate`'s rules (seq2seq.inference.translate): a blank line (or one
+of no pieces, such as a lone zero-width space) gives "", an over-long one is truncated with a
+warning. Decoding settings default to the model's saved `decode` section; each keyword given
+replaces one of them.
 """
 
 from __future__ import annotations
@@ -187,9 +189,12 @@ class Translator:
         """A hypothesis as one line of detokenized text."""
         return one_line(self.tokenizer.decode_tgt(hypothesis.tokens))
 
-    def translate_texts(self, lines: list[str], cfg: DecodeConfig | None = None) -> list[str]:
-        """The best translation of each line ("" for a blank line)."""
-        hyps = self.translate_ids(self.encode(list(lines)), cfg, scores=False)
+    def translate_texts(
+        self, lines: list[str], cfg: DecodeConfig | None = None, name: str = "<input>"
+    ) -> list[str]:
+        """The best translation of each line ("" for a blank line); `name` is the file the
+        lines come from, for the truncation warnings ("long.en:3: ...")."""
+        hyps = self.translate_ids(self.encode(list(lines), name), cfg, scores=False)
         return [self.text(h[0]) if h else "" for h in hyps]
 
     def translate(
@@ -223,7 +228,7 @@ class Translator:
             log-probability (seq2seq.inference.search). A blank line gives "" (or [("", 0.0)]).
         """
         single = isinstance(lines, str)
-        batch = _texts([lines] if single else list(lines), "line")
+        batch = _texts([lines] if single else lines, "line")
         cfg = self.settings(
             beam, nbest, lenpen, max_len_a, max_len_b, min_len, max_tokens, stop, max_sentences
         )
@@ -239,21 +244,32 @@ class Translator:
         return out[0] if single else out
 
     @torch.inference_mode()
-    def score(self, sources: Sequence[str], targets: Sequence[str]) -> list[float]:
+    def score(
+        self, sources: str | Sequence[str], targets: str | Sequence[str]
+    ) -> list[float] | float:
         """Forced decoding: log P(target | source) of each pair, the sum of the target's token
         log-probabilities with the final EOS included, not length-normalized (fairseq's
         --score-reference; divide by the pieces + 1 for a per-token mean). Ensembles average
         probabilities per step as in search. A blank source gives 0.0 with a blank target and
         -inf otherwise, as translate turns a blank line into a blank line.
 
+        Two strings are one pair and give one float, as `translate` takes one string as one
+        line (a string is never read as a sequence of characters); two lists give a list.
+
         Raises:
+            TypeError: one string and one list, or bytes rather than str.
             ValueError: unequal counts, a source or target of several lines, or a target longer
                 than the model's positions (each named).
         """
+        single = isinstance(sources, str)
+        if single != isinstance(targets, str):
+            raise TypeError("give the source and target both as strings or both as lists")
+        sources = _texts([sources] if single else sources, "source")
+        targets = _texts([targets] if single else targets, "target")
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets: give one each")
-        sources = [_one_line(text, "source", i) for i, text in enumerate(_texts(sources, "source"))]
-        targets = [_one_line(text, "target", i) for i, text in enumerate(_texts(targets, "target"))]
+        sources = [_one_line(text, "source", i) for i, text in enumerate(sources)]
+        targets = [_one_line(text, "target", i) for i, text in enumerate(targets)]
         src_ids = self.encode(sources)
         tgt_ids = self.tokenizer.encode_tgt(targets)
         for i, ids in enumerate(tgt_ids):
@@ -270,7 +286,7 @@ class Translator:
             sums = self._forced([src_ids[i] for i in batch], [tgt_ids[i] for i in batch]).tolist()
             for i, value in zip(batch, sums, strict=True):
                 scores[i] = value
-        return scores
+        return scores[0] if single else scores
 
     def _forced(self, src_ids: list[list[int]], tgt_ids: list[list[int]]) -> Tensor:
         """Summed log-probabilities (B,) of targets (pieces + EOS) given sources."""
@@ -288,9 +304,15 @@ class Translator:
         return token.masked_fill(tgt_out == PAD, 0.0).sum(dim=1)
 
 
-def _texts(items: list, what: str) -> list:
-    """`items` itself, once each is a string; else TypeError naming the first that is not
-    (1-based), rather than a tokenizer's AttributeError deep inside."""
+def _texts(items: Sequence, what: str) -> list:
+    """`items` as a list, once each is a string; else TypeError naming the first that is not
+    (1-based), rather than a tokenizer's AttributeError deep inside. Bytes are refused whole:
+    iterated, they would be read as ints ("line 1: expected a string, got int")."""
+    if isinstance(items, bytes | bytearray):
+        raise TypeError(
+            f"{what}s must be str, not {type(items).__name__}: decode them first (.decode())"
+        )
+    items = list(items)
     for i, item in enumerate(items):
         if not isinstance(item, str):
             raise TypeError(f"{what} {i + 1}: expected a string, got {type(item).__name__}")
