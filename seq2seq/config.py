@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
@@ -208,14 +209,19 @@ class DataConfig:
             raise ValueError("data.train is an empty list; give at least one corpus")
         names: dict[str, str] = {}
         for key, corpus in self.train_corpora():
-            if not corpus.weight > 0:  # also refuses NaN
-                raise ValueError(f"{key}.weight={corpus.weight} must be a number above 0")
+            if not 0 < corpus.weight < math.inf:  # also refuses NaN
+                raise ValueError(f"{key}.weight={corpus.weight} must be a finite number above 0")
             if corpus.label() in names:
                 raise ValueError(
                     f"{key} and {names[corpus.label()]} are both named {corpus.label()!r}; "
                     "give one of them another `name`"
                 )
             names[corpus.label()] = key
+        for key, corpus in self.corpora():
+            if min(corpus.tsv_columns) < 0:  # counted from 0: the TSV reader checks max() only
+                raise ValueError(
+                    f"{key}.tsv_columns={list(corpus.tsv_columns)} must be column numbers >= 0"
+                )
         if self.max_tokens < 1:
             raise ValueError(f"data.max_tokens={self.max_tokens} must be at least 1")
         if self.row_tokens is not None and self.row_tokens < 1:
@@ -227,6 +233,11 @@ class DataConfig:
         if isinstance(self.train, CorpusConfig):
             return [("data.train", self.train)]
         return [(f"data.train[{i}]", corpus) for i, corpus in enumerate(self.train)]
+
+    def corpora(self) -> list[tuple[str, CorpusConfig]]:
+        """Every corpus of every split with its key in the recipe (train, valid, test)."""
+        held_out = [("data.valid", self.valid)] + ([("data.test", self.test)] if self.test else [])
+        return self.train_corpora() + held_out
 
 
 SCHEDULES = ("inverse_sqrt", "linear", "cosine")
@@ -272,6 +283,15 @@ class OptimConfig:
                 "optim.decay_within_time needs optim.schedule 'linear' or 'cosine' (inverse_sqrt "
                 "never reaches zero)"
             )
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.warmup_steps == 0 and self.lr is None:  # inverse_sqrt_factor takes 0: no warm-up
+            raise ValueError(
+                "optim.warmup_steps=0 needs an optim.lr: the paper's peak lr "
+                "d_model^-0.5 * warmup_steps^-0.5 is undefined without warm-up"
+            )
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"optim.label_smoothing={self.label_smoothing} must be in [0, 1)")
         if self.decay_steps is not None and self.decay_steps <= self.warmup_steps:
             raise ValueError(
                 f"optim.decay_steps={self.decay_steps} must exceed "
@@ -339,7 +359,12 @@ class TrainerConfig:
                 f"trainer.max_steps={self.max_steps} must be at least 1 (-1, no step limit, "
                 "only with trainer.max_time_minutes or trainer.max_epochs)"
             )
-        for name in ("val_check_interval", "log_every_n_steps", "accumulate_grad_batches"):
+        for name in (
+            "val_check_interval",
+            "log_every_n_steps",
+            "accumulate_grad_batches",
+            "val_beam",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be at least 1")
         for name in ("save_top_k", "keep_last", "average_last"):
@@ -394,6 +419,7 @@ class DecodeConfig:
     n-best (an exact bound: the same output; seq2seq.inference.search)."""
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.stop not in STOP_RULES:
             rules = " or ".join(map(repr, STOP_RULES))
             raise ValueError(f"decode.stop={self.stop!r} must be {rules}")
@@ -416,6 +442,20 @@ class DecodeConfig:
                 raise ValueError(f"decode.{name}={getattr(self, name)} must be >= 0")
         if self.max_len_a == 0 and self.max_len_b == 0:
             raise ValueError("decode.max_len_a=0 and decode.max_len_b=0 leave no room for output")
+
+    def _check_types(self) -> None:
+        """A recipe or the CLI type-checks these, but the Python API does not: a beam of 2.5
+        would otherwise end in torch's topk. bool is refused too (True is an int in Python)."""
+        for name in ("beam", "nbest", "max_len_b", "min_len", "max_tokens", "max_sentences"):
+            value = getattr(self, name)
+            if name == "max_sentences" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ValueError(f"decode.{name}={value!r} must be an integer")
+        for name in ("lenpen", "max_len_a"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"decode.{name}={value!r} must be a number")
 
 
 @dataclass

@@ -3,6 +3,7 @@ report each, weight each in the epoch; bad lists name the corpus and the key."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import yaml
 from seq2seq.cli import main
 from seq2seq.config import CleanConfig, CorpusConfig, DataConfig, TokenizerConfig
 from seq2seq.data.pipeline import epoch_rows, load_splits
+from seq2seq.data.readers import DataError
 from seq2seq.recipe import RecipeError, load_recipe
 
 RAW_RECIPE = Path(__file__).parents[1] / "recipes" / "wmt14_en_de_base_raw.yaml"
@@ -164,9 +166,16 @@ def _recipe(tmp_path: Path, train: object) -> str:
     [
         (
             [{"src": "a", "tgt": "b", "weight": 0}],
-            "data.train[0].weight=0.0 must be a number above 0",
+            "data.train[0].weight=0.0 must be a finite number above 0",
         ),
-        ([{"src": "a", "tgt": "b", "weight": -1}], "data.train[0].weight=-1.0 must be a number"),
+        (
+            [{"src": "a", "tgt": "b", "weight": -1}],
+            "data.train[0].weight=-1.0 must be a finite number above 0",
+        ),
+        (
+            [{"src": "a", "tgt": "b"}, {"src": "a", "tgt": "c", "weight": float("inf")}],
+            "data.train[1].weight=inf must be a finite number above 0",
+        ),
         (
             [{"src": "a", "tgt": "b"}, {"src": "a", "tgt": "c", "weight": "x"}],
             "data.train[1].weight='x' is not a number",
@@ -179,12 +188,59 @@ def _recipe(tmp_path: Path, train: object) -> str:
         ),
         ([], "data.train is an empty list"),
     ],
-    ids=["zero", "negative", "not-a-number", "unknown-key", "not-a-mapping", "same-name", "empty"],
+    ids=[
+        "zero",
+        "negative",
+        "infinite",
+        "not-a-number",
+        "unknown-key",
+        "not-a-mapping",
+        "same-name",
+        "empty",
+    ],
 )
 def test_a_bad_corpus_list_is_refused_naming_the_key(tmp_path, train, message):
     with pytest.raises(RecipeError) as err:
         load_recipe(_recipe(tmp_path, train))
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_weight_that_gives_a_corpus_no_pair_is_refused_before_a_tokenizer_is_trained(
+    three_corpora, tmp_path
+):
+    """Not numpy's "need at least one array to concatenate", nor silently 0 pairs per epoch."""
+    root, cfg = three_corpora
+    train = [
+        CorpusConfig(src="a.en", tgt="a.de"),
+        CorpusConfig(src="b.en", tgt="b.de", weight=1e-4),
+    ]
+    with pytest.raises(DataError) as err:
+        load_splits(dataclasses.replace(cfg, train=train), tmp_path)
+    assert str(err.value) == (
+        "data.train[1].weight=0.0001 gives 0 of its 500 read pairs to an epoch; "
+        "a weight of 1/500 = 0.002 gives one"
+    )
+    assert not list(tmp_path.glob("spm*"))
+
+
+def test_a_weight_that_gives_no_pair_of_those_cleaning_kept_is_refused(
+    slice_lines, three_corpora, tmp_path
+):
+    """1000 pairs read give one at weight 0.001; the 4 that cleaning keeps give none."""
+    en, de = slice_lines
+    root, cfg = three_corpora
+    _write(tmp_path / "d.en", en[1000:])
+    _write(tmp_path / "d.de", en[1000:1996] + de[1996:])  # source == target: dropped but 4
+    train = [
+        CorpusConfig(src=str(root / "a.en"), tgt=str(root / "a.de")),
+        CorpusConfig(src=str(tmp_path / "d.en"), tgt=str(tmp_path / "d.de"), weight=0.001),
+    ]
+    with pytest.raises(DataError) as err:
+        load_splits(dataclasses.replace(cfg, train=train), tmp_path / "run")
+    assert str(err.value) == (
+        "data.train[1].weight=0.001 gives 0 of its 4 kept pairs to an epoch; "
+        "a weight of 1/4 = 0.25 gives one"
+    )
 
 
 def test_a_missing_file_in_the_list_names_the_corpus_and_the_file(three_corpora, tmp_path, capsys):

@@ -124,6 +124,14 @@ def test_tsv_line_with_wrong_column_count_names_file_and_line(tmp_path: Path) ->
     assert f"{tmp_path / 'x.tsv'}: line 4: 3 tab-separated columns, expected 2" in message
 
 
+@pytest.mark.parametrize("split", ["train", "valid"])
+def test_a_negative_tsv_column_is_refused_naming_the_key(split: str) -> None:
+    """Not a DatasetGenerationError while reading: the reader's range check counts from 0."""
+    with pytest.raises(ValueError) as info:
+        DataConfig(**{split: CorpusConfig(tsv="x.tsv", tsv_columns=(-5, 1))})
+    assert str(info.value) == f"data.{split}.tsv_columns=[-5, 1] must be column numbers >= 0"
+
+
 def test_misaligned_sgml_segments_name_both_files_and_lines(tmp_path: Path) -> None:
     _write(tmp_path / "a.sgm", _sgm(["x", "y", "z", "w"]))
     _write(tmp_path / "b.sgm", _sgm(["x", "y", "z", "w"], docs=("d1", "other")))

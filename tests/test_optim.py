@@ -186,3 +186,29 @@ def test_the_decay_is_reaimed_each_interval_later_again_if_the_run_speeds_up(mon
     assert end_after(50, 90.0) == 55 and not trainer.should_stop
     end_after(55, 99.0)
     assert trainer.should_stop  # the decay ended before max_steps: stop
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"warmup_steps": -10}, "optim.warmup_steps=-10 must be >= 0"),
+        ({"lr": 1e-3, "warmup_steps": -10}, "optim.warmup_steps=-10 must be >= 0"),
+        ({"warmup_steps": 0}, "optim.warmup_steps=0 needs an optim.lr: the paper's peak lr "),
+        ({"label_smoothing": 1.5}, "optim.label_smoothing=1.5 must be in [0, 1)"),
+        ({"label_smoothing": -0.5}, "optim.label_smoothing=-0.5 must be in [0, 1)"),
+        ({"label_smoothing": 1.0}, "optim.label_smoothing=1.0 must be in [0, 1)"),
+    ],
+)
+def test_a_warmup_or_label_smoothing_that_cannot_train_is_refused_naming_the_key(settings, message):
+    """Not a ZeroDivisionError in peak_lr, a complex lr in Adam, or a run that trains anyway."""
+    with pytest.raises(ValueError) as err:
+        OptimConfig(**settings)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_no_warmup_is_allowed_where_the_peak_lr_is_given():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=0)  # inverse_sqrt_factor: lr * step^-0.5 from step 1
+    assert lrs(cfg, 4) == pytest.approx([1e-3 * s**-0.5 for s in (1, 2, 3, 4)])
+    assert lrs(OptimConfig(lr=1e-3, warmup_steps=0, schedule="linear"), 2, max_steps=4) == (
+        pytest.approx([7.5e-4, 5e-4])
+    )

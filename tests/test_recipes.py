@@ -81,6 +81,13 @@ def test_a_row_tokens_below_one_is_refused_with_the_key_named():
         load_recipe("recipes/wmt14_en_de_base.yaml", ["--data.row_tokens", "0"])
 
 
+def test_a_val_beam_below_one_is_refused_naming_trainer_val_beam():
+    """Up front, not as "decode.beam=0 must be at least 1" once the data is prepared."""
+    with pytest.raises(RecipeError, match=r"trainer.val_beam=0 must be at least 1") as err:
+        load_recipe("recipes/multi30k_en_de_tiny.yaml", ["--trainer.val_beam", "0"])
+    assert "decode.beam" not in str(err.value) and "\n" not in str(err.value)
+
+
 def test_unknown_key_in_a_recipe_file_names_the_key_and_the_file(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  d_modle: 256\n")

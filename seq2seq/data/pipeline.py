@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.compute as pc
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 
-from seq2seq.config import CleanConfig, DataConfig
+from seq2seq.config import CleanConfig, CorpusConfig, DataConfig
 from seq2seq.data.readers import (
     TEXT,
     DataError,
@@ -206,9 +206,27 @@ def epoch_rows(corpus_of: np.ndarray, weights: list[float], seed: int) -> np.nda
     for c, w in enumerate(weights):
         rows = np.flatnonzero(corpus_of == c)
         parts += [rows] * int(w)
-        if extra := round((w - int(w)) * len(rows)):
+        if extra := _extra_pairs(w, len(rows)):
             parts.append(np.sort(rng.choice(rows, size=extra, replace=False)))
     return np.sort(np.concatenate(parts), kind="stable")
+
+
+def _extra_pairs(weight: float, n: int) -> int:
+    """How many of a corpus's `n` pairs its weight's fraction adds to an epoch once more."""
+    return round((weight - int(weight)) * n)
+
+
+def check_weights(corpora: list[tuple[str, CorpusConfig]], counts: list[int], what: str) -> None:
+    """Refuse a weight so small that its corpus, of `counts[c]` pairs (`what`: read or kept),
+    gives no pair to an epoch: only the corpus's size tells, so the recipe cannot. Checked on
+    the pairs read, before a tokenizer is trained, and again on those cleaning kept."""
+    for (key, corpus), n in zip(corpora, counts, strict=True):
+        w = corpus.weight
+        if n and int(w) == 0 and _extra_pairs(w, n) == 0:
+            raise DataError(
+                f"{key}.weight={w} gives 0 of its {n} {what} pairs to an epoch; "
+                f"a weight of 1/{n} = {1 / n:.3g} gives one"
+            )
 
 
 def _filter_names(cfg: CleanConfig) -> dict[str, str]:
@@ -237,7 +255,8 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     with the same inputs only memory-maps files. Download (`seq2seq.data.download`) happens before.
 
     Raises:
-        DataError: a missing, unreadable or misaligned file, or no training pair left.
+        DataError: a missing, unreadable or misaligned file, no training pair left, or a
+            corpus weight too small to give its corpus a pair in an epoch.
     """
     run_dir = Path(run_dir)
     cache = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
@@ -249,6 +268,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     parts = [read_corpus(c, cfg, cache, key.removeprefix("data.")) for key, c in corpora]
     raw_train = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     sizes = [(c.label(), key, len(part)) for (key, c), part in zip(corpora, parts, strict=True)]
+    check_weights(corpora, [n for *_, n in sizes], "read")
     raw_valid = read_corpus(cfg.valid, cfg, cache, "valid")
     raw_test = read_corpus(cfg.test, cfg, cache, "test") if cfg.test else None
 
@@ -289,6 +309,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     log.info("train: %d pairs read, %d kept, dropped %s", report.read, report.kept, report.dropped)
     weights = [c.weight for _, c in corpora]
     corpus_of = np.repeat(np.arange(len(sizes)), [n for *_, n in sizes])[keep]
+    check_weights(corpora, np.bincount(corpus_of, minlength=len(corpora)).tolist(), "kept")
     rows = epoch_rows(corpus_of, weights, cfg.seed)
     for c, part in enumerate(report.corpora):
         part["weight"] = weights[c]
