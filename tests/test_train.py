@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 from seq2seq.cli import main
@@ -867,3 +868,79 @@ def test_a_run_stopped_by_its_time_budget_ends_with_its_lr_decayed_when_asked(
         assert (decay["end"], decay["planned_end"], lr) == (30, 60, 0.0)
     else:  # cut on the way down: 26 of the 55 decay updates done
         assert (decay["end"], lr) == (60, pytest.approx(0.005 * 29 / 55))
+
+
+def test_keep_last_keeps_exactly_the_last_validations_across_a_resume(multi30k_slice, tmp_path):
+    """last.ckpt is written after the recent checkpoint of its validation, so it records that
+    file: a resumed run deletes it in its turn instead of keeping it for ever."""
+    extra = ("--trainer.val_check_interval", "10", "--trainer.save_top_k", "1")
+    extra += ("--trainer.keep_last", "2", "--trainer.average_last", "0")
+    run = crashed_run(multi30k_slice, tmp_path, 25, *extra)
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *extra), run)
+    recent = sorted(path.name for path in (run / "checkpoints").glob("recent-step*.ckpt"))
+    assert recent == ["recent-step0000050.ckpt", "recent-step0000060.ckpt"]
+
+
+def test_a_run_resumed_at_its_max_steps_is_scored_and_one_past_it_is_refused(
+    multi30k_slice, tmp_path
+):
+    extra = ("--trainer.val_check_interval", "10", "--trainer.average_last", "0")
+    run = crashed_run(multi30k_slice, tmp_path, 25, *extra)  # last.ckpt at update 20
+    with pytest.raises(RunDirError, match=r"at update 20 .*past --trainer.max_steps 15; give"):
+        train(
+            tiny_recipe(multi30k_slice, tmp_path / "cache", *extra, "--trainer.max_steps", "15"),
+            run,
+        )
+    results = train(
+        tiny_recipe(multi30k_slice, tmp_path / "cache", *extra, "--trainer.max_steps", "20"), run
+    )
+    assert results["steps"] == 20 and results["train_tgt_tokens_per_s"] is None  # none trained
+    assert {"bleu", "chrf"} <= set(results["valid"])
+
+
+def test_a_fine_tuning_run_resumes_by_the_command_that_started_it(
+    trained_run, multi30k_slice, tmp_path, caplog
+):
+    """Its saved recipe holds the trained model's architecture and vocabulary, with the
+    recipe's dropout: the same command (its own vocab_size and d_model ignored, as said in
+    its log) resumes and trains further instead of finding the sections changed."""
+    import seq2seq.training.train as train_module
+
+    run, _ = trained_run
+    source = str(run / "checkpoints" / "last.ckpt")
+    own = ("--data.tokenizer.vocab_size", "300", "--model.d_model", "64")
+    own += ("--model.dropout", "0.3", "--trainer.average_last", "0")
+    fine = tmp_path / "fine"
+    for steps in ("2", "4"):
+        recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", *own, "--trainer.max_steps", steps)
+        with caplog.at_level(logging.INFO, logger=train_module.__name__):
+            results = train(recipe, fine, init_from=source)
+        assert results["steps"] == int(steps)
+    said = [r.getMessage() for r in caplog.records if r.name == train_module.__name__]
+    assert f"fine-tuning keeps {source}'s architecture: model.d_model 32 (recipe: 64)" in said
+    assert (
+        f"resuming {fine} from {fine / 'checkpoints' / 'last.ckpt'} (update 2); --init-from {source} is not used (it starts a new run)"
+        in said
+    )
+    saved = yaml.safe_load((fine / "recipe.yaml").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["model"]["dropout"] == 0.3
+    assert saved["data"]["tokenizer"]["vocab_size"] == 400
+
+
+def test_init_from_a_lowercasing_model_adopts_its_lowercasing(multi30k_slice, tmp_path):
+    lower = ("--data.tokenizer.lowercase", "true", "--trainer.max_steps", "2")
+    lower += ("--trainer.val_check_interval", "2", "--trainer.average_last", "0")
+    parent = tmp_path / "lower"
+    train(tiny_recipe(multi30k_slice, tmp_path / "cache", *lower), parent)
+    child = tiny_recipe(multi30k_slice, tmp_path / "cache", *lower[2:])  # the recipe's: cased
+    results = train(child, tmp_path / "child", init_from=str(parent / "checkpoints" / "last.ckpt"))
+    assert results["steps"] == 2
+    saved = yaml.safe_load((tmp_path / "child" / "recipe.yaml").read_text())
+    assert saved["data"]["tokenizer"]["lowercase"] is True
+
+
+def test_a_min_len_no_output_can_reach_is_refused_before_any_work(multi30k_slice, tmp_path):
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", "--decode.min_len", "1000")
+    with pytest.raises(ValueError, match=r"decode.min_len=1000 exceeds the longest output"):
+        train(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

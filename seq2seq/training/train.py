@@ -30,6 +30,7 @@ from seq2seq.config import Recipe
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference.checkpoint import (
     CheckpointError,
+    LoadedModel,
     UnsafeCheckpointError,
     load_model,
     read_checkpoint,
@@ -186,8 +187,12 @@ def _ranks_started_together() -> bool:
     return torchrun or int(env.get("SLURM_NTASKS", "1")) > 1
 
 
-def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> tuple[Path, int] | None:
-    """The checkpoint to resume from and its step, or None for a fresh run. Refuses to clobber."""
+def _check_run_dir(
+    run_dir: Path, recipe: Recipe, overwrite: bool, fine_tuning: Recipe | None = None
+) -> tuple[Path, int] | None:
+    """The checkpoint to resume from and its step, or None for a fresh run. Refuses to clobber,
+    and to resume with another model or data section than the run was started with: the
+    recipe's, or with --init-from (`fine_tuning`) the one a fine-tuning run trains by."""
     run = RunDir(run_dir)
     results = run.results
     if results.exists() and not overwrite:
@@ -213,17 +218,51 @@ def _check_run_dir(run_dir: Path, recipe: Recipe, overwrite: bool) -> tuple[Path
     saved = run.recipe
     if saved.exists():
         before = yaml.safe_load(saved.read_text())
-        now = recipe_to_dict(recipe)
-        for key in ("src_vocab_size", "tgt_vocab_size"):  # 0 means "from the tokenizer"
-            if now["model"][key] == 0:
-                now["model"][key] = before["model"][key]
-        for section in ("model", "data"):
-            if before.get(section) != now.get(section):
-                raise RunDirError(
-                    f"{run_dir}: the recipe's '{section}' section differs from the one this run "
-                    f"was started with ({saved}); resume with the same recipe or use another --run-dir"
-                )
+        differs = [_differing_section(before, r) for r in (fine_tuning, recipe) if r is not None]
+        if all(differs):
+            raise RunDirError(
+                f"{run_dir}: the recipe's '{differs[-1]}' section differs from the one this run "
+                f"was started with ({saved}); resume with the same recipe or use another --run-dir"
+            )
     return _resume_point(run)
+
+
+def _differing_section(before: dict, recipe: Recipe) -> str | None:
+    """The first of the model and data sections that differs between a run's saved recipe
+    and `recipe`, or None."""
+    now = recipe_to_dict(recipe)
+    for key in ("src_vocab_size", "tgt_vocab_size"):  # 0 means "from the tokenizer"
+        if now["model"][key] == 0:
+            now["model"][key] = before["model"][key]
+    return next((s for s in ("model", "data") if before.get(s) != now.get(s)), None)
+
+
+def _started_as(run_dir: Path, recipe: Recipe) -> bool:
+    """Whether the run in `run_dir` was started with `recipe`'s model and data sections."""
+    saved = RunDir(run_dir).recipe
+    return saved.exists() and _differing_section(yaml.safe_load(saved.read_text()), recipe) is None
+
+
+def _check_min_len(recipe: Recipe) -> None:
+    """Refuse a decode.min_len no output can reach, before any work (validation would fail
+    on it after the first interval)."""
+    longest = recipe.model.max_positions - 1
+    if recipe.decode.min_len > longest:
+        raise ValueError(
+            f"decode.min_len={recipe.decode.min_len} exceeds the longest output the model can "
+            f"write ({longest} tokens: model.max_positions={recipe.model.max_positions})"
+        )
+
+
+def _check_steps_left(run_dir: Path, recipe: Recipe, resume: Path, step: int) -> None:
+    """Refuse to resume a run past the budget asked for: its checkpoint is at `step`, beyond
+    trainer.max_steps (the same budget finishes it: it is scored at that checkpoint)."""
+    max_steps = recipe.trainer.max_steps
+    if 0 < max_steps < step:
+        raise RunDirError(
+            f"{run_dir}: this run is at update {step} ({resume}), past --trainer.max_steps "
+            f"{max_steps}; give at least {step} to finish it there, or more to train it further"
+        )
 
 
 def _finished_steps(results: Path) -> int | None:
@@ -259,17 +298,46 @@ def _resume_point(run: RunDir) -> tuple[Path, int] | None:
     return None
 
 
-def _adopt_tokenizer(recipe: Recipe, tokenizer: Tokenizer, run_dir: Path) -> Recipe:
-    """Fine-tuning keeps the trained model's vocabulary: put its SentencePiece model(s) where
-    the data path reuses them, and make the recipe's tokenizer section describe them."""
+#: The model keys a fine-tuning run takes from its recipe: regularization, not architecture.
+_FINE_TUNING_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def _fine_tuning(recipe: Recipe, init: LoadedModel) -> Recipe:
+    """The recipe a run started with --init-from trains by: the trained model's architecture
+    and vocabulary with the recipe's dropout rates, and a tokenizer section that describes the
+    model's SentencePiece model(s) (joint, size, lowercasing), which the run adopts."""
+    tok = init.tokenizer
+    model = dataclasses.replace(
+        init.model.cfg, **{key: getattr(recipe.model, key) for key in _FINE_TUNING_KEYS}
+    )
+    tok_cfg = dataclasses.replace(
+        recipe.data.tokenizer,
+        joint=tok.joint,
+        vocab_size=tok.src_vocab_size,
+        lowercase=tok.lowercase,
+    )
+    data = dataclasses.replace(recipe.data, tokenizer=tok_cfg)
+    return dataclasses.replace(recipe, model=model, data=data)
+
+
+def _adopt_tokenizer(init: LoadedModel, run_dir: Path) -> None:
+    """Put a trained model's SentencePiece model(s) where the data path reuses them."""
+    tokenizer = init.tokenizer
     state = tokenizer.to_state()
     protos = [state["src_model"]] if tokenizer.joint else [state["src_model"], state["tgt_model"]]
     for path, proto in zip(Tokenizer.model_files(run_dir, tokenizer.joint), protos, strict=True):
         path.write_bytes(proto)
-    tok_cfg = dataclasses.replace(
-        recipe.data.tokenizer, joint=tokenizer.joint, vocab_size=tokenizer.src_vocab_size
+
+
+def _unused_architecture(recipe: Recipe, fine: Recipe) -> str:
+    """The recipe's architecture keys that a fine-tuning run does not take ("" if none)."""
+    skip = {*_FINE_TUNING_KEYS, "src_vocab_size", "tgt_vocab_size"}
+    mine, theirs = dataclasses.asdict(recipe.model), dataclasses.asdict(fine.model)
+    return ", ".join(
+        f"model.{key} {theirs[key]} (recipe: {mine[key]})"
+        for key in mine
+        if key not in skip and mine[key] != theirs[key]
     )
-    return dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, tokenizer=tok_cfg))
 
 
 def _checkpoints(
@@ -292,12 +360,13 @@ def _checkpoints(
 
 def build_trainer(recipe: Recipe, run_dir: Path) -> L.Trainer:
     t = recipe.trainer
-    callbacks: list[Callback] = [
-        _checkpoints(run_dir, rundir.BEST_PATTERN, "val_bleu", t.save_top_k, save_last=True)
-    ]
+    callbacks: list[Callback] = []
     if t.keep_last > 0:  # the last N validations', whatever their BLEU
+        # First: the best-k callback below writes last.ckpt, which must hold this one's record
+        # of the file it just wrote, or a resumed run never deletes that file.
         callbacks.append(_checkpoints(run_dir, rundir.RECENT_PATTERN, "step", t.keep_last))
     callbacks += [
+        _checkpoints(run_dir, rundir.BEST_PATTERN, "val_bleu", t.save_top_k, save_last=True),
         LogsBeforeCheckpoints(),
         CurvesCallback(run_dir),
         ValidateFinalUpdate(),
@@ -373,34 +442,41 @@ def train(
         raise ValueError(f"--run-dir {run_dir}: exists and is not a folder")
     check_accelerator(recipe.trainer.accelerator)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
-    resume_point = _check_run_dir(run_dir, recipe, overwrite)
-    resume = resume_point[0] if resume_point else None
-    init = load_model(init_from) if init_from and resume is None else None
+    init = load_model(init_from) if init_from else None
+    fine = _fine_tuning(recipe, init) if init else None
+    resume_point = _check_run_dir(run_dir, recipe, overwrite, fine)
+    resume, step = resume_point if resume_point else (None, 0)
+    resumed_fine_tuning = resume is not None and fine is not None and _started_as(run_dir, fine)
+    if fine is not None and (resume is None or resumed_fine_tuning):
+        unused = _unused_architecture(recipe, fine)
+        recipe = fine  # a fine-tuning run, new or resumed by the command that started it
+    _check_min_len(recipe)
+    if resume is not None:
+        _check_steps_left(run_dir, recipe, resume, step)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_point is not None and rank_zero_only.rank == 0:
+    if resume is not None and rank_zero_only.rank == 0:
         # The same command resumes, --init-from included: it starts a new run only.
-        unused = f"; --init-from {init_from} is not used (it starts a new run)" if init_from else ""
-        log.info("resuming %s from %s (update %d)%s", run_dir, resume, resume_point[1], unused)
-        RunDir(run_dir).keep_metrics_for_resume(resume_point[1])
+        said = f"; --init-from {init_from} is not used (it starts a new run)" if init_from else ""
+        log.info("resuming %s from %s (update %d)%s", run_dir, resume, step, said)
+        RunDir(run_dir).keep_metrics_for_resume(step)
+    elif init is not None and unused and rank_zero_only.rank == 0:
+        log.info("fine-tuning keeps %s's architecture: %s", init.path, unused)
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
     L.seed_everything(recipe.trainer.seed, workers=True, verbose=False)
     start = time.perf_counter()
 
-    if init:
-        recipe = _adopt_tokenizer(recipe, init.tokenizer, run_dir)
+    fresh_init = init if resume is None else None  # weights to start from
+    if fresh_init is not None:
+        _adopt_tokenizer(fresh_init, run_dir)
     datamodule = TranslationDataModule(recipe.data, run_dir)
     datamodule.prepare_data()
     datamodule.setup("fit")
     tokenizer = datamodule.tokenizer
-    model_cfg = (
-        init.model.cfg
-        if init
-        else dataclasses.replace(
-            recipe.model,
-            src_vocab_size=tokenizer.src_vocab_size,
-            tgt_vocab_size=tokenizer.tgt_vocab_size,
-        )
+    model_cfg = dataclasses.replace(
+        recipe.model,
+        src_vocab_size=tokenizer.src_vocab_size,
+        tgt_vocab_size=tokenizer.tgt_vocab_size,
     )
     datamodule.check_positions(model_cfg.max_positions)
     recipe = dataclasses.replace(recipe, model=model_cfg)
@@ -416,9 +492,9 @@ def train(
         compile_model=recipe.trainer.compile,
     )
     module.tokenizer, module.valid_refs = tokenizer, datamodule.valid_references
-    if init:
-        module.model.load_state_dict(init.model.state_dict())
-        log.info("fine-tuning from %s (fresh optimizer and schedule)", init.path)
+    if fresh_init is not None:
+        module.model.load_state_dict(fresh_init.model.state_dict())
+        log.info("fine-tuning from %s (fresh optimizer and schedule)", fresh_init.path)
 
     trainer = build_trainer(recipe, run_dir)
     try:
@@ -447,11 +523,27 @@ def train(
     return _finish(recipe, run_dir, trainer, datamodule, start)
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def _first_update_s(trainer: L.Trainer, start: float) -> float | None:
     """Seconds from `start` to the end of this process's first update (None when it made
     none: a finished run scored again)."""
     first = trainer.lightning_module.first_update_at
     return None if first is None else round(first - start, 1)
+
+
+def _train_state(path: Path, steps: int) -> dict:
+    """What FinalState recorded of the training processes; where they trained no update (a
+    run resumed at its max_steps, to be scored), the step count alone and no throughput."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        state = {}
+    if state.get("steps") != steps:
+        state = {"steps": steps, "train_tgt_tokens_per_s": None}
+    return state
 
 
 def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start: float) -> dict:
@@ -470,7 +562,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
             average_checkpoints(kept, run.averaged)
     chosen = resolve_checkpoint(run_dir)
     translator = Translator.of([load_model(chosen)], "cpu", "fp32")
-    state = json.loads(RunDir(run_dir).train_state.read_text())
+    state = _train_state(RunDir(run_dir).train_state, trainer.global_step)
     results: dict = {
         "checkpoint": str(chosen),
         "steps": state["steps"],
@@ -478,7 +570,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
         # From the start of `train` (checks done, data not yet read) to the end of this
         # process's first update: data loading, model building and one step.
         "first_update_s": _first_update_s(trainer, start),
-        "train_tgt_tokens_per_s": round(state["train_tgt_tokens_per_s"], 1),
+        "train_tgt_tokens_per_s": _rounded(state["train_tgt_tokens_per_s"]),
         "decode": dataclasses.asdict(recipe.decode),
     }
     splits = {"valid": (datamodule.valid_sources, datamodule.valid_references)}
