@@ -3,6 +3,7 @@
 A run directory holds:
     recipe.yaml                 the resolved recipe
     spm.model / spm.vocab       the SentencePiece model (spm.src.* + spm.tgt.* when not joint)
+    spm.json                    what it was trained on (data and settings), checked on reuse
     checkpoints/stepNNNNNNN-bleuXX.XX.ckpt   best k by validation BLEU
     checkpoints/recent-stepNNNNNNN.ckpt      the last N validations' (trainer.keep_last)
     checkpoints/last.ckpt       the latest state (resume point)
@@ -34,6 +35,8 @@ PREPARE_LOCK = ".prepare.lock"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 CACHE = "cache"
+#: Beside the SentencePiece model(s): what they were trained on (seq2seq.data.tokenizer).
+SPM_TRAINED_ON = "spm.json"
 LAST = "last.ckpt"
 AVERAGED = "averaged.ckpt"
 METRICS = "metrics.csv"
@@ -65,6 +68,7 @@ _WRITTEN: dict[str, tuple[str, ...]] = {
         "spm.src.vocab",
         "spm.tgt.model",
         "spm.tgt.vocab",
+        SPM_TRAINED_ON,
         ".spm-????????/",
         CHECKPOINTS + "/",
         LOGS + "/",

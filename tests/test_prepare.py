@@ -48,3 +48,31 @@ def test_format_report_shows_counts_splits_and_warnings(report: dict) -> None:
     assert f"2000 read, {report['train']['kept']} kept" in text
     assert "joint 800" in text and "warning: valid: 5 of 5" in text
     assert any(line.startswith("test ") for line in text.splitlines())
+
+
+def test_a_tokenizer_trained_on_other_data_or_settings_is_not_reused(multi30k_slice, tmp_path):
+    """`prepare` of one corpus, then `prepare` (or `train`) of another in the same folder: the
+    SentencePiece model beside them says what it was trained on, and the mismatch is named."""
+    import dataclasses
+
+    def data(**tokenizer) -> DataConfig:
+        return DataConfig(
+            root=str(multi30k_slice),
+            train=CorpusConfig(src="train.en.gz", tgt="train.de.gz", max_pairs=600),
+            valid=CorpusConfig(src="val.en.gz", tgt="val.de.gz", max_pairs=20),
+            test=None,
+            tokenizer=TokenizerConfig(vocab_size=300, **tokenizer),
+        )
+
+    run = tmp_path / "run"
+    prepare(data(), run)
+    written = json.loads((run / "spm.json").read_text())
+    assert written["train"]["max_pairs"] == 600 and written["tokenizer"]["vocab_size"] == 300
+    prepare(data(), run)  # the same inputs: reused
+    other_corpus = dataclasses.replace(
+        data(), train=CorpusConfig(src="train.en.gz", tgt="train.de.gz", max_pairs=500)
+    )
+    with pytest.raises(ValueError, match=r"trained with another data\.train\.max_pairs \("):
+        prepare(other_corpus, run)
+    with pytest.raises(ValueError, match=r"another data\.tokenizer\.model_type"):
+        prepare(data(model_type="bpe"), run)

@@ -246,6 +246,19 @@ def _filter_names(cfg: CleanConfig) -> dict[str, str]:
 # ---- the whole path --------------------------------------------------------------------------
 
 
+def _tokenizer_inputs(cfg: DataConfig) -> dict:
+    """The recipe keys SentencePiece's training text and settings come from (`spm.json`)."""
+    train = [asdict(corpus) for _, corpus in cfg.train_corpora()]
+    return {
+        "root": str(cfg.root),
+        "src_lang": cfg.src_lang,
+        "tgt_lang": cfg.tgt_lang,
+        "train": train[0] if len(train) == 1 else train,
+        "tokenizer": asdict(cfg.tokenizer),
+        "seed": cfg.seed,
+    }
+
+
 def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
     """Read, check, tokenize and clean every split; train (or reuse) the tokenizer.
 
@@ -282,6 +295,7 @@ def load_splits(cfg: DataConfig, run_dir: str | os.PathLike) -> PreparedData:
         cfg.tokenizer,
         run_dir,
         seed=cfg.seed,
+        trained_on=_tokenizer_inputs(cfg),
     )
 
     tokenized = tokenize(

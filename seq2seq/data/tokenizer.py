@@ -8,6 +8,7 @@ so that a checkpoint alone can translate raw text.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -17,9 +18,11 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from seq2seq.atomic import write_atomically
 from seq2seq.config import TokenizerConfig
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from seq2seq.data.normalization import lowercasing_rules
+from seq2seq.rundir import SPM_TRAINED_ON
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class Tokenizer:
         cfg: TokenizerConfig,
         out_dir: str | os.PathLike,
         seed: int = 1,
+        trained_on: dict | None = None,
     ) -> Tokenizer:
         """Train SentencePiece on `src`/`tgt` text, or load the model(s) already in `out_dir`.
 
@@ -77,12 +81,18 @@ class Tokenizer:
             cfg: vocabulary size, model type, coverage, sampling, normalization.
             out_dir: where `spm.model` (joint) or `spm.src.model`/`spm.tgt.model` go.
             seed: seed of SentencePiece's sentence sampling.
+            trained_on: what the text is, as JSON-ready recipe keys (data.train, data.tokenizer,
+                ...): written beside new models (`spm.json`); model(s) already there that were
+                trained on anything else are refused, naming the first key that differs
+                (models without the file, adopted from a checkpoint, are reused as they are).
         """
         out = Path(out_dir)
         files = cls.model_files(out, cfg.joint)
+        trained_on = None if trained_on is None else json.loads(json.dumps(trained_on))
         if all(f.exists() for f in files):
             tok = cls.load(out)
             tok._check_matches(cfg)
+            _check_trained_on(out, trained_on)
             log.info("reusing the SentencePiece model(s) in %s", out)
             return tok
         out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +101,9 @@ class Tokenizer:
         else:
             _train_model([src], cfg, files[0], seed)
             _train_model([tgt], cfg, files[1], seed)
+        if trained_on is not None:
+            text = json.dumps(trained_on, indent=1, sort_keys=True) + "\n"
+            write_atomically(out / SPM_TRAINED_ON, text)
         return cls.load(out)
 
     @classmethod
@@ -274,3 +287,29 @@ def _train_model(
         os.replace(prefix.with_suffix(".vocab"), model_file.with_suffix(".vocab"))
         os.replace(prefix.with_suffix(".model"), model_file)
     log.info("trained %s (%s, vocab %d)", model_file, cfg.model_type, cfg.vocab_size)
+
+
+def _check_trained_on(out: Path, trained_on: dict | None) -> None:
+    """Refuse model(s) in `out` whose `spm.json` says they were trained on other data or
+    settings than `trained_on` (a `prepare` of one corpus, then a `train` of another)."""
+    path = out / SPM_TRAINED_ON
+    if trained_on is None or not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    key = _first_difference(before, trained_on, "data")
+    if key is not None:
+        raise ValueError(
+            f"{out}: its SentencePiece model was trained with another {key} ({path}); use "
+            "another --run-dir, or --overwrite to start this one afresh"
+        )
+
+
+def _first_difference(a: object, b: object, key: str) -> str | None:
+    """The dotted key of the first place where `a` and `b` differ (None: equal)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for name in sorted(set(a) | set(b)):
+            found = _first_difference(a.get(name), b.get(name), f"{key}.{name}")
+            if found is not None:
+                return found
+        return None
+    return None if a == b else key
