@@ -37,8 +37,13 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
     argv = (["--config", config] if config else []) + list(overrides)
     if config:
         doc = _read_yaml(config)
+        if doc is _EMPTY:
+            raise RecipeError(
+                f"{name}: the recipe is empty; give its sections ({', '.join(_SECTIONS)})"
+            )
         _check_sections(doc, name)
         _check_corpora(doc, name)
+        _check_list_overrides(doc, overrides, name)
     parser = recipe_parser()
     try:
         sections = parser.instantiate(parser.parse_args(argv))
@@ -48,20 +53,42 @@ def parse_recipe(config: str | None, overrides: Sequence[str], name: str) -> Rec
         raise RecipeError(f"{name}: {detail}") from err
 
 
+#: `_read_yaml`'s document of a recipe with no content (blank, or comments only).
+_EMPTY = object()
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Recipe))
+
+
 def _read_yaml(config: str) -> object:
-    """A recipe path's or YAML text's document (None where it does not parse: jsonargparse
-    then reports the YAML error with its position)."""
+    """A recipe path's or YAML text's document: `_EMPTY` where it holds nothing, None where
+    it does not parse (jsonargparse then reports the YAML error with its position)."""
     try:
-        return yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
+        doc = yaml.safe_load(Path(config).read_text() if os.path.isfile(config) else config)
     except (OSError, yaml.YAMLError):
         return None
+    return _EMPTY if doc is None else doc
+
+
+def _check_list_overrides(doc: object, overrides: Sequence[str], name: str) -> None:
+    """`--data.train.KEY V` where the recipe's data.train is a list of corpora would set KEY
+    on the last corpus alone (jsonargparse's reading): refuse it, naming the corpora."""
+    data = doc.get("data") if isinstance(doc, dict) else None
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, list):
+        return
+    for option in overrides:
+        if option.startswith("--data.train."):
+            key = option.split("=", 1)[0].removeprefix("--")
+            raise RecipeError(
+                f"{name}: --{key} is ambiguous: data.train lists {len(train)} corpora; set "
+                f"{key.rsplit('.', 1)[-1]} on each of them in the recipe"
+            )
 
 
 def _check_sections(doc: object, name: str) -> None:
     """A recipe (`doc`, its YAML document) is a mapping of sections (model, data, ...), each a
     mapping of its keys: say so plainly, naming the section, where jsonargparse's
     instantiation would fail deep inside ("argument after ** must be a mapping")."""
-    sections = [f.name for f in dataclasses.fields(Recipe)]
+    sections = _SECTIONS
     if doc is not None and not isinstance(doc, dict):
         raise RecipeError(
             f"{name}: a recipe is a mapping of sections ({', '.join(sections)}), "

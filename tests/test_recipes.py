@@ -124,6 +124,29 @@ def test_a_section_that_is_no_mapping_is_named_in_plain_words(tmp_path, capsys, 
     assert "functools" not in err
 
 
+@pytest.mark.parametrize("text", ["", "\n\n", "# a recipe to come\n"])
+def test_an_empty_recipe_says_it_is_empty(tmp_path, capsys, text):
+    """Not jsonargparse's "Unexpected config:"."""
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(text)
+    assert main(["train", str(empty), "--print_config"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"seq2seq train: error: {empty}: the recipe is empty; give its sections "
+        "(model, data, optim, trainer, decode)"
+    )
+
+
+def test_an_override_of_one_key_of_a_list_of_corpora_is_refused_as_ambiguous(tmp_path, capsys):
+    """jsonargparse would set it on the last corpus alone."""
+    two = tmp_path / "two.yaml"
+    two.write_text("data:\n  train:\n    - {src: a.en, tgt: a.de}\n    - {src: b.en, tgt: b.de}\n")
+    assert main(["train", str(two), "--data.train.max_pairs", "100", "--print_config"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"seq2seq train: error: {two}: --data.train.max_pairs is ambiguous: data.train lists "
+        "2 corpora; set max_pairs on each of them in the recipe"
+    )
+
+
 def test_missing_recipe_file_is_one_clear_line(capsys):
     assert main(["train", "no/such.yaml", "--print_config"]) == 1
     assert "no/such.yaml: no such recipe file" in capsys.readouterr().err
