@@ -140,6 +140,19 @@ def test_a_long_file_name_is_written_atomically_under_a_temporary_name_that_fits
     assert path.read_text() == "whole\n"
 
 
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [("40,2.5,9\n", "more fields than the header names"), ("40,lots\n", "not a number")],
+)
+def test_plot_names_the_line_of_a_damaged_metrics_log(tmp_path, capsys, row, why):
+    run = RunDir(tmp_path)
+    run.logs.mkdir()
+    run.metrics.write_text("step,train_loss\n20,3.0\n" + row)
+    assert main(["plot", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"seq2seq plot: error: {run.metrics}:3: {why}") and "\n" not in err
+
+
 def test_the_joined_log_reads_a_last_attempt_that_logged_nothing(tmp_path):
     from seq2seq.training.plot import read_metrics
 

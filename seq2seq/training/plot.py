@@ -37,14 +37,23 @@ def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]
 
 
 def _rows(path: Path) -> list[tuple[int, str, float]]:
-    """(step, metric, value) of every value in one CSV log, in file order."""
+    """(step, metric, value) of every value in one CSV log, in file order. A damaged row (a
+    field that is no number, more fields than the header) is a ValueError naming the file
+    and line."""
     found = []
     with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(row.get("step") or 0)
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    found.append((step, key, float(value)))
+        reader = csv.DictReader(f)
+        for row in reader:
+            line = reader.line_num
+            if None in row:  # DictReader's key for the fields beyond the header
+                raise ValueError(f"{path}:{line}: more fields than the header names")
+            try:
+                step = int(row.get("step") or 0)
+                for key, value in row.items():
+                    if key not in ("step", "epoch") and value not in ("", None):
+                        found.append((step, key, float(value)))
+            except ValueError as err:
+                raise ValueError(f"{path}:{line}: not a number ({err})") from None
     return found
 
 
