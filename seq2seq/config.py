@@ -274,6 +274,10 @@ class OptimConfig:
     """Label-smoothing epsilon (paper section 5.4)."""
 
     def __post_init__(self) -> None:
+        for name in ("lr", "lr_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"optim.{name}={value} must be a positive number")
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"optim.schedule={self.schedule!r} must be one of {', '.join(SCHEDULES)}"

@@ -197,9 +197,14 @@ def test_the_decay_is_reaimed_each_interval_later_again_if_the_run_speeds_up(mon
         ({"label_smoothing": 1.5}, "optim.label_smoothing=1.5 must be in [0, 1)"),
         ({"label_smoothing": -0.5}, "optim.label_smoothing=-0.5 must be in [0, 1)"),
         ({"label_smoothing": 1.0}, "optim.label_smoothing=1.0 must be in [0, 1)"),
+        ({"lr": 0.0}, "optim.lr=0.0 must be a positive number"),
+        ({"lr": -0.001}, "optim.lr=-0.001 must be a positive number"),
+        ({"lr_scale": float("nan")}, "optim.lr_scale=nan must be a positive number"),
     ],
 )
-def test_a_warmup_or_label_smoothing_that_cannot_train_is_refused_naming_the_key(settings, message):
+def test_a_warmup_lr_or_label_smoothing_that_cannot_train_is_refused_naming_the_key(
+    settings, message
+):
     """Not a ZeroDivisionError in peak_lr, a complex lr in Adam, or a run that trains anyway."""
     with pytest.raises(ValueError) as err:
         OptimConfig(**settings)
