@@ -520,7 +520,7 @@ def train(
         raise Interrupted(run_dir, terminated=trainer.received_sigterm)
     if not trainer.is_global_zero:
         return {}
-    return _finish(recipe, run_dir, trainer, datamodule, start)
+    return _finish(recipe, run_dir, trainer, datamodule, start, step)
 
 
 def _rounded(value: float | None) -> float | None:
@@ -534,19 +534,22 @@ def _first_update_s(trainer: L.Trainer, start: float) -> float | None:
     return None if first is None else round(first - start, 1)
 
 
-def _train_state(path: Path, steps: int) -> dict:
-    """What FinalState recorded of the training processes; where they trained no update (a
-    run resumed at its max_steps, to be scored), the step count alone and no throughput."""
+def _train_state(path: Path, resumed_at: int) -> dict:
+    """What FinalState recorded in the training processes (spawned ones included); where they
+    trained no update (a run resumed at its max_steps, to be scored) it has no record of this
+    attempt: the step resumed at, and no throughput."""
     try:
         state = json.loads(path.read_text())
     except FileNotFoundError:
         state = {}
-    if state.get("steps") != steps:
-        state = {"steps": steps, "train_tgt_tokens_per_s": None}
+    if state.get("steps", -1) < resumed_at:
+        state = {"steps": resumed_at, "train_tgt_tokens_per_s": None}
     return state
 
 
-def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start: float) -> dict:
+def _finish(
+    recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start: float, resumed_at: int
+) -> dict:
     """Average checkpoints if asked, score valid and test with the chosen model (the recipe's
     decoding defaults, and greedy beside them), write results.json."""
     from seq2seq.inference.evaluate import score
@@ -562,7 +565,7 @@ def _finish(recipe: Recipe, run_dir: Path, trainer: L.Trainer, datamodule, start
             average_checkpoints(kept, run.averaged)
     chosen = resolve_checkpoint(run_dir)
     translator = Translator.of([load_model(chosen)], "cpu", "fp32")
-    state = _train_state(RunDir(run_dir).train_state, trainer.global_step)
+    state = _train_state(RunDir(run_dir).train_state, resumed_at)
     results: dict = {
         "checkpoint": str(chosen),
         "steps": state["steps"],
