@@ -87,6 +87,8 @@ def test_the_paired_tests_give_the_sacrebleu_commands_scores_and_p_values(
     assert ours["systems"][0]["BLEU"]["p_value"] is None  # the baseline
     assert ours["systems"][2]["BLEU"]["p_value"] < 0.05  # best.de differs from the baseline
     assert ours["signatures"]["BLEU"].startswith("nrefs:1|")
+    # The resamples given, as the sacrebleu command signs them (not always bs:1000).
+    assert f"|{flag.removeprefix('--paired-')}:{n}|" in ours["signatures"]["BLEU"]
 
 
 def test_the_text_report_gives_each_systems_score_interval_and_p_value(systems, capsys):

@@ -120,8 +120,8 @@ def add_evaluate(sub: argparse._SubParsersAction, handler: Handler) -> None:
     p.add_argument(
         "--lowercase",
         action="store_true",
-        help="case-insensitive scores (sacreBLEU's -lc; signature case:lc), as papers on "
-        "Multi30k report",
+        help="case-insensitive scores, every metric (signature case:lc; sacreBLEU's -lc for "
+        "BLEU, --chrf-lowercase for chrF), as papers on Multi30k report",
     )
     p.add_argument(
         "--moses",

@@ -244,8 +244,16 @@ def paired_significance(
     if moses is not None:
         refs = moses_tokenized(refs, moses, lowercase)
     chosen = {name: _metric(name, lowercase, moses is not None) for name in metrics}
+    # Approximate randomization gets bootstrap intervals too (0: sacreBLEU's 1,000 resamples);
+    # for the bootstrap test they come from its own resamples, and any other value would put
+    # bs:1000 in the signatures whatever --paired-n was.
     paired = PairedTest(
-        systems, chosen, [refs], test_type=test, n_samples=n_samples or 0, n_ar_confidence=0
+        systems,
+        chosen,
+        [refs],
+        test_type=test,
+        n_samples=n_samples or 0,
+        n_ar_confidence=0 if test == "ar" else -1,
     )
     signatures, results = paired()
     names = results.pop("System")
