@@ -167,5 +167,5 @@ def model_config_for(
         loaded = parse_recipe(base, overrides, f"--preset {preset_name}")
     else:
         loaded = load_recipe(recipe, overrides)
-    vocab = vocab_size or loaded.data.tokenizer.vocab_size
+    vocab = loaded.data.tokenizer.vocab_size if vocab_size is None else vocab_size
     return dataclasses.replace(loaded.model, src_vocab_size=vocab, tgt_vocab_size=vocab)

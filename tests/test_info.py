@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from seq2seq.cli import main
 
 
@@ -52,3 +54,11 @@ def test_override_values_are_never_taken_for_the_recipe_argument():
     assert overrides == ["--model.pre_norm", "true"]
     own, overrides = split_overrides(["train", "r.yaml", "--trainer.max_steps=5", "--run-dir", "x"])
     assert own == ["train", "r.yaml", "--run-dir", "x"] and overrides == ["--trainer.max_steps=5"]
+
+
+def test_a_vocab_size_below_one_is_refused_not_replaced_by_the_default(capsys):
+    with pytest.raises(SystemExit) as exited:  # argparse's usage error
+        main(["info", "--preset", "base", "--vocab-size", "0"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "seq2seq info: error: argument --vocab-size: must be at least 1, got 0"
