@@ -373,3 +373,11 @@ def test_the_decode_profile_samples_evenly_where_there_are_more_batches_than_it_
 def test_bench_options_where_they_do_not_apply_are_one_clear_line(args, message, capsys):
     assert main(["bench", *args]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_a_mistyped_override_names_the_default_benchmark_not_a_preset_never_given(capsys):
+    assert main(["bench", "--data.rooot", "D", "--json"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "seq2seq bench: error: the default benchmark (preset small): unrecognized arguments: "
+        "--data.rooot D"
+    )

@@ -68,7 +68,9 @@ def bench_recipe(
         return recipe
     model = dataclasses.asdict(preset(preset_name or "small"))
     text = yaml.safe_dump({"model": model, "data": MULTI30K})
-    return parse_recipe(text, overrides, f"--preset {preset_name or 'small'}")
+    # Errors name the preset given, or say which one stands in for the recipe not given.
+    name = f"--preset {preset_name}" if preset_name else "the default benchmark (preset small)"
+    return parse_recipe(text, overrides, name)
 
 
 def comparison_batches(tgt_lengths: np.ndarray, src_lengths: np.ndarray, max_tokens: int):
