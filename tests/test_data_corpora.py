@@ -223,6 +223,24 @@ def test_a_weight_that_gives_a_corpus_no_pair_is_refused_before_a_tokenizer_is_t
     assert not list(tmp_path.glob("spm*"))
 
 
+def test_a_weight_that_would_exhaust_memory_is_refused_before_a_tokenizer_is_trained(
+    three_corpora, tmp_path
+):
+    """1e12 (a slip for 1e-2, say) would build an epoch of 5e14 row numbers."""
+    root, cfg = three_corpora
+    train = [
+        CorpusConfig(src="a.en", tgt="a.de"),
+        CorpusConfig(src="b.en", tgt="b.de", weight=1e12),
+    ]
+    with pytest.raises(DataError) as err:
+        load_splits(dataclasses.replace(cfg, train=train), tmp_path)
+    assert str(err.value) == (
+        "data.train[1].weight=1000000000000.0 x 500 read pairs = 5e+14 pairs per epoch, more "
+        "than 2,147,483,647; lower it"
+    )
+    assert not list(tmp_path.glob("spm*"))
+
+
 def test_a_weight_that_gives_no_pair_of_those_cleaning_kept_is_refused(
     slice_lines, three_corpora, tmp_path
 ):

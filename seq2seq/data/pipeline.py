@@ -216,16 +216,28 @@ def _extra_pairs(weight: float, n: int) -> int:
     return round((weight - int(weight)) * n)
 
 
+#: The most pairs one corpus may give an epoch (int32 row numbers; 2**31 rows of an epoch
+#: take 16 GiB as int64 indices): a weight such as 1e12, a slip of the finger, is refused
+#: instead of exhausting memory.
+MAX_EPOCH_PAIRS = 2**31 - 1
+
+
 def check_weights(corpora: list[tuple[str, CorpusConfig]], counts: list[int], what: str) -> None:
     """Refuse a weight so small that its corpus, of `counts[c]` pairs (`what`: read or kept),
-    gives no pair to an epoch: only the corpus's size tells, so the recipe cannot. Checked on
-    the pairs read, before a tokenizer is trained, and again on those cleaning kept."""
+    gives no pair to an epoch, or so large that it gives more than `MAX_EPOCH_PAIRS`: only
+    the corpus's size tells, so the recipe cannot. Checked on the pairs read, before a
+    tokenizer is trained, and again on those cleaning kept."""
     for (key, corpus), n in zip(corpora, counts, strict=True):
         w = corpus.weight
         if n and int(w) == 0 and _extra_pairs(w, n) == 0:
             raise DataError(
                 f"{key}.weight={w} gives 0 of its {n} {what} pairs to an epoch; "
                 f"a weight of 1/{n} = {1 / n:.3g} gives one"
+            )
+        if w * n > MAX_EPOCH_PAIRS:
+            raise DataError(
+                f"{key}.weight={w} x {n} {what} pairs = {w * n:.3g} pairs per epoch, more "
+                f"than {MAX_EPOCH_PAIRS:,}; lower it"
             )
 
 
