@@ -300,7 +300,7 @@ def _check_trained_on(out: Path, trained_on: dict | None) -> None:
     if key is not None:
         raise ValueError(
             f"{out}: its SentencePiece model was trained with another {key} ({path}); use "
-            "another --run-dir, or --overwrite to start this one afresh"
+            "another --run-dir (or start this run afresh: seq2seq train --overwrite)"
         )
 
 
