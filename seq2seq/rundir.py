@@ -48,18 +48,26 @@ _BEST = re.compile(r"^step(\d+)-bleu(.*)\.ckpt$")
 _RECENT = re.compile(r"^recent-step(\d+)\.ckpt$")
 _EARLIER_METRICS = re.compile(r"^metrics-(\d+)-until(\d+)\.csv$")
 
-#: seq2seq.atomic's staged files, `.NAME.PID.tmp` (a user's `.notes.tmp` is not one).
-_STAGED = ".*.*[0-9].tmp"
+
+def _staged(*names: str) -> tuple[str, ...]:
+    """seq2seq.atomic's staged files of `names` (glob patterns too), `.NAME.PID.tmp`: a
+    user's `.notes.v2.tmp` is none of them."""
+    return tuple(f".{name}.[0-9]*.tmp" for name in names)
+
+
+#: A run's checkpoint names: the best k, the recent ones, last and averaged.
+_CHECKPOINT_FILES = ("step*-bleu*.ckpt", "recent-step*.ckpt", LAST, AVERAGED)
 
 #: What a run writes, folder by folder (glob patterns); a name ending in "/" is a folder
 #: whose whole content belongs to the library that writes it (the caches, and the folder
-#: SentencePiece trains in, `.spm-` and tempfile's 8 characters).
+#: SentencePiece trains in: seq2seq.data.tokenizer.TRAINING_DIR_PREFIX and tempfile's 8
+#: characters).
 _WRITTEN: dict[str, tuple[str, ...]] = {
     "": (
         RECIPE,
         RESULTS,
         TRAIN_STATE,
-        _STAGED,
+        *_staged(RECIPE, RESULTS, TRAIN_STATE, SPM_TRAINED_ON),
         CURVES,
         PREPARE_LOCK,
         "spm.model",
@@ -69,21 +77,27 @@ _WRITTEN: dict[str, tuple[str, ...]] = {
         "spm.tgt.model",
         "spm.tgt.vocab",
         SPM_TRAINED_ON,
-        ".spm-????????/",
+        ".spm-training-????????/",
         CHECKPOINTS + "/",
         LOGS + "/",
         CACHE + "/",
     ),
     # The names of rundir's patterns only: a checkpoint a user put here (an average of their
     # own, say) is not the run's.
-    CHECKPOINTS: ("step*-bleu*.ckpt", "recent-step*.ckpt", LAST, AVERAGED, _STAGED),
-    LOGS: (METRICS, "metrics-*-until*.csv", "hparams.yaml", "events.out.tfevents.*"),
+    CHECKPOINTS: (*_CHECKPOINT_FILES, *_staged(*_CHECKPOINT_FILES)),
+    LOGS: (
+        METRICS,
+        *_staged(METRICS),
+        "metrics-*-until*.csv",
+        "hparams.yaml",
+        "events.out.tfevents.*",
+    ),
     CACHE: (
         "tok-*.arrow",
         "clean-*.arrow",
         "read-*.arrow",
         "cache-*.arrow",
-        "tmp*",
+        "tmp????????",  # datasets' tempfile names
         "*.lock",
         "read/",
     ),

@@ -38,7 +38,8 @@ def fake_run(path: Path) -> RunDir:
         "cache/read/generator/default/0.0.0/x.arrow",
         ".recipe.yaml.4242.tmp",
         "checkpoints/.last.ckpt.4242.tmp",
-        ".spm-k3j_x9q2/train.txt",
+        ".spm-training-k3j_x9q2/input.txt",
+        "logs/.metrics.csv.4242.tmp",
     ):
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_text("x")
@@ -70,11 +71,20 @@ def test_a_users_checkpoint_or_hidden_file_in_a_run_is_theirs_and_refused(tmp_pa
     """Only the names a run gives are the run's: an average a user wrote into checkpoints/,
     a hidden .tmp file or a folder that merely starts like SentencePiece's are not."""
     run = fake_run(tmp_path / "run")
-    for rel in ("checkpoints/mine.ckpt", ".notes.tmp", ".spm-keep/data.txt"):
+    mine = ["checkpoints/mine.ckpt", ".notes.tmp", ".notes.v2.tmp", ".spm-myfiles1/data.txt"]
+    mine += ["checkpoints/.my.ckpt.1.tmp", "cache/tmp_my_notes.txt"]
+    for rel in mine:
         (run.path / rel).parent.mkdir(parents=True, exist_ok=True)
         (run.path / rel).write_text("mine")
-    assert run.foreign() == [".notes.tmp", ".spm-keep/", "checkpoints/mine.ckpt"]
-    with pytest.raises(ValueError, match="checkpoints/mine.ckpt"):
+    assert run.foreign() == [
+        ".notes.tmp",
+        ".notes.v2.tmp",
+        ".spm-myfiles1/",
+        "cache/tmp_my_notes.txt",
+        "checkpoints/.my.ckpt.1.tmp",
+        "checkpoints/mine.ckpt",
+    ]
+    with pytest.raises(ValueError, match=r"\.notes\.tmp, .* and 1 more; move those away"):
         run.clear()
     assert (run.path / "checkpoints" / "mine.ckpt").read_text() == "mine"
 

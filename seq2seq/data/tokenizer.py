@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -96,14 +97,17 @@ class Tokenizer:
             log.info("reusing the SentencePiece model(s) in %s", out)
             return tok
         out.mkdir(parents=True, exist_ok=True)
+        _remove_unfinished_trainings(out)
+        # The record first: a kill between the two then leaves a record without models (the
+        # next run trains them, and writes its own), never models without their record.
+        if trained_on is not None:
+            text = json.dumps(trained_on, indent=1, sort_keys=True) + "\n"
+            write_atomically(out / SPM_TRAINED_ON, text)
         if cfg.joint:
             _train_model([src, tgt], cfg, files[0], seed)
         else:
             _train_model([src], cfg, files[0], seed)
             _train_model([tgt], cfg, files[1], seed)
-        if trained_on is not None:
-            text = json.dumps(trained_on, indent=1, sort_keys=True) + "\n"
-            write_atomically(out / SPM_TRAINED_ON, text)
         return cls.load(out)
 
     @classmethod
@@ -229,12 +233,25 @@ def _file_paths(source: TextSource) -> list[str] | None:
     return None
 
 
+#: The folder SentencePiece trains in, beside its model: `.spm-training-` and tempfile's
+#: 8 characters (seq2seq.rundir's patterns know it).
+TRAINING_DIR_PREFIX = ".spm-training-"
+
+
+def _remove_unfinished_trainings(out_dir: Path) -> None:
+    """Remove the training folders a killed process left in `out_dir` (the copy of its
+    training text): no other process trains in this folder now (the run's lock)."""
+    for leftover in out_dir.glob(TRAINING_DIR_PREFIX + "????????"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _train_model(
     sources: list[TextSource], cfg: TokenizerConfig, model_file: Path, seed: int
 ) -> None:
     """Train one SentencePiece model from `sources` and write it atomically to `model_file`."""
     out_dir = model_file.parent
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".spm-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=TRAINING_DIR_PREFIX) as tmp:
         inputs: list[str] = []
         text_file = Path(tmp) / "input.txt"
         with text_file.open("w", encoding="utf-8") as f:
