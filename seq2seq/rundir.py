@@ -19,12 +19,16 @@ else, so it never deletes what a run did not write.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 RECIPE = "recipe.yaml"
 RESULTS = "results.json"
@@ -32,6 +36,8 @@ TRAIN_STATE = "train_state.json"
 CURVES = "curves.png"
 #: Held while a run's data is prepared (ranks started together take turns).
 PREPARE_LOCK = ".prepare.lock"
+#: Held by the command that trains or prepares the run (`RunDir.hold`).
+RUN_LOCK = ".run.lock"
 CHECKPOINTS = "checkpoints"
 LOGS = "logs"
 CACHE = "cache"
@@ -70,6 +76,7 @@ _WRITTEN: dict[str, tuple[str, ...]] = {
         *_staged(RECIPE, RESULTS, TRAIN_STATE, SPM_TRAINED_ON),
         CURVES,
         PREPARE_LOCK,
+        RUN_LOCK,
         "spm.model",
         "spm.vocab",
         "spm.src.model",
@@ -250,8 +257,54 @@ class RunDir:
         for entry in self.path.iterdir() if self.path.is_dir() else ():
             if entry.is_dir():
                 shutil.rmtree(entry)  # .spm-* (foreign() let only run folders through)
-            else:
+            elif entry.name != RUN_LOCK:  # held by this command: another must still find it
                 entry.unlink()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the run directory (an existing folder) for one command: a second `train` or
+        `prepare` on it meanwhile is refused in one line, instead of resuming from the first
+        one's checkpoints and moving its live log aside."""
+        lock = FileLock(self.path / RUN_LOCK)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise ValueError(
+                f"{self.path}: another seq2seq command is training or preparing this run "
+                f"(it holds {self.path / RUN_LOCK}); wait for it to end, or use another --run-dir"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def remove_stale_staged(self) -> list[Path]:
+        """Remove the staged files (`.NAME.PID.tmp`, seq2seq.atomic) that processes killed
+        while writing left, those of processes no longer running; return them. For the holder
+        of the run (`hold`), before it writes."""
+        removed = []
+        for folder in ("", CHECKPOINTS, LOGS):
+            for path in (self.path / folder).glob(".*.tmp"):
+                found = _STAGED_NAME.match(path.name)
+                ours = any(fnmatch.fnmatchcase(path.name, p) for p in _WRITTEN[folder])
+                if found and ours and not _running(int(found.group(1))):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+        return removed
+
+
+_STAGED_NAME = re.compile(r"^\..+\.(\d+)\.tmp$")
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (this one included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's; not a pid
+        return True
+    return True
 
 
 def _number(text: str) -> float | None:

@@ -130,3 +130,14 @@ def test_lightnings_refusal_of_a_trainer_setting_is_one_line_and_other_bugs_stil
     monkeypatch.setattr(cli, "_cmd_info", bug)
     with pytest.raises(KeyError):
         main(["info", "--preset", "tiny"])
+
+
+def test_ctrl_c_before_a_command_says_so_rather_than_printing_nothing(monkeypatch, capsys):
+    import seq2seq.data.report as report
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "prepare", interrupted)
+    assert main(["prepare", "recipes/multi30k_en_de.yaml", "--run-dir", "unused"]) == 130
+    assert capsys.readouterr().err.strip() == "seq2seq prepare: interrupted"

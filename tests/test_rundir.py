@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -184,3 +186,46 @@ def test_a_resume_from_a_log_step_keeps_one_row_per_update(tmp_path):
     (logs / "metrics-001-until0000009.csv").write_text("epoch,lr,step\n0,0.1,4\n0,0.2,9\n")
     (logs / "metrics.csv").write_text("epoch,lr,step\n0,0.25,9\n0,0.3,14\n")
     assert read_metrics(tmp_path)["lr"] == [(4, 0.1), (9, 0.25), (14, 0.3)]
+
+
+def test_a_run_held_by_one_command_is_refused_to_another(multi30k_slice, tmp_path, capsys):
+    """Two `train` (or `prepare`) commands on one run directory: the second resumed from the
+    first's checkpoints and moved its live log aside. Now it is one line and touches nothing."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    with run.hold():
+        for command in ("train", "prepare"):
+            argv = [command, "recipes/multi30k_en_de.yaml", "--run-dir", str(run.path)]
+            assert main([*argv, "--data.root", str(multi30k_slice)]) == 1
+            assert capsys.readouterr().err.strip() == (
+                f"seq2seq {command}: error: {run.path}: another seq2seq command is training or "
+                f"preparing this run (it holds {run.path / '.run.lock'}); wait for it to end, "
+                "or use another --run-dir"
+            )
+    assert [p.name for p in run.path.iterdir()] == [".run.lock"]
+    with run.hold():  # released: the next command may hold it
+        pass
+
+
+def test_staged_files_of_killed_processes_are_removed_and_others_kept(tmp_path):
+    finished = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead, alive = int(finished.stdout), os.getpid()
+    run = RunDir(tmp_path)
+    run.checkpoints.mkdir()
+    names = [f".results.json.{dead}.tmp", f".results.json.{alive}.tmp", ".notes.v2.tmp"]
+    names += [f"checkpoints/.last.ckpt.{dead}.tmp"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    removed = run.remove_stale_staged()
+    assert sorted(p.name for p in removed) == [
+        f".last.ckpt.{dead}.tmp",
+        f".results.json.{dead}.tmp",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f".results.json.{alive}.tmp", ".notes.v2.tmp", "checkpoints"]
+    )

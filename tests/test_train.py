@@ -944,3 +944,34 @@ def test_a_min_len_no_output_can_reach_is_refused_before_any_work(multi30k_slice
     with pytest.raises(ValueError, match=r"decode.min_len=1000 exceeds the longest output"):
         train(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_is_staged_beside_itself_not_in_the_temporary_folder(tmp_path, monkeypatch):
+    """Lightning's writer went through a file in $TMPDIR, which a kill left there."""
+    import tempfile
+
+    from seq2seq.training.train import AtomicCheckpointIO
+
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(3))
+    assert list(scratch.iterdir()) == [] and [p.name for p in path.parent.iterdir()] == [path.name]
+
+
+def test_a_signal_after_results_are_written_says_the_run_finished(multi30k_slice, tmp_path):
+    from seq2seq.training.train import Interrupted, run_finished
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"steps": 60}))
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache")  # max_steps 60
+    assert run_finished(run, recipe)
+    assert str(Interrupted(run, True, finished=True)) == (
+        f"terminated once {run} had finished ({run / 'results.json'} is written)"
+    )
+    further = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.max_steps", "80")
+    assert not run_finished(run, further)  # training further: the signal stops a resumable run
+    assert "run the same command to resume" in str(Interrupted(run, False, finished=False))

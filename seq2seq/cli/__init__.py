@@ -67,7 +67,7 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(dump_recipe(recipe), end="")
         return 0
-    from seq2seq.training.train import Interrupted, train
+    from seq2seq.training.train import Interrupted, run_finished, train
 
     run_dir = args.run_dir or _default_run_dir(args.recipe)
     try:
@@ -80,8 +80,10 @@ def _cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         )
     except Interrupted:
         raise
-    except KeyboardInterrupt as err:  # before training began (data preparation)
-        raise Interrupted(Path(run_dir), terminated=isinstance(err, Terminated)) from err
+    except KeyboardInterrupt as err:  # before training began (data preparation), or after
+        raise Interrupted(
+            Path(run_dir), isinstance(err, Terminated), run_finished(run_dir, recipe)
+        ) from err
     if results:  # DDP's other ranks return none: one JSON object on stdout
         print(json.dumps(results, indent=2))
     return 0
@@ -434,7 +436,8 @@ def main(argv: Sequence[str] | None = None, quick_exit: bool = False) -> int:
             _exit_now(code)
         return code
     except KeyboardInterrupt as err:
-        print(f"seq2seq {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        said = str(err) or ("terminated" if isinstance(err, Terminated) else "interrupted")
+        print(f"seq2seq {args.command}: {said}", file=sys.stderr)
         return getattr(err, "exit_code", 130)
     except Exception as err:
         if isinstance(err, BrokenPipeError) and stdout_reader_gone():

@@ -12,6 +12,7 @@ from datasets import Dataset
 from seq2seq.config import DataConfig
 from seq2seq.data.download import ensure_downloaded
 from seq2seq.data.pipeline import PreparedData, id_lengths, load_splits, text_hash
+from seq2seq.rundir import RunDir
 
 _PERCENTILES = (50, 90, 99)
 _EXAMPLES = 3
@@ -26,7 +27,11 @@ def prepare(data: DataConfig, run_dir: str | os.PathLike) -> dict[str, object]:
         `warnings` (e.g. valid/test sentences that also occur in the training data).
     """
     downloaded = ensure_downloaded(data)
-    prepared = load_splits(data, run_dir)
+    run = RunDir(run_dir)
+    run.path.mkdir(parents=True, exist_ok=True)
+    with run.hold():  # not beside a `train` of this run, nor another `prepare`
+        run.remove_stale_staged()
+        prepared = load_splits(data, run_dir)
     tok = prepared.tokenizer
     splits = {"train": prepared.train, "valid": prepared.valid}
     if prepared.test is not None:

@@ -25,7 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq import rundir
-from seq2seq.atomic import temporary_name, write_atomically
+from seq2seq.atomic import atomic_file, write_atomically
 from seq2seq.config import Recipe
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference.checkpoint import (
@@ -64,12 +64,21 @@ class Interrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C (exit 130) or SIGTERM (exit 143); the run resumes from its
     last checkpoint when the same command runs again."""
 
-    def __init__(self, run_dir: Path, terminated: bool = False) -> None:
+    def __init__(self, run_dir: Path, terminated: bool = False, finished: bool = False) -> None:
         self.exit_code = 143 if terminated else 130
         how = "terminated" if terminated else "interrupted"
-        super().__init__(
-            f"{how}: run the same command to resume {run_dir} from its last checkpoint"
-        )
+        if finished:  # after results.json was written: nothing is left to resume
+            said = f"{how} once {run_dir} had finished ({RunDir(run_dir).results} is written)"
+        else:
+            said = f"{how}: run the same command to resume {run_dir} from its last checkpoint"
+        super().__init__(said)
+
+
+def run_finished(run_dir: str | os.PathLike, recipe: Recipe) -> bool:
+    """Whether the run's results.json says it trained the recipe's max_steps (a signal after
+    it was written leaves nothing to resume)."""
+    steps = _finished_steps(RunDir(run_dir).results)
+    return steps is not None and 0 < recipe.trainer.max_steps <= steps
 
 
 class RunDirError(ValueError):
@@ -160,19 +169,18 @@ class SaveEveryMinutes(Callback):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, writing under a temporary name and renaming once the
-    file is complete: a kill or a full disk while saving leaves the previous last.ckpt whole
-    (and a stray temporary file, which --overwrite removes), never a truncated one."""
+    """Lightning's checkpoint writer, writing under a temporary name beside the checkpoint
+    and renaming once the file is complete (seq2seq.atomic): a kill or a full disk while
+    saving leaves the previous last.ckpt whole (and a stray temporary file, which the next
+    start of the run removes), never a truncated one. torch.save writes the staged file
+    itself: Lightning's own writer went through a temporary file in $TMPDIR, which a kill
+    left there, a whole checkpoint in size."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
-        staged = temporary_name(path)
-        try:
-            super().save_checkpoint(checkpoint, staged, storage_options)
-            staged.replace(path)
-        except BaseException:
-            staged.unlink(missing_ok=True)
-            raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 #: The start of Lightning's warning on a mid-epoch resume (see `train`).
@@ -434,12 +442,34 @@ def train(
     recipe_path: str | None = None,
     overwrite: bool = False,
 ) -> dict:
-    """Train (or resume) the run in `run_dir`; return the results written to results.json."""
-    from seq2seq.data.datamodule import TranslationDataModule
-
+    """Train (or resume) the run in `run_dir`; return the results written to results.json.
+    The command holds the run directory while it works (`RunDir.hold`: a second one on it is
+    refused), and first removes what killed processes left half-written there."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValueError(f"--run-dir {run_dir}: exists and is not a folder")
+    if rank_zero_only.rank != 0:  # ranks started together: rank 0's command holds the run
+        return _train(recipe, run_dir, init_from, overwrite)
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / rundir.RUN_LOCK
+    lock_existed = lock.exists()
+    try:
+        with RunDir(run_dir).hold():
+            return _train(recipe, run_dir, init_from, overwrite)
+    except BaseException:
+        # A command that fails leaves no lock file it made; refused before it wrote anything,
+        # it leaves the folder as it found it.
+        if not lock_existed:
+            lock.unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+
+
+def _train(recipe: Recipe, run_dir: Path, init_from: str | None, overwrite: bool) -> dict:
+    from seq2seq.data.datamodule import TranslationDataModule
+
     check_accelerator(recipe.trainer.accelerator)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
     init = load_model(init_from) if init_from else None
@@ -453,6 +483,8 @@ def train(
     _check_min_len(recipe)
     if resume is not None:
         _check_steps_left(run_dir, recipe, resume, step)
+    if rank_zero_only.rank == 0:  # the holder of the run: killed writers' leftovers go
+        RunDir(run_dir).remove_stale_staged()
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume is not None and rank_zero_only.rank == 0:
         # The same command resumes, --init-from included: it starts a new run only.
