@@ -33,8 +33,12 @@ def temporary_name(path: Path) -> Path:
 
 def _staged_target(path: Path) -> Path | None:
     """The regular file a rename would replace for `path` (its link's target, for a symbolic
-    link), or None where `path` exists as something else, to be written in place. A folder
-    is refused, naming `path`."""
+    link), or None where `path` exists as something else, or names a device or an open file
+    (/dev, /proc: /dev/stdout redirected to a file stats as that file, which a rename would
+    replace under the shell's feet), to be written in place. A folder is refused, naming
+    `path`."""
+    if path.parts[1:2] in (("dev",), ("proc",)) and path.is_absolute():
+        return None  # /dev/stdout, /dev/fd/N, /proc/self/fd/N: the file open there, in place
     try:
         mode = path.stat().st_mode  # follows links
     except FileNotFoundError:

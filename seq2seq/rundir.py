@@ -43,6 +43,8 @@ LOGS = "logs"
 CACHE = "cache"
 #: Beside the SentencePiece model(s): what they were trained on (seq2seq.data.tokenizer).
 SPM_TRAINED_ON = "spm.json"
+#: The folder SentencePiece trains in, beside its model, then tempfile's 8 characters.
+SPM_TRAINING_PREFIX = ".spm-training-"
 LAST = "last.ckpt"
 AVERAGED = "averaged.ckpt"
 METRICS = "metrics.csv"
@@ -84,7 +86,7 @@ _WRITTEN: dict[str, tuple[str, ...]] = {
         "spm.tgt.model",
         "spm.tgt.vocab",
         SPM_TRAINED_ON,
-        ".spm-training-????????/",
+        SPM_TRAINING_PREFIX + "????????/",
         CHECKPOINTS + "/",
         LOGS + "/",
         CACHE + "/",
@@ -279,10 +281,14 @@ class RunDir:
             lock.release()
 
     def remove_stale_staged(self) -> list[Path]:
-        """Remove the staged files (`.NAME.PID.tmp`, seq2seq.atomic) that processes killed
-        while writing left, those of processes no longer running; return them. For the holder
-        of the run (`hold`), before it writes."""
+        """Remove what processes killed while writing left: staged files (`.NAME.PID.tmp`,
+        seq2seq.atomic) of processes no longer running, and SentencePiece's training folders
+        (a copy of the training text); return them. For the holder of the run (`hold`), before
+        it writes: no other command trains in the folder then."""
         removed = []
+        for leftover in self.path.glob(SPM_TRAINING_PREFIX + "????????"):  # a killed training's
+            shutil.rmtree(leftover, ignore_errors=True)
+            removed.append(leftover)
         for folder in ("", CHECKPOINTS, LOGS):
             for path in (self.path / folder).glob(".*.tmp"):
                 found = _STAGED_NAME.match(path.name)

@@ -323,3 +323,35 @@ def test_evaluate_lowercase_is_sacrebleus_case_insensitive_bleu(tmp_path, capsys
     expected = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True)
     assert scores["bleu"] == pytest.approx(expected.score) == pytest.approx(100.0)
     assert "case:lc" in scores["bleu_signature"]
+
+
+def test_output_to_dev_stdout_appended_to_a_file_keeps_what_the_file_held(checkpoint, tmp_path):
+    """`-o /dev/stdout >> log`: /dev/stdout is then the file itself; replacing it by a renamed
+    file, or opening it again (which truncates), lost what the log held."""
+    import subprocess
+    import sys
+
+    src, log = tmp_path / "in.txt", tmp_path / "log.txt"
+    src.write_text("A dog runs.\nTwo cats.\n")
+    log.write_text("EARLIER\n")
+    command = [sys.executable, "-m", "seq2seq", "translate", "-m", str(checkpoint), "-i", str(src)]
+    with log.open("ab") as appended:
+        done = subprocess.run([*command, "-o", "/dev/stdout"], stdout=appended, check=False)
+    assert done.returncode == 0
+    lines = log.read_text().splitlines()
+    assert lines[0] == "EARLIER" and len(lines) == 3
+
+
+def test_average_writes_into_a_named_pipe_rather_than_refusing_or_replacing_it(
+    checkpoint, tmp_path
+):
+    import threading
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got: list[int] = []
+    reader = threading.Thread(target=lambda: got.append(len(fifo.read_bytes())), daemon=True)
+    reader.start()
+    assert main(["average", str(checkpoint), str(checkpoint), "-o", str(fifo)]) == 0
+    reader.join(timeout=30)
+    assert got and got[0] > 0 and fifo.is_fifo()

@@ -76,3 +76,27 @@ def test_a_tokenizer_trained_on_other_data_or_settings_is_not_reused(multi30k_sl
         prepare(other_corpus, run)
     with pytest.raises(ValueError, match=r"another data\.tokenizer\.model_type"):
         prepare(data(model_type="bpe"), run)
+
+
+def test_a_corpus_weight_or_name_is_not_what_the_tokenizer_was_trained_on(multi30k_slice, tmp_path):
+    """SentencePiece samples the pairs read, unweighted: a new weight (as a refusal of a too
+    small one advises) reuses the model; a list names the corpus that differs."""
+    import dataclasses
+
+    def data(weight: float, max_pairs: int = 300) -> DataConfig:
+        return DataConfig(
+            root=str(multi30k_slice),
+            train=[
+                CorpusConfig(src="train.en.gz", tgt="train.de.gz", max_pairs=600),
+                CorpusConfig(src="val.en.gz", tgt="val.de.gz", max_pairs=max_pairs, weight=weight),
+            ],
+            valid=CorpusConfig(src="val.en.gz", tgt="val.de.gz", max_pairs=20),
+            test=None,
+            tokenizer=TokenizerConfig(vocab_size=300),
+        )
+
+    run = tmp_path / "run"
+    prepare(data(1.0), run)
+    prepare(dataclasses.replace(data(2.0)), run)  # reused
+    with pytest.raises(ValueError, match=r"another data\.train\[1\]\.max_pairs \("):
+        prepare(data(1.0, max_pairs=200), run)

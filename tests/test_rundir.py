@@ -218,13 +218,15 @@ def test_staged_files_of_killed_processes_are_removed_and_others_kept(tmp_path):
     run = RunDir(tmp_path)
     run.checkpoints.mkdir()
     names = [f".results.json.{dead}.tmp", f".results.json.{alive}.tmp", ".notes.v2.tmp"]
-    names += [f"checkpoints/.last.ckpt.{dead}.tmp"]
+    names += [f"checkpoints/.last.ckpt.{dead}.tmp", ".spm-training-k3j_x9q2/input.txt"]
     for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("x")
-    removed = run.remove_stale_staged()
+    removed = run.remove_stale_staged()  # and a killed SentencePiece training's folder
     assert sorted(p.name for p in removed) == [
         f".last.ckpt.{dead}.tmp",
         f".results.json.{dead}.tmp",
+        ".spm-training-k3j_x9q2",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [f".results.json.{alive}.tmp", ".notes.v2.tmp", "checkpoints"]

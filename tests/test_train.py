@@ -974,4 +974,43 @@ def test_a_signal_after_results_are_written_says_the_run_finished(multi30k_slice
     )
     further = tiny_recipe(multi30k_slice, tmp_path / "cache", "--trainer.max_steps", "80")
     assert not run_finished(run, further)  # training further: the signal stops a resumable run
+    timed = ("--trainer.max_steps", "-1", "--trainer.max_time_minutes", "5")
+    assert run_finished(run, tiny_recipe(multi30k_slice, tmp_path / "cache", *timed))
     assert "run the same command to resume" in str(Interrupted(run, False, finished=False))
+
+
+def test_fine_tuning_into_a_prepared_folder_adopts_the_models_tokenizer(
+    trained_run, multi30k_slice, tmp_path
+):
+    """The folder's own SentencePiece record (another vocabulary) goes with its model."""
+    from seq2seq.data.report import prepare
+
+    run, _ = trained_run
+    folder = tmp_path / "fine"
+    prepared = tiny_recipe(multi30k_slice, tmp_path / "cache", "--data.tokenizer.vocab_size", "300")
+    prepare(prepared.data, folder)
+    short = ("--trainer.max_steps", "2", "--trainer.average_last", "0")
+    recipe = tiny_recipe(multi30k_slice, tmp_path / "cache", *short)
+    results = train(recipe, folder, init_from=str(run / "checkpoints" / "last.ckpt"))
+    assert results["steps"] == 2
+    assert (folder / "spm.model").read_bytes() == (run / "spm.model").read_bytes()
+    assert not (folder / "spm.json").exists()
+
+
+def test_a_run_begun_without_init_from_resumes_though_its_file_is_gone(
+    trained_run, multi30k_slice, monkeypatch, tmp_path
+):
+    import seq2seq.training.train as train_module
+
+    run, _ = trained_run
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, step):
+        raise Stop  # resuming: before it writes anything
+
+    monkeypatch.setattr(train_module.RunDir, "keep_metrics_for_resume", stop)
+    recipe = tiny_recipe(multi30k_slice, run / "cache", "--trainer.max_steps", "61")
+    with pytest.raises(Stop):
+        train(recipe, run, init_from=str(tmp_path / "moved-away.ckpt"))

@@ -259,10 +259,14 @@ def _filter_names(cfg: CleanConfig) -> dict[str, str]:
 
 
 def _tokenizer_inputs(cfg: DataConfig) -> dict:
-    """The recipe keys SentencePiece's training text and settings come from (`spm.json`)."""
-    train = [asdict(corpus) for _, corpus in cfg.train_corpora()]
+    """The recipe keys SentencePiece's training text and settings come from (`spm.json`):
+    not a corpus's weight or name (it samples the pairs read, unweighted)."""
+    train = [
+        {k: v for k, v in asdict(corpus).items() if k not in ("weight", "name")}
+        for _, corpus in cfg.train_corpora()
+    ]
     return {
-        "root": str(cfg.root),
+        "root": os.path.normpath(cfg.root),
         "src_lang": cfg.src_lang,
         "tgt_lang": cfg.tgt_lang,
         "train": train[0] if len(train) == 1 else train,

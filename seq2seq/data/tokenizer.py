@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,7 +22,7 @@ from seq2seq.atomic import write_atomically
 from seq2seq.config import TokenizerConfig
 from seq2seq.constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from seq2seq.data.normalization import lowercasing_rules
-from seq2seq.rundir import SPM_TRAINED_ON
+from seq2seq.rundir import SPM_TRAINED_ON, SPM_TRAINING_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,6 @@ class Tokenizer:
             log.info("reusing the SentencePiece model(s) in %s", out)
             return tok
         out.mkdir(parents=True, exist_ok=True)
-        _remove_unfinished_trainings(out)
         # The record first: a kill between the two then leaves a record without models (the
         # next run trains them, and writes its own), never models without their record.
         if trained_on is not None:
@@ -233,25 +231,12 @@ def _file_paths(source: TextSource) -> list[str] | None:
     return None
 
 
-#: The folder SentencePiece trains in, beside its model: `.spm-training-` and tempfile's
-#: 8 characters (seq2seq.rundir's patterns know it).
-TRAINING_DIR_PREFIX = ".spm-training-"
-
-
-def _remove_unfinished_trainings(out_dir: Path) -> None:
-    """Remove the training folders a killed process left in `out_dir` (the copy of its
-    training text): no other process trains in this folder now (the run's lock)."""
-    for leftover in out_dir.glob(TRAINING_DIR_PREFIX + "????????"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover, ignore_errors=True)
-
-
 def _train_model(
     sources: list[TextSource], cfg: TokenizerConfig, model_file: Path, seed: int
 ) -> None:
     """Train one SentencePiece model from `sources` and write it atomically to `model_file`."""
     out_dir = model_file.parent
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=TRAINING_DIR_PREFIX) as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=SPM_TRAINING_PREFIX) as tmp:
         inputs: list[str] = []
         text_file = Path(tmp) / "input.txt"
         with text_file.open("w", encoding="utf-8") as f:
@@ -327,6 +312,11 @@ def _first_difference(a: object, b: object, key: str) -> str | None:
         for name in sorted(set(a) | set(b)):
             found = _first_difference(a.get(name), b.get(name), f"{key}.{name}")
             if found is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if (found := _first_difference(x, y, f"{key}[{i}]")) is not None:
                 return found
         return None
     return None if a == b else key

@@ -64,11 +64,22 @@ class InputError(ValueError):
 
 
 # --- Reading and writing lines ---------------------------------------------------------------
+#: Names of this process's standard streams, used as they are ("-") rather than opened
+#: again: reopening /dev/stdout when it is a file truncates it, even one the shell opened
+#: with >> to append.
+_STANDARD = {
+    "r": ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"),
+    "w": ("/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"),
+}
+
+
 def open_binary(path: str, mode: str, stack: ExitStack) -> BinaryIO:
     """'-' is stdin/stdout; a name ending in .gz is gzip; else a plain file. A file opened for
     writing is written under a temporary name and takes `path` only once complete (see
     seq2seq.atomic): a failed or killed run leaves no file that looks finished, and an existing
     `path` untouched."""
+    if path in _STANDARD.get(mode[0], ()):
+        path = "-"
     if path == "-":
         reading = "r" in mode
         stream = sys.stdin if reading else sys.stdout

@@ -115,9 +115,9 @@ def average_checkpoints(paths: list[Path], output: Path) -> Path:
 
 
 def _check_replaceable(output: Path) -> None:
-    """An existing output is replaced only where it is an average written here before;
-    anything else there (a user's file, a training checkpoint) is refused, naming it."""
-    if not output.exists() and not output.is_symlink():
+    """An existing file is replaced only where it is an average written here before; any
+    other file there (a user's, a training checkpoint) is refused, naming it."""
+    if not output.is_file():  # a new name, or a device or pipe, written into
         return
     try:
         replaceable = "averaged_from" in read_checkpoint(output)

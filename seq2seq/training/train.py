@@ -78,7 +78,7 @@ def run_finished(run_dir: str | os.PathLike, recipe: Recipe) -> bool:
     """Whether the run's results.json says it trained the recipe's max_steps (a signal after
     it was written leaves nothing to resume)."""
     steps = _finished_steps(RunDir(run_dir).results)
-    return steps is not None and 0 < recipe.trainer.max_steps <= steps
+    return steps is not None and recipe.trainer.max_steps <= steps  # as `_check_run_dir` says
 
 
 class RunDirError(ValueError):
@@ -329,7 +329,9 @@ def _fine_tuning(recipe: Recipe, init: LoadedModel) -> Recipe:
 
 
 def _adopt_tokenizer(init: LoadedModel, run_dir: Path) -> None:
-    """Put a trained model's SentencePiece model(s) where the data path reuses them."""
+    """Put a trained model's SentencePiece model(s) where the data path reuses them, without
+    a record of their training (a `prepare` of this folder left one of its own model's)."""
+    (run_dir / rundir.SPM_TRAINED_ON).unlink(missing_ok=True)
     tokenizer = init.tokenizer
     state = tokenizer.to_state()
     protos = [state["src_model"]] if tokenizer.joint else [state["src_model"], state["tgt_model"]]
@@ -454,17 +456,17 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / rundir.RUN_LOCK
     lock_existed = lock.exists()
-    try:
-        with RunDir(run_dir).hold():
+    with RunDir(run_dir).hold():  # a command refused here removes nothing
+        try:
             return _train(recipe, run_dir, init_from, overwrite)
-    except BaseException:
-        # A command that fails leaves no lock file it made; refused before it wrote anything,
-        # it leaves the folder as it found it.
-        if not lock_existed:
-            lock.unlink(missing_ok=True)
-            if created and not any(run_dir.iterdir()):
-                run_dir.rmdir()
-        raise
+        except BaseException:
+            # Failed, it removes the lock file it made (while it still holds it); refused
+            # before it wrote anything, it leaves the folder as it found it.
+            if not lock_existed:
+                lock.unlink(missing_ok=True)
+                if created and not any(run_dir.iterdir()):
+                    run_dir.rmdir()
+            raise
 
 
 def _train(recipe: Recipe, run_dir: Path, init_from: str | None, overwrite: bool) -> dict:
@@ -472,7 +474,10 @@ def _train(recipe: Recipe, run_dir: Path, init_from: str | None, overwrite: bool
 
     check_accelerator(recipe.trainer.accelerator)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
-    init = load_model(init_from) if init_from else None
+    # --init-from is read where it matters: a new run, or one it started (a resume as begun
+    # without it needs neither the file nor the time to load it).
+    needed = init_from and (overwrite or not _started_as(run_dir, recipe))
+    init = load_model(init_from) if needed else None
     fine = _fine_tuning(recipe, init) if init else None
     resume_point = _check_run_dir(run_dir, recipe, overwrite, fine)
     resume, step = resume_point if resume_point else (None, 0)
