@@ -239,6 +239,20 @@ def test_init_from_loads_the_weights_and_the_tokenizer(trained_run, multi30k_sli
     assert (tmp_path / "finetune" / "spm.model").read_bytes() == (run / "spm.model").read_bytes()
 
 
+class Resumed(Exception):
+    """Raised where a resume would first write (`stop_when_it_resumes`)."""
+
+
+def stop_when_it_resumes(monkeypatch) -> None:
+    """Make `train` stop with Resumed once it resumes, before it writes anything."""
+    import seq2seq.training.train as train_module
+
+    def stop(self, step):
+        raise Resumed
+
+    monkeypatch.setattr(train_module.RunDir, "keep_metrics_for_resume", stop)
+
+
 def test_a_resume_says_so_and_that_init_from_is_not_used(
     trained_run, multi30k_slice, monkeypatch, caplog
 ):
@@ -246,17 +260,10 @@ def test_a_resume_says_so_and_that_init_from_is_not_used(
     import seq2seq.training.train as train_module
 
     run, results = trained_run
-
-    class Stop(Exception):
-        pass
-
-    def stop(self, step):
-        raise Stop  # before the resume writes anything
-
-    monkeypatch.setattr(train_module.RunDir, "keep_metrics_for_resume", stop)
+    stop_when_it_resumes(monkeypatch)
     recipe = tiny_recipe(multi30k_slice, run / "cache", "--trainer.max_steps", "61")
     source = run / "checkpoints" / "averaged.ckpt"
-    with caplog.at_level(logging.INFO, logger=train_module.__name__), pytest.raises(Stop):
+    with caplog.at_level(logging.INFO, logger=train_module.__name__), pytest.raises(Resumed):
         train(recipe, run, init_from=str(source))
     said = [r.getMessage() for r in caplog.records if r.name == train_module.__name__]
     assert said == [
@@ -1000,17 +1007,8 @@ def test_fine_tuning_into_a_prepared_folder_adopts_the_models_tokenizer(
 def test_a_run_begun_without_init_from_resumes_though_its_file_is_gone(
     trained_run, multi30k_slice, monkeypatch, tmp_path
 ):
-    import seq2seq.training.train as train_module
-
     run, _ = trained_run
-
-    class Stop(Exception):
-        pass
-
-    def stop(self, step):
-        raise Stop  # resuming: before it writes anything
-
-    monkeypatch.setattr(train_module.RunDir, "keep_metrics_for_resume", stop)
+    stop_when_it_resumes(monkeypatch)
     recipe = tiny_recipe(multi30k_slice, run / "cache", "--trainer.max_steps", "61")
-    with pytest.raises(Stop):
+    with pytest.raises(Resumed):
         train(recipe, run, init_from=str(tmp_path / "moved-away.ckpt"))
