@@ -42,10 +42,10 @@ def _staged_target(path: Path) -> Path | None:
     try:
         mode = path.stat().st_mode  # follows links
     except FileNotFoundError:
-        return path.resolve() if path.is_symlink() else path  # a new file (or a link's)
-    if stat.S_ISDIR(mode):
+        mode = None  # a new file (or a dangling link's target)
+    if mode is not None and stat.S_ISDIR(mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory", os.fspath(path))
-    if not stat.S_ISREG(mode):
+    if mode is not None and not stat.S_ISREG(mode):
         return None
     return path.resolve() if path.is_symlink() else path
 

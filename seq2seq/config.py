@@ -15,6 +15,10 @@ from dataclasses import dataclass, field
 
 from seq2seq.constants import PAD_ID
 
+#: ModelConfig's dropout rates: regularization, not architecture (a fine-tuning run takes
+#: them from its recipe; checkpoints that differ only in them may be averaged).
+DROPOUT_KEYS = ("dropout", "attention_dropout", "activation_dropout")
+
 
 @dataclass
 class ModelConfig:
@@ -54,7 +58,7 @@ class ModelConfig:
     """Padding id (fixed by the tokenizer: seq2seq.constants)."""
 
     def __post_init__(self) -> None:
-        for name in ("dropout", "attention_dropout", "activation_dropout"):
+        for name in DROPOUT_KEYS:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"model.{name}={value} must be in [0, 1)")

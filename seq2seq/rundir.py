@@ -68,8 +68,7 @@ _CHECKPOINT_FILES = ("step*-bleu*.ckpt", "recent-step*.ckpt", LAST, AVERAGED)
 
 #: What a run writes, folder by folder (glob patterns); a name ending in "/" is a folder
 #: whose whole content belongs to the library that writes it (the caches, and the folder
-#: SentencePiece trains in: seq2seq.data.tokenizer.TRAINING_DIR_PREFIX and tempfile's 8
-#: characters).
+#: SentencePiece trains in: SPM_TRAINING_PREFIX and tempfile's 8 characters).
 _WRITTEN: dict[str, tuple[str, ...]] = {
     "": (
         RECIPE,
@@ -258,7 +257,7 @@ class RunDir:
                 shutil.rmtree(self.path / folder)
         for entry in self.path.iterdir() if self.path.is_dir() else ():
             if entry.is_dir():
-                shutil.rmtree(entry)  # .spm-* (foreign() let only run folders through)
+                shutil.rmtree(entry)  # SentencePiece's (foreign() let only run folders through)
             elif entry.name != RUN_LOCK:  # held by this command: another must still find it
                 entry.unlink()
 

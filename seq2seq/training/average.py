@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from seq2seq.atomic import atomic_file
+from seq2seq.config import DROPOUT_KEYS
 from seq2seq.inference.checkpoint import KEY, CheckpointError, read_checkpoint
 from seq2seq.rundir import RunDir
 
@@ -71,7 +72,7 @@ def _check_same_model(extra: dict, first: dict, path: Path, first_path: Path) ->
         )
     mine, theirs = extra.get("model_config", {}), first.get("model_config", {})
     for key in sorted(set(mine) | set(theirs)):
-        if "dropout" not in key and mine.get(key) != theirs.get(key):
+        if key not in DROPOUT_KEYS and mine.get(key) != theirs.get(key):
             raise CheckpointError(
                 f"{path}: model.{key}={mine.get(key)!r}, {first_path} has {theirs.get(key)!r}; "
                 "only checkpoints of one model can be averaged"

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from seq2seq import rundir
 from seq2seq.atomic import atomic_file, write_atomically
-from seq2seq.config import Recipe
+from seq2seq.config import DROPOUT_KEYS, Recipe
 from seq2seq.data.tokenizer import Tokenizer
 from seq2seq.inference.checkpoint import (
     CheckpointError,
@@ -196,11 +196,16 @@ def _ranks_started_together() -> bool:
 
 
 def _check_run_dir(
-    run_dir: Path, recipe: Recipe, overwrite: bool, fine_tuning: Recipe | None = None
+    run_dir: Path,
+    recipe: Recipe,
+    overwrite: bool,
+    saved: dict | None,
+    fine_tuning: Recipe | None = None,
 ) -> tuple[Path, int] | None:
     """The checkpoint to resume from and its step, or None for a fresh run. Refuses to clobber,
-    and to resume with another model or data section than the run was started with: the
-    recipe's, or with --init-from (`fine_tuning`) the one a fine-tuning run trains by."""
+    and to resume with another model or data section than the run was started with (`saved`,
+    its recipe.yaml: `_saved_recipe`): the recipe's, or with --init-from (`fine_tuning`) the
+    one a fine-tuning run trains by."""
     run = RunDir(run_dir)
     results = run.results
     if results.exists() and not overwrite:
@@ -223,16 +228,21 @@ def _check_run_dir(
         if rank_zero_only.rank == 0:
             run.clear()
         return None
-    saved = run.recipe
-    if saved.exists():
-        before = yaml.safe_load(saved.read_text())
-        differs = [_differing_section(before, r) for r in (fine_tuning, recipe) if r is not None]
+    if saved is not None:
+        differs = [_differing_section(saved, r) for r in (fine_tuning, recipe) if r is not None]
         if all(differs):
             raise RunDirError(
                 f"{run_dir}: the recipe's '{differs[-1]}' section differs from the one this run "
-                f"was started with ({saved}); resume with the same recipe or use another --run-dir"
+                f"was started with ({run.recipe}); resume with the same recipe or use another "
+                "--run-dir"
             )
     return _resume_point(run)
+
+
+def _saved_recipe(run_dir: Path) -> dict | None:
+    """The recipe a run was started with (its recipe.yaml), None before it was."""
+    path = RunDir(run_dir).recipe
+    return yaml.safe_load(path.read_text()) if path.exists() else None
 
 
 def _differing_section(before: dict, recipe: Recipe) -> str | None:
@@ -243,12 +253,6 @@ def _differing_section(before: dict, recipe: Recipe) -> str | None:
         if now["model"][key] == 0:
             now["model"][key] = before["model"][key]
     return next((s for s in ("model", "data") if before.get(s) != now.get(s)), None)
-
-
-def _started_as(run_dir: Path, recipe: Recipe) -> bool:
-    """Whether the run in `run_dir` was started with `recipe`'s model and data sections."""
-    saved = RunDir(run_dir).recipe
-    return saved.exists() and _differing_section(yaml.safe_load(saved.read_text()), recipe) is None
 
 
 def _check_min_len(recipe: Recipe) -> None:
@@ -306,17 +310,13 @@ def _resume_point(run: RunDir) -> tuple[Path, int] | None:
     return None
 
 
-#: The model keys a fine-tuning run takes from its recipe: regularization, not architecture.
-_FINE_TUNING_KEYS = ("dropout", "attention_dropout", "activation_dropout")
-
-
 def _fine_tuning(recipe: Recipe, init: LoadedModel) -> Recipe:
     """The recipe a run started with --init-from trains by: the trained model's architecture
     and vocabulary with the recipe's dropout rates, and a tokenizer section that describes the
     model's SentencePiece model(s) (joint, size, lowercasing), which the run adopts."""
     tok = init.tokenizer
     model = dataclasses.replace(
-        init.model.cfg, **{key: getattr(recipe.model, key) for key in _FINE_TUNING_KEYS}
+        init.model.cfg, **{key: getattr(recipe.model, key) for key in DROPOUT_KEYS}
     )
     tok_cfg = dataclasses.replace(
         recipe.data.tokenizer,
@@ -341,7 +341,7 @@ def _adopt_tokenizer(init: LoadedModel, run_dir: Path) -> None:
 
 def _unused_architecture(recipe: Recipe, fine: Recipe) -> str:
     """The recipe's architecture keys that a fine-tuning run does not take ("" if none)."""
-    skip = {*_FINE_TUNING_KEYS, "src_vocab_size", "tgt_vocab_size"}
+    skip = {*DROPOUT_KEYS, "src_vocab_size", "tgt_vocab_size"}
     mine, theirs = dataclasses.asdict(recipe.model), dataclasses.asdict(fine.model)
     return ", ".join(
         f"model.{key} {theirs[key]} (recipe: {mine[key]})"
@@ -474,14 +474,21 @@ def _train(recipe: Recipe, run_dir: Path, init_from: str | None, overwrite: bool
 
     check_accelerator(recipe.trainer.accelerator)
     schedule_factor(recipe.optim, recipe.trainer.max_steps)  # a bad schedule fails before any work
+    saved = None if overwrite else _saved_recipe(run_dir)  # --overwrite starts afresh
+    started_plain = saved is not None and _differing_section(saved, recipe) is None
     # --init-from is read where it matters: a new run, or one it started (a resume as begun
     # without it needs neither the file nor the time to load it).
-    needed = init_from and (overwrite or not _started_as(run_dir, recipe))
-    init = load_model(init_from) if needed else None
+    init = load_model(init_from) if init_from and not started_plain else None
     fine = _fine_tuning(recipe, init) if init else None
-    resume_point = _check_run_dir(run_dir, recipe, overwrite, fine)
+    resume_point = _check_run_dir(run_dir, recipe, overwrite, saved, fine)
     resume, step = resume_point if resume_point else (None, 0)
-    resumed_fine_tuning = resume is not None and fine is not None and _started_as(run_dir, fine)
+    resumed_fine_tuning = (
+        resume is not None
+        and fine is not None
+        and saved is not None
+        and _differing_section(saved, fine) is None
+    )
+    unused = ""  # the recipe's architecture keys a new fine-tuning run does not take
     if fine is not None and (resume is None or resumed_fine_tuning):
         unused = _unused_architecture(recipe, fine)
         recipe = fine  # a fine-tuning run, new or resumed by the command that started it
@@ -496,7 +503,7 @@ def _train(recipe: Recipe, run_dir: Path, init_from: str | None, overwrite: bool
         said = f"; --init-from {init_from} is not used (it starts a new run)" if init_from else ""
         log.info("resuming %s from %s (update %d)%s", run_dir, resume, step, said)
         RunDir(run_dir).keep_metrics_for_resume(step)
-    elif init is not None and unused and rank_zero_only.rank == 0:
+    elif unused and rank_zero_only.rank == 0:
         log.info("fine-tuning keeps %s's architecture: %s", init.path, unused)
     if recipe.trainer.threads:
         torch.set_num_threads(recipe.trainer.threads)
