@@ -34,6 +34,39 @@ def test_the_command_leaves_cudnn_attention_out_of_sdpa():
         torch.backends.cuda.enable_cudnn_sdp(True)
 
 
+def test_the_console_script_imports_torch_uncollected_then_freezes_it():
+    """In its own process the command imports torch with the garbage collector off (it ran
+    some 380 collections over torch's objects, 0.2 s) and freezes what the import made; the
+    collector is on again for the command's own work."""
+    probe = (
+        "import atexit, gc, json, sys\n"
+        "runs = []\n"
+        "gc.callbacks.append(lambda phase, info: phase == 'stop' and runs.append(1))\n"
+        "from seq2seq.cli import import_torch_untracked, run\n"
+        "runs.clear()\n"
+        "import_torch_untracked()\n"
+        "during = len(runs)\n"
+        "gc.unfreeze()\n"
+        "atexit.register(lambda: print(json.dumps([during, 'torch' in sys.modules,\n"
+        "    gc.get_freeze_count(), gc.isenabled()]), file=sys.stderr))\n"
+        "sys.argv = ['seq2seq', 'info', '--preset', 'tiny', '--vocab-size', '100', '--json']\n"
+        "run()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    during, imported, frozen, enabled = json.loads(done.stderr.strip().splitlines()[-1])
+    assert during == 0 and imported and enabled
+    assert frozen > 50_000  # run() froze torch's objects again (the probe unfroze them)
+
+
+def test_a_caller_of_main_keeps_its_garbage_collector_as_it_was():
+    import gc
+
+    frozen = gc.get_freeze_count()
+    assert main(["info", "--preset", "tiny", "--vocab-size", "100", "--json"]) == 0
+    assert gc.get_freeze_count() == frozen and gc.isenabled()
+
+
 def test_the_console_script_flushes_a_quick_exit_commands_output_to_a_pipe(tmp_path):
     """`seq2seq evaluate` ends with os._exit (QUICK_EXIT): what it printed to a pipe, which
     Python buffers, still arrives whole, and the exit code is the command's."""
