@@ -141,6 +141,21 @@ def test_moses_tokenization_reproduces_the_multi30k_tok_files():
     assert cased == ["Ein Mann mit einem orangefarbenen Hut , der etwas anstarrt ."]
 
 
+def test_moses_with_a_language_it_has_no_abbreviations_for_says_it_falls_back_to_english(
+    caplog,
+):
+    """`--moses DE` (or a language without a prefix file) tokenizes "bzw." as English does,
+    splitting off its period, as tokenizer.perl does after its warning: the user is told."""
+    pytest.importorskip("sacremoses")
+    line = ["Hunde bzw. Katzen spielen."]
+    with caplog.at_level("WARNING", logger="seq2seq"):
+        assert moses_tokenized(line, "de") == ["Hunde bzw. Katzen spielen ."]
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="seq2seq"):
+        assert moses_tokenized(line, "DE") == ["Hunde bzw . Katzen spielen ."]
+    assert "'DE'" in caplog.text and "English" in caplog.text and " de," in caplog.text
+
+
 def test_moses_tokenized_test_2016_flickr_has_the_published_baselines_reference_length(
     multi30k_dir,
 ):

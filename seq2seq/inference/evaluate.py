@@ -13,8 +13,10 @@ sacreBLEU's `tok:none`, so such numbers can be compared with ours on one system'
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
+import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,6 +61,8 @@ def check_aligned(a: Sequence[str], a_name: str, b: Sequence[str], b_name: str) 
         )
 
 
+log = logging.getLogger(__name__)
+
 #: How to install what `moses_tokenized` needs.
 MOSES_EXTRA = "pip install -e .[papers]"
 
@@ -77,12 +81,30 @@ def moses_tokenized(lines: Sequence[str], lang: str, lowercase: bool = False) ->
         raise RuntimeError(
             f"Moses tokenization needs sacremoses, which is not installed: {MOSES_EXTRA}"
         ) from None
+    _warn_if_unknown(lang)
     normalizer, tokenizer = MosesPunctNormalizer(lang=lang), MosesTokenizer(lang=lang)
     out = []
     for line in lines:
         text = normalizer.normalize(line.lower() if lowercase else line)
         out.append(tokenizer.tokenize(text, escape=True, return_str=True))
     return out
+
+
+@functools.cache
+def _warn_if_unknown(lang: str) -> None:
+    """Warn, once per language, where Moses has no abbreviations (nonbreaking prefixes) for
+    `lang` ('DE', 'xx'): tokenizer.perl warns and tokenizes with English's, as sacremoses does
+    silently."""
+    from sacremoses.corpus import NonbreakingPrefixes
+
+    known = NonbreakingPrefixes().available_langs
+    if lang not in known:
+        log.warning(
+            "Moses has no abbreviations for language %r: tokenizing with English's, as "
+            "tokenizer.perl does (codes it knows: %s)",
+            lang,
+            ", ".join(sorted(set(known.values()))),
+        )
 
 
 def moses_label(lang: str) -> str:
