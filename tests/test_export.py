@@ -326,6 +326,22 @@ def test_a_lowercasing_model_exports_a_tokenizer_that_lowercases_too(
     assert ct2_spm.encode(lines, add_eos=True) == want
 
 
+def with_decode(checkpoint: Path, path: Path, **decode) -> Path:
+    """A copy of `checkpoint` with other saved decoding defaults."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["seq2seq"]["decode"].update(decode)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_greedy_model_with_a_length_penalty_exports_to_hf(checkpoint, tmp_path):
+    """The penalty is a beam setting: GenerationConfig refuses to save it beside num_beams 1."""
+    path = with_decode(checkpoint, tmp_path / "greedy.ckpt", beam=1, lenpen=0.6)
+    assert export(path, "hf", tmp_path / "hf") == 0
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "hf"))
+    assert generation.num_beams == 1 and generation.length_penalty == 1.0
+
+
 # --- Bad input ------------------------------------------------------------------------------
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()

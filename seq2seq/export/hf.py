@@ -85,12 +85,13 @@ def generation_config(decode: DecodeConfig, cfg: ModelConfig) -> dict:
     one number where ours is a * |x| + b per sentence: max_length is the model's position limit
     (plus the decoder start token), and a and b are kept as `seq2seq_max_len_a/b` for reference.
     """
+    beam = decode.beam > 1
     return {
         "num_beams": decode.beam,
         "num_return_sequences": decode.nbest,
-        "length_penalty": decode.lenpen,
-        # A beam rule: GenerationConfig refuses to save it beside greedy search.
-        "early_stopping": decode.stop == "beam" and decode.beam > 1,
+        # Beam settings: GenerationConfig refuses to save either beside greedy search.
+        "length_penalty": decode.lenpen if beam else 1.0,
+        "early_stopping": decode.stop == "beam" and beam,
         "max_length": cfg.max_positions + 1,
         "min_length": decode.min_len + 1,  # HF counts the decoder start token
         "bad_words_ids": [[PAD_ID], [BOS_ID]],  # we never emit pad or bos
