@@ -342,6 +342,20 @@ def test_a_greedy_model_with_a_length_penalty_exports_to_hf(checkpoint, tmp_path
     assert generation.num_beams == 1 and generation.length_penalty == 1.0
 
 
+def test_the_hf_tokenizer_truncates_as_translate_and_generate_runs_on_the_result(
+    hf_dir, marian, loaded, sources
+):
+    """model_max_length is the model's position count: an over-long line, truncated as
+    translate truncates it (pieces then EOS), fits Marian's position table."""
+    model, tok = marian
+    long = [s for s in sources if len(loaded.tokenizer.encode_src([s])[0]) > MAX_POSITIONS][:2]
+    assert long and tok.model_max_length == MAX_POSITIONS
+    batch = tok(long, truncation=True, padding=True, return_tensors="pt")
+    want = encode_lines(loaded.tokenizer, long, MAX_POSITIONS)
+    assert [row[row != 0].tolist() for row in batch["input_ids"]] == want
+    assert model.generate(**batch, num_beams=1, max_new_tokens=3).shape[0] == 2
+
+
 # --- Bad input ------------------------------------------------------------------------------
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -186,9 +186,10 @@ def build_marian(model: Transformer, decode: DecodeConfig):
     return hf
 
 
-def write_tokenizer(tokenizer, out: Path) -> None:
+def write_tokenizer(tokenizer, out: Path, max_positions: int) -> None:
     """source.spm, target.spm and vocab.json (+ target_vocab.json when the sides differ),
-    then MarianTokenizer's own config files."""
+    then MarianTokenizer's own config files: `truncation=True` keeps `max_positions` ids
+    (pieces, then EOS), as translate truncates."""
     from transformers import MarianTokenizer
 
     state = tokenizer.to_state()
@@ -211,6 +212,7 @@ def write_tokenizer(tokenizer, out: Path) -> None:
         eos_token="</s>",
         pad_token="<pad>",
         bos_token="<s>",  # only so that decoding skips the decoder start token
+        model_max_length=max_positions,
     )
     _check_special_ids(hf_tok)
     hf_tok.save_pretrained(str(out))
@@ -238,4 +240,4 @@ def write_hf(loaded: LoadedModel, out: Path) -> None:
     out.mkdir(parents=True)
     hf = build_marian(loaded.model.float(), loaded.decode)
     hf.save_pretrained(str(out))
-    write_tokenizer(loaded.tokenizer, out)
+    write_tokenizer(loaded.tokenizer, out, loaded.model.cfg.max_positions)
