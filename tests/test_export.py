@@ -356,6 +356,13 @@ def test_the_hf_tokenizer_truncates_as_translate_and_generate_runs_on_the_result
     assert model.generate(**batch, num_beams=1, max_new_tokens=3).shape[0] == 2
 
 
+def test_the_hf_tokenizer_reads_special_token_text_as_text_as_ours_does(marian, loaded):
+    """'</s>' typed in a line is characters to SentencePiece, never an EOS mid-sentence."""
+    _, tok = marian
+    lines = ["<s> A dog </s> runs <unk> in <pad> snow."]
+    assert tok(lines)["input_ids"] == loaded.tokenizer.encode_src(lines)
+
+
 # --- Bad input ------------------------------------------------------------------------------
 def one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()

@@ -189,7 +189,8 @@ def build_marian(model: Transformer, decode: DecodeConfig):
 def write_tokenizer(tokenizer, out: Path, max_positions: int) -> None:
     """source.spm, target.spm and vocab.json (+ target_vocab.json when the sides differ),
     then MarianTokenizer's own config files: `truncation=True` keeps `max_positions` ids
-    (pieces, then EOS), as translate truncates."""
+    (pieces, then EOS), as translate truncates, and '</s>' typed in a line is text to
+    SentencePiece, as ours reads it, not an EOS (`split_special_tokens`)."""
     from transformers import MarianTokenizer
 
     state = tokenizer.to_state()
@@ -213,6 +214,7 @@ def write_tokenizer(tokenizer, out: Path, max_positions: int) -> None:
         pad_token="<pad>",
         bos_token="<s>",  # only so that decoding skips the decoder start token
         model_max_length=max_positions,
+        split_special_tokens=True,
     )
     _check_special_ids(hf_tok)
     hf_tok.save_pretrained(str(out))
