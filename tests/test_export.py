@@ -402,6 +402,43 @@ def test_overwrite_replaces_an_earlier_export_but_never_a_foreign_file(
     assert (out / "notes.txt").read_text() == "mine" and (out / "model.bin").exists()
 
 
+@pytest.mark.parametrize("earlier", [False, True], ids=["new", "overwrite"])
+def test_an_export_interrupted_while_moving_in_leaves_no_folder_that_loads(
+    checkpoint, tmp_path, monkeypatch, earlier
+):
+    """Stopped at each move into OUT in turn (a SIGTERM there), OUT is absent, or holds no
+    config.json (neither engine loads it), or is the whole new export."""
+    out = tmp_path / "out"
+    if earlier:
+        assert export(checkpoint, "ctranslate2", out) == 0
+    state = {"stop_at": 0, "moves": 0}
+
+    def stopping(real):
+        def move(src, dst, *args, **kwargs):
+            if Path(dst) == out or Path(dst).parent == out:
+                state["moves"] += 1
+                if state["moves"] == state["stop_at"]:
+                    raise RuntimeError("interrupted")
+            return real(src, dst, *args, **kwargs)
+
+        return move
+
+    monkeypatch.setattr(os, "replace", stopping(os.replace))
+    monkeypatch.setattr(os, "rename", stopping(os.rename))
+    for stop_at in range(1, 20):
+        state["stop_at"], state["moves"] = stop_at, 0
+        if export(checkpoint, "ctranslate2", out, "--overwrite") == 0:
+            break
+        assert not out.exists() or not (out / "config.json").exists()
+        assert [p.name for p in tmp_path.iterdir()] in ([], ["out"])  # no staging left
+        if earlier:  # the earlier export, whole again
+            state["stop_at"] = 0
+            assert export(checkpoint, "ctranslate2", out, "--overwrite") == 0
+    monkeypatch.undo()
+    assert stop_at > 1
+    ctranslate2.Translator(str(out), device="cpu")
+
+
 def test_a_checkpoint_not_ours_gets_the_same_error_as_translate(tmp_path, capsys):
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(2)}, foreign)

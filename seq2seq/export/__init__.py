@@ -53,6 +53,10 @@ WRITTEN: dict[str, frozenset[str]] = {
 }
 
 
+#: The file both formats load first, and an export moves into OUT last.
+MARKER = "config.json"
+
+
 class ExportError(ValueError):
     """A model the target format cannot represent, or an output folder we must not touch."""
 
@@ -81,15 +85,22 @@ def check_out_dir(out: Path, to: str, overwrite: bool) -> None:
 
 
 def _install(staged: Path, out: Path, to: str) -> None:
-    """Move the staged files into `out`, removing only earlier exports' files."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Move the staged files into `out`, removing only earlier exports' files.
+
+    A new `out` is the staged folder renamed: it appears complete or not at all. Into an
+    existing one, config.json (which both formats load first) is removed first and moved in
+    last, so an interrupted replacement leaves a folder that does not load as a model."""
     made = {p.name for p in staged.iterdir()}
     if made - WRITTEN[to]:  # a library wrote a file we do not know: keep the list honest
         raise ExportError(f"the export wrote unexpected files {sorted(made - WRITTEN[to])}")
+    if not out.exists() and not out.is_symlink():
+        os.rename(staged, out)
+        return
+    (out / MARKER).unlink(missing_ok=True)
     for old in out.iterdir():
         if old.name in WRITTEN[to] and old.name not in made:
             old.unlink()
-    for name in sorted(made):
+    for name in sorted(made, key=lambda name: name == MARKER):
         os.replace(staged / name, out / name)
 
 
