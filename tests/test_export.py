@@ -439,6 +439,12 @@ def test_an_export_interrupted_while_moving_in_leaves_no_folder_that_loads(
     ctranslate2.Translator(str(out), device="cpu")
 
 
+def test_a_refused_export_leaves_no_folders_it_made(pre_norm_checkpoint, checkpoint, tmp_path):
+    assert export(pre_norm_checkpoint, "hf", tmp_path / "a" / "b" / "hf") == 1
+    assert export(checkpoint, "ctranslate2", tmp_path / "c" / "ct2", "--quantization", "int3") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_checkpoint_not_ours_gets_the_same_error_as_translate(tmp_path, capsys):
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"weights": torch.zeros(2)}, foreign)

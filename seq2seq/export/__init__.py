@@ -12,6 +12,7 @@ folder first and moved in only once complete.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import tempfile
@@ -131,12 +132,28 @@ def export(
     out = Path(out)
     check_out_dir(out, to, overwrite)
     loaded = load_model(model_path)
+    made = _missing_parents(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        staged = Path(tmp) / "out"
-        writer(loaded, staged, quantization)
-        _install(staged, out, to)
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+            staged = Path(tmp) / "out"
+            writer(loaded, staged, quantization)
+            _install(staged, out, to)
+    except BaseException:
+        for folder in made:  # a refused export leaves no folders behind it
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return out
+
+
+def _missing_parents(out: Path) -> list[Path]:
+    """The folders above `out` that do not exist yet, deepest first."""
+    missing, parent = [], out.parent
+    while not parent.exists() and parent != parent.parent:
+        missing.append(parent)
+        parent = parent.parent
+    return missing
 
 
 def _writer(to: str) -> Callable[[LoadedModel, Path, str | None], None]:
