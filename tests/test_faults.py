@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,28 @@ def test_a_checkpoint_in_torchs_legacy_format_loads_too_and_a_payload_in_it_runs
     src = tmp_path / "in.en"
     src.write_text("A dog runs.\n")
     assert main(["translate", "-m", str(legacy), "-i", str(src), "-o", str(tmp_path / "out")]) == 1
-    assert str(legacy) in one_line_error(capsys) and not marker.exists()
+    err = one_line_error(capsys)
+    assert str(legacy) in err and "refused" in err and "io.open" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_bare_pickle_with_a_payload_is_refused_naming_what_it_would_call(
+    tmp_path, capsys, protocol
+):
+    """A `pickle.dump` file is no torch format: the weights-only loader fails on it without
+    naming the payload (protocol 4: 'Unsupported operand 149'); the file's opcodes, read
+    without running them, name it, and torch's warning about the protocol stays out."""
+    marker = tmp_path / "bare.pwned"
+    bare = tmp_path / "model.pkl"
+    with bare.open("wb") as f:
+        pickle.dump({"weights": torch.zeros(2), "x": Payload(marker)}, f, protocol=protocol)
+    src = tmp_path / "in.en"
+    src.write_text("A dog runs.\n")
+    assert main(["translate", "-m", str(bare), "-i", str(src), "-o", str(tmp_path / "out")]) == 1
+    err = one_line_error(capsys)
+    assert str(bare) in err and "refused" in err and "io.open" in err
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize(

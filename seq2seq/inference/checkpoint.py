@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import pickletools
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,7 +84,9 @@ def _load(path: Path) -> object:
     the weights (0.21-0.25 s -> 0.12 s for the default recipe's). Files in torch's legacy
     format, and files that are no zip at all (truncated, foreign), are read as before."""
     mmap = zipfile.is_zipfile(path)
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write
+        warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _why(path: Path, err: Exception) -> str:
@@ -109,11 +113,56 @@ def _why(path: Path, err: Exception) -> str:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """The globals a pickle asks for beyond the weights-only set (read, never imported)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not even a zip/pickle torch can list
-        return []
+    """The globals a checkpoint asks for beyond the weights-only set (read, never imported):
+    torch lists them for its zip format; a bare pickle (torch's format before 1.6, or
+    `pickle.dump`) is read opcode by opcode, and what it asks for outside torch's own
+    rebuilding functions and plain containers is named."""
+    if zipfile.is_zipfile(path):
+        try:
+            return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # a zip torch cannot list
+            return []
+    return [name for name in _pickle_globals(path) if name.split(".")[0] not in PLAIN_MODULES]
+
+
+#: Modules whose globals torch's own pickles (legacy format) ask for: its rebuilding
+#: functions and storages, OrderedDict, and the codec that pickles bytes.
+PLAIN_MODULES = frozenset({"torch", "collections", "_codecs"})
+
+#: Opcodes that push a string a later STACK_GLOBAL may take as a module or name.
+_STRINGS = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+     "BINSTRING", "STRING"}
+)  # fmt: skip
+
+
+def _pickle_globals(path: Path, pickles: int = 5) -> list[str]:
+    """The 'module.name' globals that the first `pickles` pickles of a file refer to, read
+    by pickletools without running anything (torch's legacy format is several pickles in a
+    row). STACK_GLOBAL takes the last two values pushed, strings or memo reads of them."""
+    names: list[str] = []
+    with contextlib.suppress(Exception), path.open("rb") as f:
+        for _ in range(pickles):
+            pushed: list[str | None] = []
+            memo: dict[int, str | None] = {}
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in _STRINGS:
+                    pushed.append(arg if isinstance(arg, str) else None)
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = pushed[-1] if pushed else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = pushed[-1] if pushed else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET"):
+                    pushed.append(memo.get(arg))
+                elif op.name == "GLOBAL":
+                    names.append(".".join(arg.split(" ", 1)))
+                elif op.name == "STACK_GLOBAL":
+                    if len(pushed) >= 2 and pushed[-2] and pushed[-1]:
+                        names.append(f"{pushed[-2]}.{pushed[-1]}")
+                    pushed.append(None)
+                else:
+                    pushed.append(None)
+    return list(dict.fromkeys(names))
 
 
 def _first_line(err: BaseException) -> str:
