@@ -377,3 +377,17 @@ def test_average_writes_into_a_named_pipe_rather_than_refusing_or_replacing_it(
     assert main(["average", str(checkpoint), str(checkpoint), "-o", str(fifo)]) == 0
     reader.join(timeout=30)
     assert got and got[0] > 0 and fifo.is_fifo()
+
+
+def test_an_exported_model_given_as_a_model_is_named_as_an_export(tmp_path, capsys):
+    """`-m` on an export folder (config.json, no recipe.yaml) says what it is, not that a run
+    directory has no checkpoints."""
+    export = tmp_path / "hf"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / "model.safetensors").write_bytes(b"")
+    src = tmp_path / "in.en"
+    src.write_text("A dog runs.\n")
+    assert main(["translate", "-m", str(export), "-i", str(src), "-o", str(tmp_path / "o")]) == 1
+    err = one_line_error(capsys)
+    assert f"{export}: an exported model" in err and "run it was exported from" in err

@@ -49,6 +49,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     for candidate in [run.averaged, *run.ranked(), run.last]:
         if candidate.is_file():
             return candidate
+    if (path / "config.json").is_file() and not (path / "recipe.yaml").exists():
+        raise CheckpointError(
+            f"{path}: an exported model (config.json; Transformers or CTranslate2 load it), not "
+            "a seq2seq run directory or checkpoint: give the run it was exported from"
+        )
     raise CheckpointError(f"{path}: run directory has no checkpoints in {run.checkpoints}")
 
 
